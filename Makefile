@@ -1,0 +1,38 @@
+# Quick start: `make demo` then `make test`. Both create .venv when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# faiss-gpu where nvidia-smi sees a GPU, faiss-cpu elsewhere.
+EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.lakelens-$(EXTRA)
+DEMO   ?= demo-out
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[$(EXTRA),dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/lakelens synth $(DEMO)/lake --images 24 --seed 0
+	$(VENV)/bin/lakelens annotate $(DEMO)/lake --out $(DEMO)/annotations --weights random \
+		--image-size 320 --batch-size 4 --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/annotate.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

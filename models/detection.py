@@ -1,0 +1,226 @@
+"""torchvision R-CNN builders: detection (Faster), segmentation (Mask), pose (Keypoint).
+
+Besides torchvision's published architectures there are three ``*_tiny`` ones: the same
+R-CNN heads on a small four-stage CNN, for CPU smoke runs, tests and quick training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models import detection as tvd
+from torchvision.models._api import WeightsEnum
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from models import weights as W
+from models.errors import LakelensError
+from models.registry import ModelInfo, check_arch
+
+logger = logging.getLogger(__name__)
+
+COCO_LABELS: tuple[str, ...] = tuple(tvd.FasterRCNN_ResNet50_FPN_V2_Weights.DEFAULT.meta["categories"])
+COCO_KEYPOINTS: tuple[str, ...] = tuple(
+    tvd.KeypointRCNN_ResNet50_FPN_Weights.DEFAULT.meta["keypoint_names"]
+)
+PERSON_LABELS: tuple[str, ...] = ("__background__", "person")
+TINY_CHANNELS = 128
+
+
+def _tiny_backbone() -> nn.Module:
+    """Four stride-2 conv stages (output stride 16, 128 channels), GroupNorm throughout."""
+    layers: list[nn.Module] = []
+    channels = [3, 32, 64, 96, TINY_CHANNELS]
+    for cin, cout in zip(channels[:-1], channels[1:], strict=True):
+        layers += [
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(8, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(8, cout),
+            nn.ReLU(inplace=True),
+        ]
+    body = nn.Sequential(*layers)
+    body.out_channels = channels[-1]
+    return body
+
+
+def _tiny_kwargs(kwargs: dict) -> dict:
+    defaults = {
+        "rpn_anchor_generator": AnchorGenerator(((16, 32, 64, 128, 256),), ((0.5, 1.0, 2.0),)),
+        "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2),
+        "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 100,
+        "box_batch_size_per_image": 128,
+    }
+    return {**defaults, **kwargs}
+
+
+def fasterrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.FasterRCNN:
+    return tvd.FasterRCNN(_tiny_backbone(), num_classes=num_classes, **_tiny_kwargs(kwargs))
+
+
+def maskrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.MaskRCNN:
+    kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
+    kwargs.setdefault("mask_head", MaskRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4, 1))
+    kwargs.setdefault("mask_predictor", MaskRCNNPredictor(TINY_CHANNELS, TINY_CHANNELS, num_classes))
+    kwargs.setdefault("box_predictor", FastRCNNPredictor(1024, num_classes))  # TwoMLPHead's 1024
+    return tvd.MaskRCNN(_tiny_backbone(), num_classes=None, **_tiny_kwargs(kwargs))
+
+
+def keypointrcnn_tiny(*, num_classes: int = 2, num_keypoints: int = 17, **kwargs) -> tvd.KeypointRCNN:
+    kwargs.setdefault("keypoint_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
+    kwargs.setdefault("keypoint_head", KeypointRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4))
+    kwargs.setdefault("keypoint_predictor", KeypointRCNNPredictor(TINY_CHANNELS, num_keypoints))
+    return tvd.KeypointRCNN(
+        _tiny_backbone(), num_classes=num_classes, num_keypoints=None, **_tiny_kwargs(kwargs))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    task: str
+    builder: Callable[..., nn.Module]
+    published: WeightsEnum | None  # torchvision's published weights, None for tiny archs
+    min_size: int  # shorter side the model sees by default
+    max_size: int
+
+
+DETECTION_ARCHS: dict[str, ArchSpec] = {
+    "fasterrcnn_resnet50_fpn_v2": ArchSpec(
+        "detect", tvd.fasterrcnn_resnet50_fpn_v2,
+        tvd.FasterRCNN_ResNet50_FPN_V2_Weights.DEFAULT, 800, 1333),
+    "fasterrcnn_resnet50_fpn": ArchSpec(
+        "detect", tvd.fasterrcnn_resnet50_fpn, tvd.FasterRCNN_ResNet50_FPN_Weights.DEFAULT,
+        800, 1333),
+    "fasterrcnn_mobilenet_v3_large_fpn": ArchSpec(
+        "detect", tvd.fasterrcnn_mobilenet_v3_large_fpn,
+        tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT, 800, 1333),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ArchSpec(
+        "detect", tvd.fasterrcnn_mobilenet_v3_large_320_fpn,
+        tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.DEFAULT, 320, 640),
+    "fasterrcnn_tiny": ArchSpec("detect", fasterrcnn_tiny, None, 256, 512),
+    "maskrcnn_resnet50_fpn_v2": ArchSpec(
+        "segment", tvd.maskrcnn_resnet50_fpn_v2, tvd.MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT,
+        800, 1333),
+    "maskrcnn_resnet50_fpn": ArchSpec(
+        "segment", tvd.maskrcnn_resnet50_fpn, tvd.MaskRCNN_ResNet50_FPN_Weights.DEFAULT,
+        800, 1333),
+    "maskrcnn_tiny": ArchSpec("segment", maskrcnn_tiny, None, 256, 512),
+    "keypointrcnn_resnet50_fpn": ArchSpec(
+        "pose", tvd.keypointrcnn_resnet50_fpn, tvd.KeypointRCNN_ResNet50_FPN_Weights.DEFAULT,
+        800, 1333),
+    "keypointrcnn_tiny": ArchSpec("pose", keypointrcnn_tiny, None, 256, 512),
+}
+
+
+def input_sizes(arch: str, image_size: int | None) -> tuple[int, int]:
+    """(min_size, max_size) the model resizes to: its own, or `image_size` with the
+    arch's long-side ratio kept."""
+    spec = DETECTION_ARCHS[arch]
+    if image_size is None:
+        return spec.min_size, spec.max_size
+    return image_size, round(image_size * spec.max_size / spec.min_size)
+
+
+def _head_sizes(task: str, state_dict: dict[str, torch.Tensor], meta: dict) -> tuple[int, int]:
+    """(num_classes, num_keypoints) from checkpoint metadata, else from tensor shapes."""
+    labels = meta.get("labels")
+    num_classes = len(labels) if labels else int(
+        state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])
+    num_keypoints = 0
+    if task == "pose":
+        names = meta.get("keypoint_names")
+        num_keypoints = len(names) if names else int(
+            state_dict["roi_heads.keypoint_predictor.kps_score_lowres.weight"].shape[1])
+    return num_classes, num_keypoints
+
+
+def build_detector(
+    arch: str,
+    *,
+    weights: str,
+    image_size: int | None = None,
+    score_threshold: float = 0.05,
+    num_classes: int | None = None,
+    num_keypoints: int | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """Build a torchvision R-CNN in eval mode.
+
+    weights: a spec (``default``, ``random`` or a checkpoint path, see models.weights).
+    num_classes / num_keypoints: head sizes for ``random`` (e.g. training on a dataset);
+    checkpoints carry their own, ``default`` uses COCO's.
+    The model takes float images in [0, 1], CHW, any size; its outputs are in the pixels
+    of the image it was given: boxes float[N, 4] xyxy, labels int64[N], scores float[N],
+    masks float[N, 1, H, W] probabilities, keypoints float[N, K, 3] (x, y, v).
+    """
+    for task in ("detect", "segment", "pose"):
+        if arch in DETECTION_ARCHS and DETECTION_ARCHS[arch].task == task:
+            break
+    else:
+        raise LakelensError(
+            f"unknown detector arch {arch!r}; choose from {', '.join(sorted(DETECTION_ARCHS))}")
+    check_arch(task, arch)
+    spec = DETECTION_ARCHS[arch]
+    min_size, max_size = input_sizes(arch, image_size)
+    kwargs: dict = {"min_size": min_size, "max_size": max_size, "box_score_thresh": score_threshold}
+    default_labels = PERSON_LABELS if task == "pose" else COCO_LABELS
+    keypoint_names: tuple[str, ...] = COCO_KEYPOINTS if task == "pose" else ()
+
+    if weights == W.DEFAULT:
+        if spec.published is None:
+            raise LakelensError(
+                f"arch {arch!r} has no published weights; use --weights random or a checkpoint")
+        model = spec.builder(weights=spec.published, progress=False, **kwargs)
+        labels = tuple(spec.published.meta["categories"])
+        weights_id = f"default:{type(spec.published).__name__}.{spec.published.name}"
+    elif weights == W.RANDOM:
+        n_cls = num_classes or len(default_labels)
+        if task == "pose":
+            n_kp = num_keypoints or len(COCO_KEYPOINTS)
+            kwargs["num_keypoints"] = n_kp
+            if n_kp != len(COCO_KEYPOINTS):
+                keypoint_names = tuple(f"kp{i}" for i in range(n_kp))
+        labels = default_labels if n_cls == len(default_labels) else tuple(
+            ["__background__"] + [f"class_{i}" for i in range(1, n_cls)])
+        with W.seeded():
+            model = _build_untrained(spec, n_cls, kwargs)
+        weights_id = f"random:seed{W.RANDOM_SEED}"
+    else:
+        ckpt = W.read_checkpoint(weights)
+        if ckpt.meta.get("arch", arch) != arch:
+            raise LakelensError(
+                f"checkpoint {weights!r} is for arch {ckpt.meta['arch']!r}, not {arch!r}; "
+                f"pass --arch {task}={ckpt.meta['arch']}")
+        n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
+        if task == "pose":
+            kwargs["num_keypoints"] = n_kp
+            keypoint_names = tuple(ckpt.meta.get("keypoint_names") or
+                                   (COCO_KEYPOINTS if n_kp == 17 else
+                                    [f"kp{i}" for i in range(n_kp)]))
+        labels = tuple(ckpt.meta.get("labels") or (
+            default_labels if n_cls == len(default_labels)
+            else ["__background__"] + [f"class_{i}" for i in range(1, n_cls)]))
+        model = _build_untrained(spec, n_cls, kwargs)
+        try:
+            model.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise LakelensError(f"checkpoint {weights!r} does not fit arch {arch!r}: {first}") from e
+        weights_id = ckpt.weights_id
+    model.eval()
+    info = ModelInfo(task=task, arch=arch, weights=weights, weights_id=weights_id,
+                     labels=labels, keypoint_names=keypoint_names)
+    return model, info
+
+
+def _build_untrained(spec: ArchSpec, num_classes: int, kwargs: dict) -> nn.Module:
+    if spec.published is None:
+        return spec.builder(num_classes=num_classes, **kwargs)
+    return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)

@@ -1,0 +1,51 @@
+"""Tasks, their default architectures, and what a built model says about itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.errors import LakelensError
+
+TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
+DEFAULT_ARCHS: dict[str, str] = {
+    "detect": "fasterrcnn_resnet50_fpn_v2",
+    "segment": "maskrcnn_resnet50_fpn_v2",
+    "pose": "keypointrcnn_resnet50_fpn",
+    "embed": "resnet50",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What made a column: task, arch, weights and the label vocabulary."""
+
+    task: str
+    arch: str
+    weights: str  # the spec as given: default, random or a path
+    weights_id: str  # default:<torchvision enum>, random:seed<N>, or sha256:<hash>
+    labels: tuple[str, ...] = ()  # index = label id
+    keypoint_names: tuple[str, ...] = ()
+    embedding_dim: int | None = None
+
+
+def arch_choices(task: str) -> list[str]:
+    """The architectures `--arch TASK=NAME` accepts for `task`."""
+    check_task(task)
+    if task == "embed":
+        from models.embedding import EMBED_ARCHS
+
+        return sorted(EMBED_ARCHS)
+    from models.detection import DETECTION_ARCHS
+
+    return sorted(name for name, spec in DETECTION_ARCHS.items() if spec.task == task)
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise LakelensError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def check_arch(task: str, arch: str) -> None:
+    choices = arch_choices(task)
+    if arch not in choices:
+        raise LakelensError(f"unknown {task} arch {arch!r}; choose from {', '.join(choices)}")

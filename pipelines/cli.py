@@ -1,0 +1,147 @@
+"""The `lakelens` command. The only module that parses argv."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from models.errors import LakelensError
+from models.registry import DEFAULT_ARCHS, TASKS
+
+logger = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _task_map(values: list[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values or []:
+        task, sep, name = value.partition("=")
+        if not sep or not name:
+            raise LakelensError(f"{flag} {value!r}: expected TASK=VALUE with TASK one of "
+                                f"{', '.join(TASKS)}")
+        if task not in TASKS:
+            raise LakelensError(f"{flag} {value!r}: unknown task {task!r}; choose from "
+                                f"{', '.join(TASKS)}")
+        out[task] = name
+    return out
+
+
+def _weights(values: list[str] | None, tasks: Sequence[str]) -> dict[str, str]:
+    """`--weights SPEC` (every task) and `--weights TASK=SPEC` (one task), later wins."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        task, sep, spec = value.partition("=")
+        if sep and task in TASKS:
+            out[task] = spec
+        elif sep and task.isidentifier() and not any(c in value for c in "/\\."):
+            raise LakelensError(f"--weights {value!r}: unknown task {task!r}; choose from "
+                                f"{', '.join(TASKS)}")
+        else:
+            out.update({t: value for t in tasks})
+    return out
+
+
+def _arch_help() -> str:
+    from models.registry import arch_choices
+
+    return "; ".join(f"{t}: {', '.join(arch_choices(t))} (default {DEFAULT_ARCHS[t]})"
+                     for t in TASKS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lakelens", description="Annotate and search image lakes.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser(
+        "annotate", help="detect, segment, pose and embed images into Parquet",
+        description="Annotate images with Ray Data; results and errors land as Parquet in "
+                    "DIR/results and DIR/errors, a run record in DIR/runs.")
+    a.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="directory (recursive), glob, manifest (.txt/.parquet) or URI")
+    a.add_argument("--out", required=True, metavar="DIR", help="output directory or URI")
+    a.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    a.add_argument("--weights", action="append", metavar="SPEC|TASK=SPEC",
+                   help="default (torchvision's published weights), random (seeded), or a "
+                        "checkpoint path; for every task, or TASK=SPEC for one (repeatable)")
+    a.add_argument("--arch", action="append", metavar="TASK=NAME",
+                   help="architecture per task (repeatable). " + _arch_help())
+    a.add_argument("--image-size", type=int, metavar="N",
+                   help="shorter side the detectors see (default: each model's own)")
+    a.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
+                   help="drop detections below this score (default 0.5)")
+    a.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images per model batch (default 8)")
+    a.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    a.add_argument("--num-cpus", type=int, metavar="N",
+                   help="CPUs for a local Ray (default: all of this machine's)")
+    a.add_argument("--limit", type=int, metavar="N", help="annotate only the first N images")
+    a.add_argument("--max-pixels", type=int, metavar="N",
+                   help="reject images with more pixels than this (default 100000000)")
+    a.add_argument("--rows-per-file", type=int, default=10_000, metavar="N",
+                   help="rows per Parquet file (default 10000)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace results an earlier run left in DIR")
+
+    s = sub.add_parser("synth", help="write a small synthetic image lake (COCO format)")
+    s.add_argument("out", metavar="OUT_DIR")
+    s.add_argument("--images", type=int, default=32, metavar="N")
+    s.add_argument("--seed", type=int, default=0, metavar="S")
+    return parser
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from pipelines.annotate import run
+    from pipelines.config import AnnotateConfig
+    from pipelines.decode import DEFAULT_MAX_PIXELS
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    cfg = AnnotateConfig(
+        sources=tuple(args.sources), out=args.out, tasks=tasks,
+        weights=_weights(args.weights, tasks), archs=_task_map(args.arch, "--arch"),
+        image_size=args.image_size, score_threshold=args.score_threshold,
+        batch_size=args.batch_size, address=args.address, limit=args.limit,
+        overwrite=args.overwrite, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        rows_per_file=args.rows_per_file, num_cpus=args.num_cpus)
+    summary = run(cfg)
+    print(summary.describe())
+    return 1 if summary.lost else 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from pipelines.synth import write_lake
+
+    if args.images < 1:
+        raise LakelensError(f"--images must be >= 1, got {args.images}")
+    path = write_lake(args.out, images=args.images, seed=args.seed)
+    print(f"wrote {args.images} images to {args.out}/images and ground truth to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for pkg in ("pipelines", "models", "index"):
+        logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return {"annotate": _annotate, "synth": _synth}[args.command](args)
+    except LakelensError as e:
+        print(f"lakelens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lakelens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

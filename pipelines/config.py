@@ -1,0 +1,84 @@
+"""Job configs: one frozen dataclass per job; the CLI builds it, the job takes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models import weights as W
+from models.errors import LakelensError
+from models.registry import DEFAULT_ARCHS, TASKS, check_arch, check_task
+from pipelines.decode import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One model stage: what to build and how to batch it."""
+
+    task: str
+    arch: str
+    weights: str
+    image_size: int | None = None
+    score_threshold: float = 0.5
+    batch_size: int = 8
+    torch_threads: int = 1
+    device: str | None = None  # None: CUDA when the actor sees a GPU, else CPU
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """`lakelens annotate`. Task maps (weights, archs) hold only what the user set."""
+
+    sources: tuple[str, ...]
+    out: str
+    tasks: tuple[str, ...] = TASKS
+    weights: dict[str, str] = field(default_factory=dict)  # task -> spec; missing: default
+    archs: dict[str, str] = field(default_factory=dict)  # task -> arch; missing: default
+    image_size: int | None = None
+    score_threshold: float = 0.5
+    batch_size: int = 8
+    address: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    rows_per_file: int = 10_000
+    num_cpus: int | None = None  # local Ray only; None: all of this machine's
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise LakelensError("no SOURCE given; pass a directory, glob, manifest or URI")
+        if not self.tasks:
+            raise LakelensError(f"no task given; choose from {', '.join(TASKS)}")
+        for task in self.tasks:
+            check_task(task)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise LakelensError(f"a task is listed twice in {','.join(self.tasks)}")
+        for task, arch in self.archs.items():
+            check_task(task)
+            check_arch(task, arch)
+        for task, spec in self.weights.items():
+            check_task(task)
+            W.validate_spec(spec, what=f"--weights {task}")
+        for name in ("batch_size", "rows_per_file", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise LakelensError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.image_size is not None and not 16 <= self.image_size <= 4096:
+            raise LakelensError(f"--image-size must be in 16..4096, got {self.image_size}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise LakelensError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
+        if self.limit is not None and self.limit < 1:
+            raise LakelensError(f"--limit must be >= 1, got {self.limit}")
+
+    def weights_for(self, task: str) -> str:
+        return self.weights.get(task, W.DEFAULT)
+
+    def arch_for(self, task: str) -> str:
+        """The arch the user set, else the checkpoint's own, else the task's default."""
+        if task in self.archs:
+            return self.archs[task]
+        spec = self.weights_for(task)
+        if W.is_path_spec(spec):
+            arch = W.read_checkpoint(spec).meta.get("arch")
+            if arch:
+                check_arch(task, arch)
+                return arch
+        return DEFAULT_ARCHS[task]

@@ -1,0 +1,59 @@
+"""Model outputs (in the pixels the model saw) to result structs in original pixels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from models.masks import crop_to_rle
+
+
+def _label_name(labels: tuple[str, ...], label: int) -> str:
+    return labels[label] if 0 <= label < len(labels) else f"class_{label}"
+
+
+def _boxes(boxes: np.ndarray, sx: float, sy: float, width: int, height: int) -> np.ndarray:
+    """float[N, 4] xyxy scaled to original pixels and clipped to the image."""
+    out = boxes.astype(np.float32, copy=True).reshape(-1, 4)
+    out[:, 0::2] = np.clip(out[:, 0::2] * sx, 0, width)
+    out[:, 1::2] = np.clip(out[:, 1::2] * sy, 0, height)
+    return out
+
+
+def encode_detections(out: dict[str, Any], *, scale: tuple[float, float], width: int,
+                      height: int, labels: tuple[str, ...]) -> list[dict]:
+    boxes = _boxes(out["boxes"], *scale, width, height)
+    return [{"box": box.tolist(), "label": int(label), "label_name": _label_name(labels, int(label)),
+             "score": float(score)}
+            for box, label, score in zip(boxes, out["labels"], out["scores"], strict=True)]
+
+
+def encode_instances(out: dict[str, Any], *, scale: tuple[float, float], width: int,
+                     height: int, labels: tuple[str, ...]) -> list[dict]:
+    rows = encode_detections(out, scale=scale, width=width, height=height, labels=labels)
+    sx, sy = scale
+    for row, (top, left, crop) in zip(rows, out["mask_crops"], strict=True):
+        row["mask"] = crop_to_rle(crop, top, left, scale_y=sy, scale_x=sx,
+                                  height=height, width=width)
+    return rows
+
+
+def encode_poses(out: dict[str, Any], *, scale: tuple[float, float], width: int,
+                 height: int, labels: tuple[str, ...]) -> list[dict]:
+    sx, sy = scale
+    boxes = _boxes(out["boxes"], sx, sy, width, height)
+    kps = out["keypoints"].astype(np.float32, copy=True)
+    if kps.size:
+        kps[..., 0] = np.clip(kps[..., 0] * sx, 0, width)
+        kps[..., 1] = np.clip(kps[..., 1] * sy, 0, height)
+    return [{"box": box.tolist(), "score": float(score), "keypoints": kp.reshape(-1).tolist()}
+            for box, score, kp in zip(boxes, out["scores"], kps, strict=True)]
+
+
+def encode_embedding(out: np.ndarray, **_: Any) -> list[float]:
+    return out.astype(np.float32).tolist()
+
+
+ENCODERS = {"detect": encode_detections, "segment": encode_instances, "pose": encode_poses,
+            "embed": encode_embedding}

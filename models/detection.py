@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import detection as tvd
 from torchvision.models._api import WeightsEnum
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
@@ -32,6 +32,7 @@ COCO_KEYPOINTS: tuple[str, ...] = tuple(
 )
 PERSON_LABELS: tuple[str, ...] = ("__background__", "person")
 TINY_CHANNELS = 128
+TINY_BOX_DIM = 256
 
 
 def _tiny_backbone() -> nn.Module:
@@ -52,35 +53,37 @@ def _tiny_backbone() -> nn.Module:
     return body
 
 
-def _tiny_kwargs(kwargs: dict) -> dict:
+def _tiny_kwargs(kwargs: dict, num_classes: int) -> dict:
+    """Small anchors on one stride-16 map, a 256-wide box head, few sampled RoIs."""
     defaults = {
         "rpn_anchor_generator": AnchorGenerator(((16, 32, 64, 128, 256),), ((0.5, 1.0, 2.0),)),
         "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2),
+        "box_head": TwoMLPHead(TINY_CHANNELS * 7 * 7, TINY_BOX_DIM),
+        "box_predictor": FastRCNNPredictor(TINY_BOX_DIM, num_classes),
         "rpn_pre_nms_top_n_test": 300,
         "rpn_post_nms_top_n_test": 100,
-        "box_batch_size_per_image": 128,
+        "box_batch_size_per_image": 64,
     }
     return {**defaults, **kwargs}
 
 
 def fasterrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.FasterRCNN:
-    return tvd.FasterRCNN(_tiny_backbone(), num_classes=num_classes, **_tiny_kwargs(kwargs))
+    return tvd.FasterRCNN(_tiny_backbone(), num_classes=None, **_tiny_kwargs(kwargs, num_classes))
 
 
 def maskrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.MaskRCNN:
     kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
     kwargs.setdefault("mask_head", MaskRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4, 1))
     kwargs.setdefault("mask_predictor", MaskRCNNPredictor(TINY_CHANNELS, TINY_CHANNELS, num_classes))
-    kwargs.setdefault("box_predictor", FastRCNNPredictor(1024, num_classes))  # TwoMLPHead's 1024
-    return tvd.MaskRCNN(_tiny_backbone(), num_classes=None, **_tiny_kwargs(kwargs))
+    return tvd.MaskRCNN(_tiny_backbone(), num_classes=None, **_tiny_kwargs(kwargs, num_classes))
 
 
 def keypointrcnn_tiny(*, num_classes: int = 2, num_keypoints: int = 17, **kwargs) -> tvd.KeypointRCNN:
     kwargs.setdefault("keypoint_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
     kwargs.setdefault("keypoint_head", KeypointRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4))
     kwargs.setdefault("keypoint_predictor", KeypointRCNNPredictor(TINY_CHANNELS, num_keypoints))
-    return tvd.KeypointRCNN(
-        _tiny_backbone(), num_classes=num_classes, num_keypoints=None, **_tiny_kwargs(kwargs))
+    return tvd.KeypointRCNN(_tiny_backbone(), num_classes=None, num_keypoints=None,
+                            **_tiny_kwargs(kwargs, num_classes))
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,11 @@ def build_detector(
             raise LakelensError(
                 f"checkpoint {weights!r} is for arch {ckpt.meta['arch']!r}, not {arch!r}; "
                 f"pass --arch {task}={ckpt.meta['arch']}")
-        n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
+        try:
+            n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
+        except KeyError as e:
+            raise LakelensError(
+                f"checkpoint {weights!r} does not fit arch {arch!r}: it has no {e.args[0]}") from e
         if task == "pose":
             kwargs["num_keypoints"] = n_kp
             keypoint_names = tuple(ckpt.meta.get("keypoint_names") or

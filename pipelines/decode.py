@@ -89,6 +89,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError as e:
+            fmt = _sniff(data)
+            if fmt:
+                raise CorruptImageError(f"starts like a {fmt} file but cannot be parsed") from e
             raise NotAnImageError(
                 f"not a recognised image format (starts with {data[:8]!r})") from e
         except Image.DecompressionBombError as e:
@@ -120,6 +123,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if im.size != final:
             im = im.resize(final, Image.Resampling.BILINEAR)
     return Decoded(np.asarray(im, dtype=np.uint8), up_w, up_h)
+
+
+MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+         (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WebP"))
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file's first bytes claim, if any."""
+    return next((fmt for magic, fmt in MAGIC if data.startswith(magic)), None)
 
 
 def _orientation(im: Image.Image) -> int:

@@ -121,11 +121,8 @@ def _list_one(source: str) -> tuple[list[str], int]:
         files = [canonical(m) for m in matches if os.path.isfile(m) or os.path.islink(m)]
         return _keep_images(files)
     if os.path.isdir(path):
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            files += [os.path.join(root, n) for n in sorted(names)]
-        return _keep_images(files)
+        files = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
+        return _keep_images(sorted(files))
     if os.path.lexists(path):
         if path.lower().endswith(TEXT_MANIFESTS + (".parquet",)):
             return _read_manifest(path, base=os.path.dirname(path)), 0

@@ -93,14 +93,18 @@ class ModelStage:
         emsg = batch.column("error_message").to_pylist()
         ok = [i for i in range(n) if stage[i] is None]
         values: list = [None] * n
-        if ok:
-            pixels = batch.column("pixels")
-            dw, dh = batch.column("dec_width"), batch.column("dec_height")
+        images: dict[int, np.ndarray] = {}
+        pixels, dw, dh = (batch.column(c) for c in PIXEL_COLUMNS)
+        for i in ok:
+            try:
+                images[i] = np.frombuffer(pixels[i].as_py(), dtype=np.uint8).reshape(
+                    dh[i].as_py(), dw[i].as_py(), 3)
+            except Exception as e:  # a malformed row must not sink the batch
+                stage[i], etype[i], emsg[i] = self.task, type(e).__name__, _message(e)
+        if images:
+            outputs = predict_each(self.predictor, list(images.values()))
             width, height = batch.column("width"), batch.column("height")
-            images = [np.frombuffer(pixels[i].as_py(), dtype=np.uint8).reshape(
-                dh[i].as_py(), dw[i].as_py(), 3) for i in ok]
-            outputs = predict_each(self.predictor, images)
-            for i, image, out in zip(ok, images, outputs, strict=True):
+            for (i, image), out in zip(images.items(), outputs, strict=True):
                 if isinstance(out, Exception):
                     stage[i], etype[i], emsg[i] = self.task, type(out).__name__, _message(out)
                     continue

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from models.detection import build_detector
+from models.detection import build_detector, input_sizes
 from models.device import autocast, is_out_of_memory, pick_device, release_memory
 from models.embedding import build_embedder, preprocess
 
@@ -37,7 +38,8 @@ class DetectionPredictor:
 
     __call__(images) -> one dict per image:
       boxes float32[N, 4] xyxy, labels int64[N], scores float32[N];
-      segment: mask_crops list of (top, left, float32[h, w] probabilities);
+      segment: mask_crops list of (top, left, float32[h, w] probabilities) on the model's
+        input grid, and mask_grid (sx, sy) from that grid to the given image;
       pose: keypoints float32[N, K, 3] (x, y, visibility).
     """
 
@@ -49,6 +51,7 @@ class DetectionPredictor:
         self.model.to(self.device)
         self.task = self.info.task
         self.max_batch = max_batch
+        self.min_size, self.max_size = input_sizes(arch, image_size)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -56,22 +59,41 @@ class DetectionPredictor:
             out += self._forward(images[i:i + self.max_batch])
         return out
 
-    def _forward(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        tensors = [_to_tensor(im, self.device).float().div_(255.0) for im in images]
-        with torch.inference_mode(), autocast(self.device):
-            raw = self.model(tensors)
-        return [self._to_numpy(r) for r in raw]
+    def _fit(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Resize to the model's input size ourselves, keeping every side >= 1 pixel
+        (torchvision's own resize rounds a 1x3000 image to width 0 and fails), so the
+        model's resize is an identity. Returns the tensor and (sx, sy) back to `t`."""
+        h, w = t.shape[-2:]
+        s = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        th, tw = max(1, round(h * s)), max(1, round(w * s))
+        if (th, tw) == (h, w):
+            return t, (1.0, 1.0)
+        t = F.interpolate(t[None], size=(th, tw), mode="bilinear", align_corners=False,
+                          antialias=s < 1)[0]
+        return t, (w / tw, h / th)
 
-    def _to_numpy(self, r: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _forward(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        fitted = [self._fit(_to_tensor(im, self.device).float().div_(255.0)) for im in images]
+        with torch.inference_mode(), autocast(self.device):
+            raw = self.model([t for t, _ in fitted])
+        return [self._to_numpy(r, grid) for r, (_, grid) in zip(raw, fitted, strict=True)]
+
+    def _to_numpy(self, r: dict[str, torch.Tensor], grid: tuple[float, float]) -> dict[str, Any]:
+        sx, sy = grid
+        scale = torch.tensor([sx, sy, sx, sy], device=r["boxes"].device)
         out: dict[str, Any] = {
-            "boxes": r["boxes"].float().cpu().numpy(),
+            "boxes": (r["boxes"].float() * scale).cpu().numpy(),
             "labels": r["labels"].cpu().numpy(),
             "scores": r["scores"].float().cpu().numpy(),
         }
         if "masks" in r:
             out["mask_crops"] = _mask_crops(r["masks"][:, 0], r["boxes"])
+            out["mask_grid"] = grid
         if "keypoints" in r:
-            out["keypoints"] = r["keypoints"].float().cpu().numpy()
+            kp = r["keypoints"].float().cpu().numpy()
+            kp[..., 0] *= sx
+            kp[..., 1] *= sy
+            out["keypoints"] = kp
         return out
 
 

@@ -32,7 +32,8 @@ def encode_detections(out: dict[str, Any], *, scale: tuple[float, float], width:
 def encode_instances(out: dict[str, Any], *, scale: tuple[float, float], width: int,
                      height: int, labels: tuple[str, ...]) -> list[dict]:
     rows = encode_detections(out, scale=scale, width=width, height=height, labels=labels)
-    sx, sy = scale
+    gx, gy = out.get("mask_grid", (1.0, 1.0))
+    sx, sy = scale[0] * gx, scale[1] * gy
     for row, (top, left, crop) in zip(rows, out["mask_crops"], strict=True):
         row["mask"] = crop_to_rle(crop, top, left, scale_y=sy, scale_x=sx,
                                   height=height, width=width)

@@ -1,0 +1,157 @@
+"""`annotate` end to end on a real local Ray: the bad-input zoo, schema and contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from models.errors import LakelensError
+from models.masks import rle_to_mask
+from pipelines.annotate import plan_pools, run
+from pipelines.config import AnnotateConfig, TaskConfig
+from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION, VERSION_KEY, results_schema
+from pipelines.sources import image_id
+from pipelines.stages import ModelStage, read_decode
+from tests.conftest import TINY_ARCHS
+from tests.helpers import read_table
+from tests.zoo import ZOO_NON_IMAGES, build_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("annotate")
+    cases = build_zoo(root)
+    missing = root / "gone" / "missing.jpg"
+    (root / "extra.txt").write_text(f"{missing}\n")
+    cfg = AnnotateConfig(sources=(str(root / "lake"), str(root / "extra.txt")),
+                         out=str(root / "out"), weights={t: "random" for t in TINY_ARCHS},
+                         archs=dict(TINY_ARCHS), image_size=64, batch_size=4,
+                         score_threshold=0.0, rows_per_file=1000)
+    summary = run(cfg)
+    out = Path(cfg.out)
+    return cases, missing, summary, out, read_table(out / "results"), read_table(out / "errors")
+
+
+def test_every_image_ends_as_exactly_one_row(zoo_run) -> None:
+    cases, missing, summary, _, results, errors = zoo_run
+    listed = [str(c.path) for c in cases] + [str(missing)]
+    assert summary.listed == len(listed)
+    assert results.num_rows + errors.num_rows == len(listed)
+    assert sorted(results.column("uri").to_pylist() + errors.column("uri").to_pylist()) == sorted(listed)
+    assert summary.annotated == results.num_rows and summary.errors == errors.num_rows
+    assert summary.skipped_non_images == ZOO_NON_IMAGES and summary.lost == 0
+
+
+def test_each_zoo_case_has_its_exact_outcome(zoo_run) -> None:
+    cases, missing, _, _, results, errors = zoo_run
+    by_uri = {r["uri"]: r for r in results.to_pylist()}
+    err_by_uri = {r["uri"]: r for r in errors.to_pylist()}
+    for case in cases:
+        uri = str(case.path)
+        if case.stage is None:
+            assert uri in by_uri, (case.name, err_by_uri.get(uri))
+            assert (by_uri[uri]["width"], by_uri[uri]["height"]) == case.size, case.name
+        else:
+            row = err_by_uri[uri]
+            assert (row["stage"], row["error_type"]) == (case.stage, case.error_type), case.name
+            assert row["message"] and "\n" not in row["message"]
+    assert (err_by_uri[str(missing)]["stage"], err_by_uri[str(missing)]["error_type"]) == (
+        "read", "FileNotFoundError")
+
+
+def test_results_follow_the_schema_and_are_consistent(zoo_run) -> None:
+    _, _, summary, out, results, errors = zoo_run
+    files = sorted((out / "results").glob("*.parquet"))
+    meta = pq.read_schema(files[0]).metadata
+    assert meta[VERSION_KEY].decode() == SCHEMA_VERSION
+    assert len(json.loads(meta[b"lakelens.keypoint_names"])) == 17
+    assert results.schema.remove_metadata().equals(results_schema(128))
+    assert errors.schema.remove_metadata().equals(ERRORS_SCHEMA)
+    assert set(results.column("run_id").to_pylist()) == {summary.run_id}
+    n_instances = n_poses = 0
+    for row in results.to_pylist():
+        w, h = row["width"], row["height"]
+        assert row["image_id"] == image_id(row["uri"])
+        assert len(row["content_hash"]) == 64
+        assert [m["task"] for m in row["models"]] == ["detect", "segment", "pose", "embed"]
+        for det in row["detections"] + row["instances"] + row["poses"]:
+            x0, y0, x1, y1 = det["box"]
+            assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h, (row["uri"], det["box"])
+        for inst in row["instances"]:
+            mask = rle_to_mask(inst["mask"])
+            assert mask.shape == (h, w)
+            n_instances += 1
+        for pose in row["poses"]:
+            kp = np.array(pose["keypoints"]).reshape(-1, 3)
+            assert kp.shape == (17, 3)
+            assert (kp[:, 0] >= 0).all() and (kp[:, 0] <= w).all() and (kp[:, 1] <= h).all()
+            n_poses += 1
+        emb = np.array(row["embedding"], dtype=np.float32)
+        assert emb.shape == (128,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-4
+    # Score threshold 0: random heads propose something, so masks and keypoints were checked.
+    assert n_instances > 0 and n_poses > 0
+
+
+def test_run_record_and_no_temporary_files(zoo_run) -> None:
+    _, _, summary, out, results, _ = zoo_run
+    record = json.loads((out / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["counts"] == {"listed": summary.listed, "annotated": summary.annotated,
+                                "errors": summary.errors, "skipped_non_images": ZOO_NON_IMAGES,
+                                "lost": 0}
+    assert [m["arch"] for m in record["models"]] == list(TINY_ARCHS.values())
+    assert record["images_per_s"] > 0
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert leftovers == []
+    assert len(list((out / "results").glob("*.parquet"))) == 1  # rows_per_file=1000: one file
+
+
+def test_existing_results_need_overwrite_and_tasks_not_asked_are_null(zoo_run, ray_local) -> None:
+    cases, _, _, out, _, _ = zoo_run
+    lake = cases[0].path.parent
+    cfg = AnnotateConfig(sources=(str(lake / "plain.jpg"),), out=str(out), tasks=("embed",),
+                         weights={"embed": "random"}, archs={"embed": "tiny"})
+    with pytest.raises(LakelensError, match="--overwrite"):
+        run(cfg)
+    summary = run(AnnotateConfig(**{**cfg.__dict__, "overwrite": True}))
+    results = read_table(out / "results")
+    assert summary.annotated == results.num_rows == 1
+    row = results.to_pylist()[0]
+    assert row["detections"] is None and row["instances"] is None and row["poses"] is None
+    assert len(row["embedding"]) == 128
+
+
+def test_a_malformed_row_fails_alone_in_a_model_stage(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 80, 20, 20)).save(tmp_path / f"{i}.png")
+    uris = [str(tmp_path / f"{i}.png") for i in range(3)]
+    batch = read_decode(pa.table({"image_id": [image_id(u) for u in uris], "uri": uris}),
+                        max_pixels=10**6, short=64, long=128)
+    widths = batch.column("dec_width").to_pylist()
+    widths[1] += 1  # row 1's pixels no longer fit its declared size
+    batch = batch.set_column(batch.schema.get_field_index("dec_width"), "dec_width",
+                             pa.array(widths, pa.int32()))
+    cfg = TaskConfig(task="embed", arch="tiny", weights="random")
+    stage = ModelStage(cfg, results_schema(128).field("embedding").type, drop_pixels=True)
+    out = stage(batch)
+    assert out.column("error_stage").to_pylist() == [None, "embed", None]
+    assert out.column("error_type").to_pylist()[1] == "ValueError"
+    emb = out.column("embedding").to_pylist()
+    assert emb[1] is None and len(emb[0]) == len(emb[2]) == 128
+    assert "pixels" not in out.column_names
+
+
+@pytest.mark.parametrize(("pools", "cpus", "gpus"), [(4, 2, 0), (1, 2, 0), (4, 16, 0),
+                                                     (4, 8, 1), (2, 32, 8)])
+def test_pools_leave_cpus_for_read_and_write_tasks(pools: int, cpus: float, gpus: float) -> None:
+    plan = plan_pools(pools, cpus, gpus)
+    assert plan.size * pools * plan.num_cpus <= cpus - 1
+    assert plan.size * pools * plan.num_gpus <= max(gpus, 0)
+    if gpus:
+        assert plan.num_gpus > 0

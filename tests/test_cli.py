@@ -1,0 +1,91 @@
+"""The `lakelens` command: user mistakes are one line and a non-zero exit; a real run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.helpers import read_table
+
+
+def lakelens(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Path:
+    (tmp_path / "lake").mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 32), (i * 60, 100, 50)).save(tmp_path / "lake" / f"{i}.jpg")
+    return tmp_path / "lake"
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|DEBUG) ")  # progress
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not LOG_LINE.match(line)]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["annotate", "/no/such/dir", "--out", "{tmp}/o"], "does not exist"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--tasks", "detect,colorize"],
+     "unknown task 'colorize'"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--weights", "/no/such.pt"], "'random'"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--weights", "segment=/no/such.pt"],
+     "--weights segment"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--arch", "detect=yolo"], "unknown detect arch"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--arch", "detect"], "TASK=VALUE"),
+    (["annotate", "{lake}", "--out", "/proc/lakelens-out"], "not writable"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--batch-size", "0"], "--batch-size"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--image-size", "abc"], "invalid int"),
+    (["annotate", "{lake}"], "--out"),
+    (["annotate", "{tmp}/empty", "--out", "{tmp}/o"], "no images found"),
+    (["annotate", "{lake}", "--out", "{tmp}/o", "--tasks", "detect",
+      "--arch", "detect=fasterrcnn_tiny", "--weights", "detect=default"],
+     "no published weights"),
+])
+def test_user_mistakes_are_one_line(args: list[str], needle: str, lake: Path,
+                                    tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    argv = [a.format(lake=lake, tmp=tmp_path) for a in args]
+    _one_line_error(lakelens(*argv), needle)
+
+
+def test_existing_results_without_overwrite(lake: Path, tmp_path: Path) -> None:
+    (tmp_path / "o" / "results").mkdir(parents=True)
+    (tmp_path / "o" / "results" / "part-x.parquet").write_bytes(b"PAR1")
+    _one_line_error(lakelens("annotate", str(lake), "--out", str(tmp_path / "o")), "--overwrite")
+
+
+def test_annotate_and_synth_commands_run(tmp_path: Path) -> None:
+    synth = lakelens("synth", str(tmp_path / "s"), "--images", "3", "--seed", "1")
+    assert synth.returncode == 0, synth.stderr
+    assert len(list((tmp_path / "s" / "images").glob("*.jpg"))) == 3
+    proc = lakelens("annotate", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+                    "--weights", "random", "--arch", "detect=fasterrcnn_tiny",
+                    "--arch", "segment=maskrcnn_tiny", "--arch", "pose=keypointrcnn_tiny",
+                    "--arch", "embed=tiny", "--num-cpus", "2", "--limit", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 images listed, 2 annotated, 0 errors, 1 non-image files skipped" in proc.stdout
+    assert read_table(tmp_path / "o" / "results").num_rows == 2
+
+
+def test_help_lists_the_arch_choices() -> None:
+    proc = lakelens("annotate", "--help")
+    assert proc.returncode == 0
+    assert "fasterrcnn_mobilenet_v3_large_fpn" in proc.stdout and "keypointrcnn_tiny" in proc.stdout

@@ -16,7 +16,7 @@ import torch
 
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
 from pipelines.config import TaskConfig
-from pipelines.decode import decode_image, content_hash
+from pipelines.decode import content_hash, decode_image
 from pipelines.encode import ENCODERS
 from pipelines.schema import TASK_COLUMNS
 from pipelines.sources import read_bytes

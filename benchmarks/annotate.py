@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=320, help="detectors' shorter side")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--bare-threads", type=int, default=None,
+                   help="torch threads of the bare loop (default: --num-cpus)")
     p.add_argument("--width", type=int, default=640, help="synthetic image width")
     p.add_argument("--height", type=int, default=480, help="synthetic image height")
     p.add_argument("--keep", default=None, help="write images and results here, and keep them")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             weights={args.task: "random"}, archs={args.task: arch}, image_size=args.image_size,
             batch_size=args.batch_size, overwrite=True, num_cpus=args.num_cpus)
 
-        bare_s, bare_n, (short, long) = bare_loop(files, cfg, args.num_cpus)
+        bare_s, bare_n, (short, long) = bare_loop(files, cfg, args.bare_threads or args.num_cpus)
         print(f"bare     : {bare_n} images in {bare_s:.2f} s = {bare_n / bare_s:.2f} images/s "
               f"({args.num_cpus} torch threads, {device})", flush=True)
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare_s": round(bare_s, 3), "bare_images_per_s": round(bare_ips, 3),
         "pipeline_s": round(pipe_s, 3), "pipeline_images_per_s": round(pipe_ips, 3),
         "ratio": round(pipe_ips / bare_ips, 3), "cpus": args.num_cpus, "device": device,
-        "bare_torch_threads": args.num_cpus, "pipeline_pool": dataclasses.asdict(plan),
+        "bare_torch_threads": args.bare_threads or args.num_cpus, "pipeline_pool": dataclasses.asdict(plan),
         "pipeline_run_wall_s": round(summary.wall_s, 3), "pipeline_annotated": summary.annotated,
         "pipeline_errors": summary.errors, "bare_includes": BARE_INCLUDES,
         "pipeline_includes": PIPELINE_INCLUDES, "torch": torch.__version__, "ray": ray.__version__,

@@ -155,3 +155,26 @@ def test_pools_leave_cpus_for_read_and_write_tasks(pools: int, cpus: float, gpus
     assert plan.size * pools * plan.num_gpus <= max(gpus, 0)
     if gpus:
         assert plan.num_gpus > 0
+
+
+def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None:
+    """The real default archs (ResNet-50 R-CNNs, ResNet-50 embedder), random weights."""
+    from PIL import Image
+
+    from models.registry import DEFAULT_ARCHS
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(lake / "a.jpg")
+    Image.new("RGB", (50, 120), (30, 30, 200)).save(lake / "b.png")
+    summary = run(AnnotateConfig(sources=(str(lake),), out=str(tmp_path / "out"),
+                                 weights={t: "random" for t in DEFAULT_ARCHS}, image_size=96,
+                                 batch_size=2, score_threshold=0.0))
+    assert (summary.annotated, summary.errors) == (2, 0)
+    results = read_table(tmp_path / "out" / "results")
+    assert [m["arch"] for m in results.column("models").to_pylist()[0]] == list(
+        DEFAULT_ARCHS.values())
+    for row in results.to_pylist():
+        assert len(row["embedding"]) == 2048
+        assert all(rle_to_mask(i["mask"]).shape == (row["height"], row["width"])
+                   for i in row["instances"])

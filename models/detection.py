@@ -190,17 +190,12 @@ def build_detector(
             kwargs["num_keypoints"] = n_kp
             if n_kp != len(COCO_KEYPOINTS):
                 keypoint_names = tuple(f"kp{i}" for i in range(n_kp))
-        labels = default_labels if n_cls == len(default_labels) else tuple(
-            ["__background__"] + [f"class_{i}" for i in range(1, n_cls)])
+        labels = _labels(n_cls, default_labels)
         with W.seeded():
             model = _build_untrained(spec, n_cls, kwargs)
         weights_id = f"random:seed{W.RANDOM_SEED}"
     else:
-        ckpt = W.read_checkpoint(weights)
-        if ckpt.meta.get("arch", arch) != arch:
-            raise LakelensError(
-                f"checkpoint {weights!r} is for arch {ckpt.meta['arch']!r}, not {arch!r}; "
-                f"pass --arch {task}={ckpt.meta['arch']}")
+        ckpt = W.read_for(weights, task=task, arch=arch)
         try:
             n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
         except KeyError as e:
@@ -211,20 +206,20 @@ def build_detector(
             keypoint_names = tuple(ckpt.meta.get("keypoint_names") or
                                    (COCO_KEYPOINTS if n_kp == 17 else
                                     [f"kp{i}" for i in range(n_kp)]))
-        labels = tuple(ckpt.meta.get("labels") or (
-            default_labels if n_cls == len(default_labels)
-            else ["__background__"] + [f"class_{i}" for i in range(1, n_cls)]))
+        labels = tuple(ckpt.meta.get("labels") or _labels(n_cls, default_labels))
         model = _build_untrained(spec, n_cls, kwargs)
-        try:
-            model.load_state_dict(ckpt.state_dict, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise LakelensError(f"checkpoint {weights!r} does not fit arch {arch!r}: {first}") from e
+        W.load_into(model, ckpt, spec=weights, arch=arch)
         weights_id = ckpt.weights_id
     model.eval()
     info = ModelInfo(task=task, arch=arch, weights=weights, weights_id=weights_id,
                      labels=labels, keypoint_names=keypoint_names)
     return model, info
+
+
+def _labels(num_classes: int, default: tuple[str, ...]) -> tuple[str, ...]:
+    if num_classes == len(default):
+        return default
+    return ("__background__",) + tuple(f"class_{i}" for i in range(1, num_classes))
 
 
 def _build_untrained(spec: ArchSpec, num_classes: int, kwargs: dict) -> nn.Module:

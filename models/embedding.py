@@ -92,19 +92,11 @@ def build_embedder(arch: str, *, weights: str) -> tuple[Embedder, ModelInfo, int
             model = Embedder(_untrained(spec), spec.dim)
         weights_id = f"random:seed{W.RANDOM_SEED}"
     else:
-        ckpt = W.read_checkpoint(weights)
-        if ckpt.meta.get("arch", arch) != arch:
-            raise LakelensError(
-                f"checkpoint {weights!r} is for embed arch {ckpt.meta['arch']!r}, not {arch!r}; "
-                f"pass --arch embed={ckpt.meta['arch']}")
+        ckpt = W.read_for(weights, task="embed", arch=arch)
         proj = ckpt.state_dict.get("proj.weight")
         proj_dim = int(proj.shape[0]) if proj is not None else None
         model = Embedder(_untrained(spec), spec.dim, proj_dim)
-        try:
-            model.load_state_dict(ckpt.state_dict, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise LakelensError(f"checkpoint {weights!r} does not fit embed arch {arch!r}: {first}") from e
+        W.load_into(model, ckpt, spec=weights, arch=arch)
         weights_id = ckpt.weights_id
     model.eval()
     info = ModelInfo(task="embed", arch=arch, weights=weights, weights_id=weights_id,

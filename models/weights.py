@@ -125,6 +125,25 @@ def read_checkpoint(spec: str) -> Checkpoint:
     )
 
 
+def read_for(spec: str, *, task: str, arch: str) -> Checkpoint:
+    """read_checkpoint, refusing one that says it was written for another arch."""
+    ckpt = read_checkpoint(spec)
+    written_for = ckpt.meta.get("arch", arch)
+    if written_for != arch:
+        raise LakelensError(f"checkpoint {spec!r} is for {task} arch {written_for!r}, not {arch!r}; "
+                            f"pass --arch {task}={written_for}")
+    return ckpt
+
+
+def load_into(model: torch.nn.Module, ckpt: Checkpoint, *, spec: str, arch: str) -> None:
+    """Load every tensor strictly; a mismatch is a LakelensError naming the first problem."""
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise LakelensError(f"checkpoint {spec!r} does not fit arch {arch!r}: {first}") from e
+
+
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> None:
     """Write a lakelens checkpoint atomically (temporary name, then rename)."""
     path = Path(path)

@@ -97,7 +97,7 @@ class ModelStage:
         pixels, dw, dh = (batch.column(c) for c in PIXEL_COLUMNS)
         for i in ok:
             try:
-                images[i] = np.frombuffer(pixels[i].as_py(), dtype=np.uint8).reshape(
+                images[i] = np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(
                     dh[i].as_py(), dw[i].as_py(), 3)
             except Exception as e:  # a malformed row must not sink the batch
                 stage[i], etype[i], emsg[i] = self.task, type(e).__name__, _message(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_existing_results_need_overwrite_and_tasks_not_asked_are_null(zoo_run, r
                          weights={"embed": "random"}, archs={"embed": "tiny"})
     with pytest.raises(LakelensError, match="--overwrite"):
         run(cfg)
-    summary = run(AnnotateConfig(**{**cfg.__dict__, "overwrite": True}))
+    summary = run(dataclasses.replace(cfg, overwrite=True))
     results = read_table(out / "results")
     assert summary.annotated == results.num_rows == 1
     row = results.to_pylist()[0]

@@ -64,7 +64,7 @@ def test_checkpoint_needing_code_execution_is_refused(tmp_path: Path) -> None:
 def test_checkpoint_for_another_arch_is_a_clear_error(tmp_path: Path) -> None:
     model, _ = build_detector("fasterrcnn_tiny", weights="random")
     W.save_checkpoint(tmp_path / "d.pt", model.state_dict(), {"arch": "fasterrcnn_tiny"})
-    with pytest.raises(LakelensError, match="is for arch 'fasterrcnn_tiny'"):
+    with pytest.raises(LakelensError, match="is for segment arch 'fasterrcnn_tiny'"):
         build_detector("maskrcnn_tiny", weights=str(tmp_path / "d.pt"))
     torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict, no metadata
     with pytest.raises(LakelensError, match="does not fit arch"):

@@ -36,10 +36,10 @@ from pathlib import Path
 import ray
 import torch
 
+from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
 from pipelines import annotate
 from pipelines.config import AnnotateConfig
-from pipelines.decode import decode_image
 from pipelines.synth import write_lake
 
 DEFAULT_ARCHS = {"detect": "fasterrcnn_mobilenet_v3_large_320_fpn", "segment": "maskrcnn_tiny",

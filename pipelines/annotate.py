@@ -23,6 +23,7 @@ from models.detection import DETECTION_ARCHS, input_sizes
 from models.embedding import EMBED_ARCHS
 from models.errors import LakelensError
 from models.registry import ModelInfo
+from pipelines import version
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.schema import TASK_COLUMNS, results_schema
 from pipelines.sink import AnnotationSink, output_fs, write_json
@@ -228,7 +229,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     summary = RunSummary(run_id=run_id, out=cfg.out, listed=len(uris), annotated=sink.results,
                          errors=sink.errors, skipped_non_images=listing.skipped, wall_s=wall,
                          models=sink.models)
-    record = {"run_id": run_id, "lakelens_version": _version(),
+    record = {"run_id": run_id, "lakelens_version": version(),
               "config": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan),
               "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
               "counts": {"listed": summary.listed, "annotated": summary.annotated,
@@ -241,12 +242,3 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     if summary.lost:
         logger.error("%d images have neither a result nor an error row", summary.lost)
     return summary
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lakelens")
-    except PackageNotFoundError:
-        return "unknown"

@@ -93,6 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true",
                    help="replace results an earlier run left in DIR")
 
+    ix = sub.add_parser("index", help="build or update the similarity index")
+    ixs = ix.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
+    b = ixs.add_parser("build", help="build a FAISS index from results' embeddings")
+    b.add_argument("results", metavar="RESULTS_DIR", help="an annotate --out DIR (or its results/)")
+    b.add_argument("--out", required=True, metavar="INDEX_DIR")
+    b.add_argument("--factory", default="auto",
+                   help="auto (chosen from count and dim) or a FAISS factory string, e.g. "
+                        "Flat, IVF1024,Flat, IVF4096,PQ64x4fs,Refine(SQ8)")
+    b.add_argument("--metric", default="ip", choices=["ip", "l2"],
+                   help="inner product (default; embeddings are unit-norm) or L2")
+    b.add_argument("--gpu", default="auto", choices=["auto", "on", "off"],
+                   help="train and add on the GPU(s) when FAISS sees one (default auto)")
+    b.add_argument("--train-sample", type=int, metavar="N",
+                   help="vectors sampled to train IVF/PQ (default max(50000, 64 per list))")
+    b.add_argument("--memory-gb", type=float, default=16.0, metavar="GB",
+                   help="RAM the index may take; auto compresses above it (default 16)")
+    u = ixs.add_parser("update", help="add new and changed images to an index")
+    u.add_argument("index", metavar="INDEX_DIR")
+    u.add_argument("results", metavar="RESULTS_DIR")
+
+    q = sub.add_parser("query", help="nearest neighbours from the similarity index")
+    q.add_argument("index", metavar="INDEX_DIR")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", metavar="PATH", help="an image file, or a directory of them")
+    what.add_argument("--id", metavar="IMAGE_ID", action="append",
+                      help="an image_id in the index (repeatable)")
+    what.add_argument("--vector", metavar="FILE.npy", help="a [dim] or [n, dim] array")
+    q.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    q.add_argument("--json", action="store_true", help="print one JSON array")
+    q.add_argument("--weights", metavar="PATH",
+                   help="the embedder checkpoint, if it moved since annotate")
+
     s = sub.add_parser("synth", help="write a small synthetic image lake (COCO format)")
     s.add_argument("out", metavar="OUT_DIR")
     s.add_argument("--images", type=int, default=32, metavar="N")
@@ -101,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _annotate(args: argparse.Namespace) -> int:
+    from models.decode import DEFAULT_MAX_PIXELS
     from pipelines.annotate import run
     from pipelines.config import AnnotateConfig
-    from pipelines.decode import DEFAULT_MAX_PIXELS
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     cfg = AnnotateConfig(
@@ -116,6 +148,64 @@ def _annotate(args: argparse.Namespace) -> int:
     summary = run(cfg)
     print(summary.describe())
     return 1 if summary.lost else 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pipelines import indexing
+
+    if args.index_command == "update":
+        m = indexing.update(args.index, args.results)
+        up = m["last_update"]
+        print(f"updated {args.index}: {up['added']} added, {up['replaced']} replaced, "
+              f"{m['count']} images in the index ({up['seconds']:.1f} s)")
+        return 0
+    cfg = indexing.IndexBuildConfig(
+        results=args.results, out=args.out, factory=args.factory, metric=args.metric,
+        gpu=args.gpu, train_sample=args.train_sample, memory_budget_gb=args.memory_gb)
+    m = indexing.build(cfg)
+    print(f"built {args.out}: {m['count']} vectors of dim {m['dim']}, {m['factory']} "
+          f"({m['factory_reason']}); recall@10 vs exact search {m['recall_at_10']:.3f} on "
+          f"{m['recall_queries']} held-out queries with {m['search_params'] or 'no tuning'}; "
+          f"{m['build_s']:.1f} s on {m['built_on']}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from index.store import open_index
+
+    if args.k <= 0:
+        raise LakelensError(f"-k must be >= 1, got {args.k}")
+    idx = open_index(args.index)
+    if args.image:
+        import os
+
+        from pipelines.sources import list_sources
+
+        paths = list_sources([args.image]).uris if os.path.isdir(args.image) else [args.image]
+        if not paths:
+            raise LakelensError(f"no images in {args.image!r}")
+        labels, found = paths, idx.search_images(paths, args.k, weights=args.weights)
+    elif args.id:
+        labels, found = args.id, idx.search_ids(args.id, args.k)
+    else:
+        try:
+            vectors = np.load(args.vector, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise LakelensError(f"cannot read --vector {args.vector!r}: {e}") from e
+        vectors = np.atleast_2d(vectors)
+        labels, found = [f"{args.vector}[{i}]" for i in range(len(vectors))], idx.search(vectors, args.k)
+    if args.json:
+        print(json.dumps(found.as_json()))
+        return 0
+    for label, hits in zip(labels, found.as_json(), strict=True):
+        print(f"query {label}:")
+        for h in hits:
+            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['image_id']}  {h['uri']}")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -134,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pkg in ("pipelines", "models", "index"):
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return {"annotate": _annotate, "synth": _synth}[args.command](args)
+        commands = {"annotate": _annotate, "index": _index, "query": _query, "synth": _synth}
+        return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)
         return 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models import weights as W
+from models.decode import DEFAULT_MAX_PIXELS
 from models.errors import LakelensError
 from models.registry import DEFAULT_ARCHS, TASKS, check_arch, check_task
-from pipelines.decode import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)

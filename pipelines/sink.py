@@ -56,6 +56,13 @@ def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
     write_atomic(fs, path, put)
 
 
+def _absolute(spec: str) -> str:
+    """A local checkpoint path made absolute, so an index can find the embedder later."""
+    if spec in ("default", "random") or is_remote(spec):
+        return spec
+    return os.path.abspath(spec.removeprefix("file://"))
+
+
 class AnnotationSink(Datasink):
     """Splits each bundle of rows into result rows and error rows and writes one file of
     each (of at least `rows_per_file` rows, the last excepted)."""
@@ -65,11 +72,13 @@ class AnnotationSink(Datasink):
         self.out = out
         self.run_id = run_id
         self.models = [{"task": m.task, "arch": m.arch, "weights": m.weights_id} for m in models]
+        specs = [{**row, "spec": _absolute(m.weights)}
+                 for row, m in zip(self.models, models, strict=True)]
         self.embedding_dim = embedding_dim
         self.rows_per_file = rows_per_file
         pose = next((m for m in models if m.task == "pose"), None)
         labels = {m.task: list(m.labels) for m in models if m.labels}
-        self.extra = {"models": self.models, "labels": labels,
+        self.extra = {"models": specs, "labels": labels,
                       "keypoint_names": list(pose.keypoint_names) if pose else [],
                       "embedding_dim": embedding_dim}
         self.results = 0

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from models.decode import content_hash, decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
 from pipelines.config import TaskConfig
-from pipelines.decode import content_hash, decode_image
 from pipelines.encode import ENCODERS
 from pipelines.schema import TASK_COLUMNS
 from pipelines.sources import read_bytes

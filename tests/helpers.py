@@ -74,3 +74,52 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
     area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def clustered_vectors(n: int, dim: int, *, clusters: int = 50, spread: float = 0.3,
+                      seed: int = 0) -> np.ndarray:
+    """Seeded unit vectors around `clusters` centres (uniform random vectors would make
+    recall meaningless: every neighbour is as far as any other)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(clusters, size=n)] + spread * rng.standard_normal((n, dim)).astype(
+        np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None = None,
+                  hashes: list[str] | None = None, embedder: tuple[str, str] = ("tiny", "random:seed0"),
+                  run_id: str = "run-a", annotated_at: int = 0, null_rows: int = 0) -> Path:
+    """A results file with the real schema (pipelines.schema), holding `vectors` as the
+    embedding column plus `null_rows` rows without an embedding."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.schema import file_metadata, results_schema
+
+    n, dim = vectors.shape
+    ids = ids or [f"img{i:07d}" for i in range(n)]
+    hashes = hashes or [f"h-{i}" for i in ids]
+    total = n + null_rows
+    schema = results_schema(dim)
+    models = [{"task": "embed", "arch": embedder[0], "weights": embedder[1]}]
+    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=annotated_at)
+    emb = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.concatenate([vectors, np.zeros((null_rows, dim), np.float32)]).ravel()), dim,
+        mask=pa.array([False] * n + [True] * null_rows))
+    cols = {
+        "image_id": ids + [f"null{i}" for i in range(null_rows)],
+        "uri": [f"/lake/{i}.jpg" for i in ids] + [f"/lake/null{i}.jpg" for i in range(null_rows)],
+        "content_hash": hashes + ["x"] * null_rows,
+        "width": [64] * total, "height": [48] * total,
+        "detections": [None] * total, "instances": [None] * total, "poses": [None] * total,
+        "embedding": emb, "models": [models] * total, "run_id": [run_id] * total,
+        "annotated_at": [when] * total,
+    }
+    table = pa.table({k: pa.array(v, type=schema.field(k).type) if k != "embedding" else v
+                      for k, v in cols.items()}, schema=schema)
+    table = table.replace_schema_metadata(file_metadata(
+        "results", run_id, {"models": [{**models[0], "spec": "random"}], "embedding_dim": dim}))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"part-{run_id}.parquet"
+    pq.write_table(table, path)
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.decode import ImageTooLargeError, decode_image, target_size
+from models.decode import ImageTooLargeError, decode_image, target_size
 from tests.zoo import EXIF_ORIENTATION, build_zoo
 
 

@@ -1,0 +1,160 @@
+"""The index on disk, and searching it.
+
+INDEX_DIR/index.faiss     the FAISS index, CPU-side; FAISS id = row number
+INDEX_DIR/ids.parquet     row -> image_id, uri, content_hash, live (false: replaced)
+INDEX_DIR/manifest.json   factory, dim, metric, count, embedder, sources, search params,
+                          recall@10, build time, lakelens version
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index.build import reconstruct, set_search_params
+from models.errors import LakelensError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
+                        ("content_hash", pa.string()), ("live", pa.bool_())])
+
+
+def _replace_into(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> None:
+    """Write the three files, each under a temporary name renamed into place; the
+    manifest last, so a reader that finds it finds the matching index and ids."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if index.ntotal != ids.num_rows:
+        raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
+    _replace_into(path / "index.faiss", lambda tmp: faiss.write_index(index, tmp))
+    _replace_into(path / "ids.parquet", lambda tmp: pq.write_table(ids.cast(IDS_SCHEMA), tmp))
+    text = json.dumps({**manifest, "format_version": FORMAT_VERSION}, indent=2) + "\n"
+    _replace_into(path / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def load_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise LakelensError(f"index {str(path)!r} does not exist (build one with `lakelens index build`)")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError as e:
+        raise LakelensError(f"{path} is not a lakelens index: no manifest.json") from e
+    except json.JSONDecodeError as e:
+        raise LakelensError(f"{path}/manifest.json is corrupt: {e}") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LakelensError(f"{path} has index format {manifest.get('format_version')}; this "
+                            f"lakelens reads {FORMAT_VERSION}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """Per query, ranked: scores (inner product, or squared L2 distance), rows, ids, uris."""
+
+    scores: list[np.ndarray]
+    rows: list[np.ndarray]
+    image_ids: list[list[str]]
+    uris: list[list[str]]
+
+    def as_json(self) -> list[list[dict]]:
+        return [[{"rank": r + 1, "score": float(s), "image_id": i, "uri": u}
+                 for r, (s, i, u) in enumerate(zip(sc, ids, uris, strict=True))]
+                for sc, ids, uris in zip(self.scores, self.image_ids, self.uris, strict=True)]
+
+
+class SimilarityIndex:
+    """An index opened from disk: search by vectors, image files or image ids."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        try:
+            self.index = faiss.read_index(str(self.path / "index.faiss"))
+            ids = pq.read_table(self.path / "ids.parquet")
+        except (RuntimeError, OSError, pa.ArrowInvalid) as e:
+            first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            raise LakelensError(f"index {str(self.path)!r} is corrupt or incomplete: {first}") from e
+        if ids.num_rows != self.index.ntotal:
+            raise LakelensError(f"index {str(self.path)!r} is inconsistent: {self.index.ntotal} "
+                                f"vectors but {ids.num_rows} id rows")
+        self.image_ids: list[str] = ids.column("image_id").to_pylist()
+        self.uris: list[str] = ids.column("uri").to_pylist()
+        self.live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
+        self.row_of = {iid: r for r, iid in enumerate(self.image_ids) if self.live[r]}
+        set_search_params(self.index, self.manifest.get("search_params", {}))
+        self._embedder = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> Neighbors:
+        """Nearest live images of each vector (float32[q, dim] or [dim])."""
+        if k <= 0:
+            raise LakelensError(f"k must be >= 1, got {k}")
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise LakelensError(f"query vectors have shape {tuple(np.shape(vectors))}; this "
+                                f"index holds dim {self.dim}")
+        x = np.ascontiguousarray(x)
+        dead = int((~self.live).sum())
+        fetch = min(k + dead, self.index.ntotal) if self.index.ntotal else 0
+        if fetch == 0:
+            empty = [np.zeros(0, np.float32) for _ in x]
+            return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
+        scores, rows = self.index.search(x, fetch)
+        out_s, out_r = [], []
+        for s, r in zip(scores, rows, strict=True):
+            keep = (r >= 0)
+            keep[keep] &= self.live[r[keep]]
+            out_s.append(s[keep][:k])
+            out_r.append(r[keep][:k])
+        return Neighbors(out_s, out_r, [[self.image_ids[i] for i in r] for r in out_r],
+                         [[self.uris[i] for i in r] for r in out_r])
+
+    def search_ids(self, image_ids: list[str], k: int = 10) -> Neighbors:
+        """Neighbours of images already in the index, by image_id."""
+        missing = [i for i in image_ids if i not in self.row_of]
+        if missing:
+            raise LakelensError(f"image_id {missing[0]!r} is not in this index"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        rows = np.array([self.row_of[i] for i in image_ids], dtype=np.int64)
+        return self.search(reconstruct(self.index, rows), k)
+
+    def search_images(self, paths: list[str], k: int = 10, *, weights: str | None = None) -> Neighbors:
+        """Neighbours of image files, embedded with the index's own embedder."""
+        from index.embed import embed_files
+
+        return self.search(embed_files(paths, self.manifest["embedder"], weights=weights), k)
+
+
+def open_index(path: str | Path) -> SimilarityIndex:
+    """Open INDEX_DIR for searching. Raises LakelensError for a missing or corrupt index."""
+    return SimilarityIndex(path)

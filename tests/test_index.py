@@ -1,0 +1,180 @@
+"""The similarity index: real FAISS, results tables with the real schema, clustered data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from index.build import choose_factory, gpu_count, recall_at_k
+from index.source import READS_SCHEMA_VERSION
+from index.store import open_index
+from models.errors import LakelensError
+from pipelines.indexing import IndexBuildConfig, build, update
+from pipelines.schema import SCHEMA_VERSION
+from tests.helpers import clustered_vectors, write_results
+
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return clustered_vectors(6000, DIM, seed=3)
+
+
+def exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    return flat.search(q, k)
+
+
+def test_reader_understands_the_written_schema_version() -> None:
+    assert READS_SCHEMA_VERSION == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(("n", "dim", "budget", "expected"), [
+    (5_000, 128, 2**34, "Flat"),
+    (1_000_000, 256, 2**34, "IVF4096,Flat"),
+    (50_000_000, 512, 2**34, "IVF32768,PQ256x4fs,Refine(SQ8)"),
+])
+def test_auto_factory_choice(n: int, dim: int, budget: int, expected: str) -> None:
+    choice = choose_factory(n, dim, memory_budget=budget)
+    assert choice.factory == expected and str(n) in choice.reason
+
+
+def test_small_index_is_flat_and_equals_exact_search(data: np.ndarray, tmp_path: Path) -> None:
+    write_results(tmp_path / "res", data, null_rows=5)
+    manifest = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx")))
+    assert manifest["factory"] == "Flat" and manifest["count"] == len(data)
+    assert manifest["recall_at_10"] == 1.0
+    idx = open_index(tmp_path / "idx")
+    q = data[:50]
+    found = idx.search(q, 10)
+    scores, rows = exact(data, q, 10)
+    assert [list(r) for r in found.rows] == [list(r) for r in rows]
+    np.testing.assert_allclose(np.stack(found.scores), scores, rtol=1e-5)
+    assert found.image_ids[0][0] == "img0000000" and found.uris[0][0] == "/lake/img0000000.jpg"
+
+
+def test_ivf_index_reaches_the_recall_target(data: np.ndarray, tmp_path: Path) -> None:
+    write_results(tmp_path / "res", data)
+    manifest = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx"),
+                                      factory="IVF64,Flat", gpu="off"))
+    assert manifest["search_params"]["nprobe"] >= 1 and manifest["recall_at_10"] >= 0.95
+    idx = open_index(tmp_path / "idx")
+    q = clustered_vectors(6200, DIM, seed=3)[6000:]  # same clusters, not in the index
+    found = np.full((len(q), 10), -1)
+    for i, rows in enumerate(idx.search(q, 10).rows):
+        found[i, :len(rows)] = rows
+    assert recall_at_k(found, exact(data, q, 10)[1]) >= 0.9
+
+
+def test_manifest_round_trip(data: np.ndarray, tmp_path: Path) -> None:
+    write_results(tmp_path / "res", data, embedder=("resnet18", "random:seed0"))
+    built = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx"),
+                                   metric="l2"))
+    on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert on_disk == {**built, "format_version": 1}
+    for key in ("factory", "dim", "metric", "count", "embedder", "sources", "build_s",
+                "lakelens_version", "recall_at_10"):
+        assert key in on_disk, key
+    assert on_disk["embedder"] == {"arch": "resnet18", "weights": "random:seed0", "spec": "random"}
+    idx = open_index(tmp_path / "idx")
+    assert (idx.dim, len(idx), idx.manifest["metric"]) == (DIM, len(data), "l2")
+    assert idx.search_ids(["img0000042"], 3).image_ids[0][0] == "img0000042"
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        "ids.parquet", "index.faiss", "manifest.json"]
+
+
+def test_update_equals_a_rebuild_on_the_union(data: np.ndarray, tmp_path: Path) -> None:
+    a, b = data[:4000], data[4000:]
+    write_results(tmp_path / "a", a)
+    build(IndexBuildConfig(results=str(tmp_path / "a"), out=str(tmp_path / "inc")))
+    # Night two: 2000 new images, and 100 old ones that changed (same id, new bytes).
+    changed_ids = [f"img{i:07d}" for i in range(100)]
+    changed = clustered_vectors(100, DIM, seed=11)
+    new_ids = [f"img{i:07d}" for i in range(4000, 6000)]
+    write_results(tmp_path / "b", np.concatenate([b, changed]), ids=new_ids + changed_ids,
+                  hashes=[f"h-{i}" for i in new_ids] + [f"new-{i}" for i in changed_ids],
+                  run_id="run-b", annotated_at=86400)
+    m = update(str(tmp_path / "inc"), str(tmp_path / "b"))
+    assert m["last_update"] == {"added": 2000, "replaced": 100, "seconds": m["last_update"]["seconds"]}
+    assert m["count"] == 6000
+    union = tmp_path / "union" / "results"
+    write_results(union, a, run_id="run-a")
+    write_results(union, np.concatenate([b, changed]), ids=new_ids + changed_ids,
+                  hashes=[f"h-{i}" for i in new_ids] + [f"new-{i}" for i in changed_ids],
+                  run_id="run-b", annotated_at=86400)
+    build(IndexBuildConfig(results=str(tmp_path / "union"), out=str(tmp_path / "full")))
+    inc, full = open_index(tmp_path / "inc"), open_index(tmp_path / "full")
+    q = np.concatenate([data[::97], changed[:10]])
+    r_inc, r_full = inc.search(q, 10), full.search(q, 10)
+    assert r_inc.image_ids == r_full.image_ids
+    np.testing.assert_allclose(np.stack(r_inc.scores), np.stack(r_full.scores), rtol=1e-5)
+    # The changed image is found by its new vector, not by its old one.
+    assert inc.search(changed[:1], 1).image_ids[0] == ["img0000000"]
+    assert "img0000000" not in inc.search(data[:1], 1).image_ids[0]
+    assert update(str(tmp_path / "inc"), str(tmp_path / "b"))["last_update"]["added"] == 0
+
+
+def test_bad_inputs_are_clear_errors(data: np.ndarray, tmp_path: Path) -> None:
+    write_results(tmp_path / "res", data[:500])
+    build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx")))
+    idx = open_index(tmp_path / "idx")
+    with pytest.raises(LakelensError, match="dim 32"):
+        idx.search(np.zeros((2, 16), np.float32))
+    with pytest.raises(LakelensError, match="not in this index"):
+        idx.search_ids(["nope"])
+    with pytest.raises(LakelensError, match="k must be >= 1"):
+        idx.search(data[:1], 0)
+    with pytest.raises(LakelensError, match="does not exist"):
+        open_index(tmp_path / "missing")
+    (tmp_path / "broken").mkdir()
+    for name in ("manifest.json", "ids.parquet"):
+        (tmp_path / "broken" / name).write_bytes((tmp_path / "idx" / name).read_bytes())
+    (tmp_path / "broken" / "index.faiss").write_bytes(b"not faiss")
+    with pytest.raises(LakelensError, match="corrupt"):
+        open_index(tmp_path / "broken")
+    with pytest.raises(LakelensError, match="no manifest"):
+        open_index(tmp_path / "res")
+    with pytest.raises(LakelensError, match="not a valid FAISS factory"):
+        build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "x"),
+                               factory="IVF,Nonsense"))
+
+
+def test_mixed_dims_or_embedders_are_refused(tmp_path: Path) -> None:
+    write_results(tmp_path / "dims", clustered_vectors(50, 16), run_id="r1")
+    write_results(tmp_path / "dims", clustered_vectors(50, 32), run_id="r2")
+    with pytest.raises(LakelensError, match="different dims"):
+        build(IndexBuildConfig(results=str(tmp_path / "dims"), out=str(tmp_path / "i1")))
+    write_results(tmp_path / "emb", clustered_vectors(50, 16), run_id="r1")
+    write_results(tmp_path / "emb", clustered_vectors(50, 16), run_id="r2",
+                  embedder=("resnet18", "random:seed0"))
+    with pytest.raises(LakelensError, match="different embedders"):
+        build(IndexBuildConfig(results=str(tmp_path / "emb"), out=str(tmp_path / "i2")))
+    write_results(tmp_path / "one", clustered_vectors(50, 16), run_id="r1")
+    build(IndexBuildConfig(results=str(tmp_path / "one"), out=str(tmp_path / "i3")))
+    write_results(tmp_path / "other", clustered_vectors(50, 16), embedder=("resnet18", "random:seed0"))
+    with pytest.raises(LakelensError, match="rebuild instead"):
+        update(str(tmp_path / "i3"), str(tmp_path / "other"))
+
+
+def test_gpu_on_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    if gpu_count() > 0:
+        pytest.skip("this machine has a GPU FAISS can use")
+    write_results(tmp_path / "res", clustered_vectors(50, 16))
+    with pytest.raises(LakelensError, match="--gpu on"):
+        build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "i"), gpu="on"))
+
+
+@pytest.mark.gpu
+def test_gpu_build_matches_cpu_recall(data: np.ndarray, tmp_path: Path) -> None:
+    if gpu_count() == 0:
+        pytest.skip("FAISS sees no GPU (faiss-cpu installed)")
+    write_results(tmp_path / "res", data)
+    m = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "g"),
+                               factory="IVF64,Flat", gpu="on"))
+    assert m["built_on"] == "gpu" and m["recall_at_10"] >= 0.95

@@ -6,6 +6,7 @@ de-duplication), never by holding the vectors of the whole lake.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from models.errors import LakelensError
@@ -27,13 +27,14 @@ READS_SCHEMA_VERSION = "1"  # the results schema version this reader understands
 COLUMNS = ["image_id", "uri", "content_hash", "embedding", "annotated_at"]
 
 
+
 @dataclass(frozen=True)
 class Rows:
     """One batch: row metadata and float32[n, dim] vectors (null embeddings dropped)."""
 
-    image_ids: list[str]
-    uris: list[str]
-    content_hashes: list[str | None]
+    image_ids: pa.Array  # string
+    uris: pa.Array  # string
+    content_hashes: pa.Array  # string
     vectors: np.ndarray
 
 
@@ -49,11 +50,9 @@ class EmbeddingSource:
 
     def batches(self, batch_rows: int = 65_536) -> Iterator[Rows]:
         """Every image's latest embedding, once, in file order."""
-        latest = self._latest()
+        latest = self.latest
         seen: set[str] = set()
-        scanner = pads.dataset(list(self.files), format="parquet").scanner(
-            columns=COLUMNS, batch_size=batch_rows)
-        for batch in scanner.to_batches():
+        for batch in _scan(self.files, COLUMNS, batch_rows):
             batch = batch.filter(pc.is_valid(batch.column("embedding")))
             if not batch.num_rows:
                 continue
@@ -67,20 +66,19 @@ class EmbeddingSource:
             batch = batch.take(pa.array(keep))
             emb = batch.column("embedding")
             vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, self.dim)
-            yield Rows([ids[i] for i in keep], batch.column("uri").to_pylist(),
-                       batch.column("content_hash").to_pylist(),
+            yield Rows(batch.column("image_id"), batch.column("uri"), batch.column("content_hash"),
                        np.ascontiguousarray(vectors, dtype=np.float32))
 
     def vectors(self, batch_rows: int = 65_536) -> Iterator[np.ndarray]:
         for rows in self.batches(batch_rows):
             yield rows.vectors
 
-    def _latest(self) -> dict[str, int]:
+    @functools.cached_property
+    def latest(self) -> dict[str, int]:
         """image_id -> its newest annotated_at (µs), over rows that have an embedding."""
         latest: dict[str, int] = {}
-        scanner = pads.dataset(list(self.files), format="parquet").scanner(
-            columns=["image_id", "annotated_at"], filter=pc.is_valid(pc.field("embedding")))
-        for batch in scanner.to_batches():
+        for batch in _scan(self.files, ["image_id", "annotated_at", "embedding"], 16_384):
+            batch = batch.filter(pc.is_valid(batch.column("embedding")))
             for iid, ts in zip(batch.column("image_id").to_pylist(),
                                batch.column("annotated_at").cast(pa.int64()).to_pylist(),
                                strict=True):
@@ -90,7 +88,15 @@ class EmbeddingSource:
 
     def count_embeddings(self) -> int:
         """Distinct images with an embedding."""
-        return len(self._latest())
+        return len(self.latest)
+
+
+def _scan(files: tuple[str, ...], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches, one file and one batch at a time (pyarrow's dataset scanner reads 16
+    batches ahead: with 256-d vectors that alone is a gigabyte)."""
+    for f in files:
+        reader = pq.ParquetFile(f, pre_buffer=False)
+        yield from reader.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
 def results_files(path: str) -> list[str]:

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gpu", default="auto", choices=["auto", "on", "off"],
                    help="train and add on the GPU(s) when FAISS sees one (default auto)")
     b.add_argument("--train-sample", type=int, metavar="N",
-                   help="vectors sampled to train IVF/PQ (default max(50000, 64 per list))")
+                   help="vectors sampled to train IVF/PQ (default max(50000, 40 per list))")
     b.add_argument("--memory-gb", type=float, default=16.0, metavar="GB",
                    help="RAM the index may take; auto compresses above it (default 16)")
     u = ixs.add_parser("update", help="add new and changed images to an index")

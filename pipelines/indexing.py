@@ -29,7 +29,7 @@ class IndexBuildConfig:
     factory: str = "auto"
     metric: str = "ip"
     gpu: str = "auto"
-    train_sample: int | None = None  # default: ~64 vectors per IVF list, at least 50k
+    train_sample: int | None = None  # default: 40 vectors per IVF list, at least 50k
     memory_budget_gb: float = B.DEFAULT_MEMORY_BUDGET / 2**30
     batch_rows: int = 65_536
     seed: int = 0
@@ -45,7 +45,7 @@ class IndexBuildConfig:
             raise LakelensError("--factory is empty; use auto or a FAISS factory string")
 
 
-def _ids_table(image_ids: list, uris: list, hashes: list, live: list) -> pa.Table:
+def _ids_table(image_ids, uris, hashes, live) -> pa.Table:
     return pa.table({"image_id": image_ids, "uri": uris, "content_hash": hashes, "live": live},
                     schema=store.IDS_SCHEMA)
 
@@ -72,11 +72,11 @@ def build(cfg: IndexBuildConfig) -> dict:
     queries, train = sample[:n_queries], sample[n_queries:]
     meta: dict[str, list] = {"image_id": [], "uri": [], "content_hash": []}
 
-    def blocks():
+    def blocks():  # keeps the row -> image mapping as compact Arrow chunks
         for rows in src.batches(cfg.batch_rows):
-            meta["image_id"] += rows.image_ids
-            meta["uri"] += rows.uris
-            meta["content_hash"] += rows.content_hashes
+            meta["image_id"].append(rows.image_ids)
+            meta["uri"].append(rows.uris)
+            meta["content_hash"].append(rows.content_hashes)
             yield rows.vectors
 
     index = B.train_and_add(index, train, blocks(), gpu=gpu)
@@ -91,14 +91,15 @@ def build(cfg: IndexBuildConfig) -> dict:
         "built_on": "gpu" if gpu else "cpu", "build_s": round(time.perf_counter() - started, 3),
         "built_at": datetime.now(UTC).isoformat(), "lakelens_version": version(),
     }
-    ids = _ids_table(meta["image_id"], meta["uri"], meta["content_hash"], [True] * index.ntotal)
+    ids = _ids_table(*(pa.chunked_array(meta[c], pa.string()) for c in meta),
+                     pa.array(np.ones(index.ntotal, bool)))
     store.save(cfg.out, index, ids, manifest)
     return manifest
 
 
 def _default_train(index) -> int:
     ivf = B._ivf(index)
-    return max(50_000, 64 * ivf.nlist) if ivf is not None else 50_000
+    return max(50_000, 40 * ivf.nlist) if ivf is not None else 50_000
 
 
 def update(index_dir: str, results: str, *, batch_rows: int = 65_536) -> dict:
@@ -122,7 +123,8 @@ def update(index_dir: str, results: str, *, batch_rows: int = 65_536) -> dict:
     added = replaced = 0
     for rows in src.batches(batch_rows):
         take = []
-        for j, (iid, h) in enumerate(zip(rows.image_ids, rows.content_hashes, strict=True)):
+        batch_ids, batch_uris = rows.image_ids.to_pylist(), rows.uris.to_pylist()
+        for j, (iid, h) in enumerate(zip(batch_ids, rows.content_hashes.to_pylist(), strict=True)):
             r = row_of.get(iid)
             if r is not None and hashes[r] == h:
                 continue
@@ -131,7 +133,7 @@ def update(index_dir: str, results: str, *, batch_rows: int = 65_536) -> dict:
                 replaced += 1
             row_of[iid] = len(image_ids)
             image_ids.append(iid)
-            uris.append(rows.uris[j])
+            uris.append(batch_uris[j])
             hashes.append(h)
             live.append(True)
             take.append(j)

@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/annotate.py
+	$(PY) benchmarks/index.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

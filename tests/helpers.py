@@ -89,7 +89,8 @@ def clustered_vectors(n: int, dim: int, *, clusters: int = 50, spread: float = 0
 
 def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None = None,
                   hashes: list[str] | None = None, embedder: tuple[str, str] = ("tiny", "random:seed0"),
-                  run_id: str = "run-a", annotated_at: int = 0, null_rows: int = 0) -> Path:
+                  run_id: str = "run-a", annotated_at: int = 0, null_rows: int = 0,
+                  spec: str = "random") -> Path:
     """A results file with the real schema (pipelines.schema), holding `vectors` as the
     embedding column plus `null_rows` rows without an embedding."""
     from datetime import UTC, datetime, timedelta
@@ -118,7 +119,7 @@ def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None
     table = pa.table({k: pa.array(v, type=schema.field(k).type) if k != "embedding" else v
                       for k, v in cols.items()}, schema=schema)
     table = table.replace_schema_metadata(file_metadata(
-        "results", run_id, {"models": [{**models[0], "spec": "random"}], "embedding_dim": dim}))
+        "results", run_id, {"models": [{**models[0], "spec": spec}], "embedding_dim": dim}))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"part-{run_id}.parquet"
     pq.write_table(table, path)

@@ -178,3 +178,31 @@ def test_gpu_build_matches_cpu_recall(data: np.ndarray, tmp_path: Path) -> None:
     m = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "g"),
                                factory="IVF64,Flat", gpu="on"))
     assert m["built_on"] == "gpu" and m["recall_at_10"] >= 0.95
+
+
+def test_query_images_with_the_checkpoint_the_index_names(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from models.embedding import build_embedder
+    from models.weights import read_checkpoint, save_checkpoint
+
+    model, _, _ = build_embedder("tiny", weights="random")
+    ckpt = tmp_path / "embedder.pt"
+    save_checkpoint(ckpt, {k: v * 1.5 for k, v in model.state_dict().items()}, {"arch": "tiny"})
+    wid = read_checkpoint(str(ckpt)).weights_id
+    paths = []
+    for i, color in enumerate(((250, 20, 20), (20, 250, 20), (20, 20, 250))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (80, 60), color).save(paths[-1])
+    from index.embed import embed_files
+
+    embedder = {"arch": "tiny", "weights": wid, "spec": str(ckpt)}
+    vecs = embed_files(paths, embedder)
+    write_results(tmp_path / "res", vecs, ids=["r", "g", "b"], embedder=("tiny", wid),
+                  spec=str(ckpt))
+    build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx")))
+    idx = open_index(tmp_path / "idx")
+    assert [ids[0] for ids in idx.search_images(paths[::-1], 1).image_ids] == ["b", "g", "r"]
+    save_checkpoint(ckpt, model.state_dict(), {"arch": "tiny"})  # the file changed since
+    with pytest.raises(LakelensError, match="but the index was built with"):
+        idx.search_images(paths, 1)

@@ -81,10 +81,17 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
         raise LakelensError(f"--factory {factory!r} is not a valid FAISS factory string: {first}") from e
 
 
-def train_and_add(index: faiss.Index, sample: np.ndarray, blocks: Iterable[np.ndarray], *,
-                  gpu: bool) -> faiss.Index:
-    """Train on `sample` (if the index needs it) and add every block; on the GPU(s) when
-    asked and supported, then copied back to a CPU index."""
+def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
+                  blocks: Iterable[np.ndarray], *, gpu: bool,
+                  presize: Iterable[np.ndarray] | None = None) -> faiss.Index:
+    """Train on sample() (drawn only if the index needs training, and dropped before
+    adding) and add every block; on the GPU(s) when asked and supported, then copied back
+    to a CPU index.
+
+    presize: the same vectors as `blocks`, streamed once more before adding, so that a CPU
+    IVF index can size each inverted list exactly (growing lists by doubling costs up to
+    twice their size in memory) and add with the assignments already computed.
+    """
     work, on_gpu = index, False
     if gpu:
         try:
@@ -93,16 +100,52 @@ def train_and_add(index: faiss.Index, sample: np.ndarray, blocks: Iterable[np.nd
         except (RuntimeError, AttributeError) as e:  # e.g. fast-scan PQ has no GPU version
             logger.warning("this index type cannot run on the GPU (%s); building on CPU",
                            str(e).strip().splitlines()[-1][:120])
-    started = time.perf_counter()
     if not work.is_trained:
-        logger.info("training on %d sampled vectors%s", len(sample), " (GPU)" if on_gpu else "")
-        work.train(np.ascontiguousarray(sample, dtype=np.float32))
-    added = 0
+        train = np.ascontiguousarray(sample(), dtype=np.float32)
+        logger.info("training on %d sampled vectors%s", len(train), " (GPU)" if on_gpu else "")
+        try:
+            work.train(train)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1][:200]
+            raise LakelensError(f"cannot train {type(faiss.downcast_index(index)).__name__} on "
+                                f"{len(train)} vectors: {first}") from e
+        del train
+    ivf = _plain_ivf(work) if presize is not None and not on_gpu else None
+    assignments = _presize_lists(ivf, presize) if ivf is not None else None
+    started, added = time.perf_counter(), 0
     for block in blocks:
-        work.add(np.ascontiguousarray(block, dtype=np.float32))
-        added += len(block)
+        x = np.ascontiguousarray(block, dtype=np.float32)
+        if assignments is not None:
+            a = np.ascontiguousarray(assignments[added:added + len(x)])
+            ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(a))
+        else:
+            work.add(x)
+        added += len(x)
         logger.info("added %d vectors (%.0f/s)", added, added / max(time.perf_counter() - started, 1e-9))
     return faiss.index_gpu_to_cpu(work) if on_gpu else work
+
+
+def _plain_ivf(index: faiss.Index):
+    """The index itself if it is an IVF index over plain array lists (IVF-Flat, IVF-SQ)."""
+    down = faiss.downcast_index(index)
+    if isinstance(down, faiss.IndexIVFFlat | faiss.IndexIVFScalarQuantizer) and isinstance(
+            faiss.downcast_InvertedLists(down.invlists), faiss.ArrayInvertedLists):
+        return down
+    return None
+
+
+def _presize_lists(ivf, blocks: Iterable[np.ndarray]) -> np.ndarray:
+    """Assign every vector to its list, reserve each list's exact size; returns the
+    assignments (int64[n]) for add_core."""
+    assigned = [ivf.quantizer.assign(np.ascontiguousarray(b, dtype=np.float32), 1).ravel()
+                for b in blocks]
+    assignments = np.concatenate(assigned).astype(np.int64) if assigned else np.zeros(0, np.int64)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no, size in enumerate(np.bincount(assignments, minlength=ivf.nlist)):
+        if size:
+            lists.resize(list_no, int(size))  # allocates exactly `size` entries...
+            lists.resize(list_no, 0)  # ...and keeps them as capacity
+    return assignments
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
@@ -181,16 +224,20 @@ def reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
         (0, index.d), np.float32)
 
 
-def sample_rows(blocks: Iterable[np.ndarray], n: int, total: int, seed: int = 0) -> np.ndarray:
-    """A uniform sample of n vectors from a stream of `total` (one pass, sorted positions)."""
+def sample_positions(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """n distinct row positions out of `total`, sorted, seeded."""
     rng = np.random.default_rng(seed)
-    wanted = np.sort(rng.choice(total, size=min(n, total), replace=False))
+    return np.sort(rng.choice(total, size=min(n, total), replace=False))
+
+
+def take_rows(blocks: Iterable[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """The rows at sorted `positions` of a stream of blocks (one pass)."""
     out, start, j = [], 0, 0
     for block in blocks:
         end = start + len(block)
-        k = np.searchsorted(wanted, end)
+        k = int(np.searchsorted(positions, end))
         if k > j:
-            out.append(block[wanted[j:k] - start])
+            out.append(np.array(block[positions[j:k] - start], dtype=np.float32))
             j = k
         start = end
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -66,10 +66,11 @@ def build(cfg: IndexBuildConfig) -> dict:
     index = B.new_index(choice.factory, src.dim, cfg.metric)
     n_queries = min(HELD_OUT_QUERIES, max(1, n // 10))
     n_train = 0 if index.is_trained else min(n - n_queries, cfg.train_sample or _default_train(index))
-    sample = B.sample_rows(src.vectors(cfg.batch_rows), n_queries + n_train, n, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    sample = sample[rng.permutation(len(sample))]
-    queries, train = sample[:n_queries], sample[n_queries:]
+    # Held-out queries and the training sample: disjoint rows of one seeded sample.
+    picks = np.random.default_rng(cfg.seed).permutation(n_queries + n_train)
+    queries_at, train_at = np.sort(picks[:n_queries]), np.sort(picks[n_queries:])
+    positions = B.sample_positions(n, n_queries + n_train, seed=cfg.seed)
+    queries = B.take_rows(src.vectors(cfg.batch_rows), positions[queries_at])
     meta: dict[str, list] = {"image_id": [], "uri": [], "content_hash": []}
 
     def blocks():  # keeps the row -> image mapping as compact Arrow chunks
@@ -79,7 +80,9 @@ def build(cfg: IndexBuildConfig) -> dict:
             meta["content_hash"].append(rows.content_hashes)
             yield rows.vectors
 
-    index = B.train_and_add(index, train, blocks(), gpu=gpu)
+    index = B.train_and_add(
+        index, lambda: B.take_rows(src.vectors(cfg.batch_rows), positions[train_at]), blocks(),
+        gpu=gpu, presize=src.vectors(cfg.batch_rows))
     truth = B.ground_truth(queries, src.vectors(cfg.batch_rows), B.RECALL_K, cfg.metric)
     params, recall = B.tune(index, queries, truth)
     manifest = {
@@ -87,7 +90,7 @@ def build(cfg: IndexBuildConfig) -> dict:
         "metric": cfg.metric, "count": index.ntotal, "vectors": index.ntotal,
         "embedder": src.embedder, "sources": [os.path.abspath(cfg.results)],
         "search_params": params, "recall_at_10": round(recall, 4),
-        "recall_queries": int(len(queries)), "train_sample": int(len(train)),
+        "recall_queries": int(len(queries)), "train_sample": int(n_train),
         "built_on": "gpu" if gpu else "cpu", "build_s": round(time.perf_counter() - started, 3),
         "built_at": datetime.now(UTC).isoformat(), "lakelens_version": version(),
     }

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from index import build as B
 from index import store
-from index.source import EmbeddingSource, open_source
+from index.source import BATCH_ROWS, EmbeddingSource, open_source
 from models.errors import LakelensError
 from pipelines import version
 
@@ -31,7 +31,7 @@ class IndexBuildConfig:
     gpu: str = "auto"
     train_sample: int | None = None  # default: 40 vectors per IVF list, at least 50k
     memory_budget_gb: float = B.DEFAULT_MEMORY_BUDGET / 2**30
-    batch_rows: int = 65_536
+    batch_rows: int = BATCH_ROWS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ def _default_train(index) -> int:
     return max(50_000, 40 * ivf.nlist) if ivf is not None else 50_000
 
 
-def update(index_dir: str, results: str, *, batch_rows: int = 65_536) -> dict:
+def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dict:
     """Add the images of `results` that the index lacks; a changed image (same image_id,
     new content hash) replaces its old vector. Returns the manifest written."""
     started = time.perf_counter()

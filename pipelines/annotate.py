@@ -33,7 +33,7 @@ from pipelines.stages import ModelStage, read_decode
 logger = logging.getLogger(__name__)
 
 DECODE_BATCH = 16
-ITEMS_PER_BLOCK = 64
+MAX_INPUT_BLOCKS = 4096  # blocks of URIs; small runs get one per decode batch, so stages overlap
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,8 @@ def build_dataset(cfg: AnnotateConfig, uris: list[str], infos: list[ModelInfo],
                   plan: PoolPlan) -> ray.data.Dataset:
     """The lazy pipeline; nothing runs until it is consumed."""
     items = [{"image_id": image_id(u), "uri": u} for u in uris]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ITEMS_PER_BLOCK)))
+    blocks = min(MAX_INPUT_BLOCKS, max(1, math.ceil(len(items) / min(DECODE_BATCH, cfg.batch_size))))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     short, long = decode_sizes(cfg, infos)
     ds = ds.map_batches(read_decode, batch_size=DECODE_BATCH, batch_format="pyarrow",
                         fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long})

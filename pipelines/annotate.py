@@ -172,7 +172,10 @@ def build_dataset(cfg: AnnotateConfig, uris: list[str], infos: list[ModelInfo],
     blocks = min(MAX_INPUT_BLOCKS, max(1, math.ceil(len(items) / min(DECODE_BATCH, cfg.batch_size))))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     short, long = decode_sizes(cfg, infos)
-    ds = ds.map_batches(read_decode, batch_size=DECODE_BATCH, batch_format="pyarrow",
+    # Decode in batches no larger than a model batch: each decoded block then feeds one model
+    # call, so the stages work on different blocks at the same time.
+    ds = ds.map_batches(read_decode, batch_size=min(DECODE_BATCH, cfg.batch_size),
+                        batch_format="pyarrow",
                         fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long})
     schema = results_schema(_embedding_dim(infos))
     tcfgs = task_configs(cfg, infos, plan)

@@ -87,7 +87,9 @@ def plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
         return PoolPlan(size, min(1.0, spare) if spare else 0.0, num_gpus, max(1, int(spare)))
     reserve = max(1.0, cpus // 4)
     per_pool = max(cpus - reserve, 0.25) / n_pools
-    threads = max(1, min(4, int(per_pool)))
+    # Ray's CPU counts are for scheduling only: decode and write tasks come in short bursts,
+    # so a model may run as many threads as its share of the cores, reserve included.
+    threads = max(1, min(4, int(cpus // n_pools)))
     size = max(1, int(per_pool // threads))
     return PoolPlan(size, per_pool / size, 0.0, threads)
 

@@ -1,0 +1,1 @@
+"""The similarity index: FAISS and numpy, no Ray (see store.open_index)."""

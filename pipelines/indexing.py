@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from index import build as B
 from index import store
@@ -119,7 +120,7 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
         raise LakelensError(f"{results} was embedded with {new['arch']} ({new['weights']}); the "
                             f"index holds {old['arch']} ({old['weights']}): rebuild instead")
     index = opened.index
-    ids = store.pq.read_table(os.path.join(index_dir, "ids.parquet"))
+    ids = pq.read_table(os.path.join(index_dir, "ids.parquet"))
     image_ids, uris = ids.column("image_id").to_pylist(), ids.column("uri").to_pylist()
     hashes, live = ids.column("content_hash").to_pylist(), ids.column("live").to_pylist()
     row_of = dict(opened.row_of)

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ def connect(cfg: AnnotateConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -209,6 +212,17 @@ def connect(cfg: AnnotateConfig) -> None:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nothing listens on (ray.init retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # "auto", "local": Ray resolves those itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise LakelensError(f"cannot connect to Ray at {address}: {e.strerror or e}") from e
 
 
 def run(cfg: AnnotateConfig) -> RunSummary:

@@ -179,3 +179,26 @@ def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None
         assert len(row["embedding"]) == 2048
         assert all(rle_to_mask(i["mask"]).shape == (row["height"], row["width"])
                    for i in row["instances"])
+
+
+def test_cli_joins_an_existing_cluster_with_address(ray_local, tmp_path: Path) -> None:
+    """`--address` runs the job on a cluster that is already up (here: this module's)."""
+    from PIL import Image
+
+    from tests.test_cli import lakelens
+
+    (tmp_path / "lake").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "lake" / "a.png")
+    address = ray_local.get_runtime_context().gcs_address
+    nodes_before = len(ray_local.nodes())
+    proc = lakelens("annotate", str(tmp_path / "lake"), "--out", str(tmp_path / "out"),
+                    "--tasks", "embed", "--weights", "random", "--arch", "embed=tiny",
+                    "--address", address)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 images listed, 1 annotated, 0 errors" in proc.stdout
+    assert len(ray_local.nodes()) == nodes_before  # no second cluster was started
+    bad = lakelens("annotate", str(tmp_path / "lake"), "--out", str(tmp_path / "o2"),
+                   "--tasks", "embed", "--weights", "random", "--arch", "embed=tiny",
+                   "--address", "127.0.0.1:1")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "cannot connect to Ray at 127.0.0.1:1" in bad.stderr

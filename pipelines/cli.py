@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", metavar="PATH",
                    help="the embedder checkpoint, if it moved since annotate")
 
+    ev = sub.add_parser("eval", help="COCO AP/AR of results against ground truth")
+    ev.add_argument("results", metavar="RESULTS_DIR")
+    ev.add_argument("--gt", required=True, metavar="annotations.json",
+                    help="COCO ground truth; file_name relative to its folder")
+    ev.add_argument("--out", metavar="FILE.json", help="default: RESULTS_DIR/eval.json")
+
+    ex = sub.add_parser("export", help="export results in another format")
+    exs = ex.add_subparsers(dest="format", required=True, parser_class=_Parser)
+    co = exs.add_parser("coco", help="COCO predictions (what pycocotools' loadRes reads)")
+    co.add_argument("results", metavar="RESULTS_DIR")
+    co.add_argument("--out", required=True, metavar="preds.json",
+                    help="one file per IoU type (preds.bbox.json, ...) when several tasks")
+    co.add_argument("--gt", metavar="annotations.json",
+                    help="take image and category ids from this ground truth")
+    co.add_argument("--tasks", help="comma-separated subset of detect,segment,pose")
+
     s = sub.add_parser("synth", help="write a small synthetic image lake (COCO format)")
     s.add_argument("out", metavar="OUT_DIR")
     s.add_argument("--images", type=int, default=32, metavar="N")
@@ -208,6 +224,37 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from pipelines.coco import evaluate
+
+    report = evaluate(args.results, args.gt)
+    out = args.out or os.path.join(args.results, "eval.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, out)
+    for iou_type, result in report["tasks"].items():
+        print(f"{iou_type}:\n{result['summary']}")
+    print(f"{report['images']} images evaluated ({report['unmatched_images']} not in the ground "
+          f"truth); metrics written to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipelines.coco import COLUMNS, export
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
+    for t in tasks or ():
+        if t not in COLUMNS:
+            raise LakelensError(f"--tasks: {t!r} has no COCO form; choose from {', '.join(COLUMNS)}")
+    for iou_type, path in export(args.results, args.out, gt_path=args.gt, tasks=tasks).items():
+        print(f"wrote {iou_type} predictions to {path}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from pipelines.synth import write_lake
 
@@ -224,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pkg in ("pipelines", "models", "index"):
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        commands = {"annotate": _annotate, "index": _index, "query": _query, "synth": _synth}
+        commands = {"annotate": _annotate, "index": _index, "query": _query, "eval": _eval,
+                    "export": _export, "synth": _synth}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take image and category ids from this ground truth")
     co.add_argument("--tasks", help="comma-separated subset of detect,segment,pose")
 
+    r = sub.add_parser("render", help="PNG overlays of results: masks, boxes, skeletons")
+    r.add_argument("results", metavar="RESULTS_DIR")
+    r.add_argument("--out", required=True, metavar="DIR")
+    r.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+
     s = sub.add_parser("synth", help="write a small synthetic image lake (COCO format)")
     s.add_argument("out", metavar="OUT_DIR")
     s.add_argument("--images", type=int, default=32, metavar="N")
@@ -255,6 +260,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    from pipelines.render import render
+
+    if args.limit is not None and args.limit < 1:
+        raise LakelensError(f"--limit must be >= 1, got {args.limit}")
+    written, failed = render(args.results, args.out, limit=args.limit)
+    print(f"wrote {written} overlays to {args.out}" + (f" ({failed} images unreadable)" if failed else ""))
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from pipelines.synth import write_lake
 
@@ -272,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         commands = {"annotate": _annotate, "index": _index, "query": _query, "eval": _eval,
-                    "export": _export, "synth": _synth}
+                    "export": _export, "render": _render, "synth": _synth}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

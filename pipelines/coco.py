@@ -45,8 +45,8 @@ class Predictions:
     unknown_labels: Counter = field(default_factory=Counter)
 
 
-def read_results(path: str) -> pa.Table:
-    columns = ["uri", "width", "height", *COLUMNS.values()]
+def read_results(path: str, extra: list[str] | None = None) -> pa.Table:
+    columns = ["uri", "width", "height", *COLUMNS.values(), *(extra or [])]
     try:
         return pa.concat_tables([pq.read_table(f, columns=columns) for f in results_files(path)])
     except (OSError, pa.ArrowInvalid, KeyError) as e:

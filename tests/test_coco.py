@@ -106,3 +106,28 @@ def test_results_outside_the_ground_truth_are_an_error(lake: Path, tmp_path: Pat
         row["uri"] = "/elsewhere/" + row["uri"].replace("/", "_")
     with pytest.raises(LakelensError, match="none of the images"):
         evaluate(str(_write(tmp_path, rows)), str(lake))
+
+
+def test_render_draws_masks_boxes_and_skeletons_on_the_image(lake: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from models.masks import rle_to_mask
+    from pipelines.render import render
+
+    rows = _rows_from_gt(lake)
+    results = _write(tmp_path / "res", rows)
+    written, failed = render(str(results), str(tmp_path / "png"), limit=3)
+    assert (written, failed) == (3, 0)
+    row = rows[0]
+    png = np.asarray(Image.open(tmp_path / "png" / f"{row['image_id']}.png").convert("RGB"))
+    original = np.asarray(Image.open(row["uri"]).convert("RGB"))
+    assert png.shape == original.shape
+    mask = rle_to_mask(row["instances"][0]["mask"]).astype(bool)
+    changed = np.abs(png.astype(int) - original.astype(int)).sum(axis=2) > 0
+    assert changed[mask].mean() > 0.9  # the mask is tinted
+    far = np.ones_like(mask)
+    for inst in row["instances"]:
+        x0, y0, x1, y1 = (int(v) for v in inst["box"])
+        far[max(0, y0 - 6):y1 + 6, max(0, x0 - 6):x1 + 60] = False  # label text runs right
+    assert changed[far].mean() < 0.02  # the background is left alone

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import faiss
@@ -25,9 +25,6 @@ FLAT_MAX_ROWS = 100_000  # exact search stays fast enough below this
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes the index may take in RAM
 TARGET_RECALL = 0.95
 RECALL_K = 10
-
-Blocks = Callable[[], Iterator[np.ndarray]]  # a re-iterable stream of float32[m, dim]
-
 
 @dataclass(frozen=True)
 class Choice:

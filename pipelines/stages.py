@@ -11,7 +11,6 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from models.decode import content_hash, decode_image
@@ -122,8 +121,3 @@ class ModelStage:
         for name, col in zip(ERROR_COLUMNS, (stage, etype, emsg), strict=True):
             out_table = out_table.append_column(name, pa.array(col, type=pa.string()))
         return out_table
-
-
-def is_error(table: pa.Table) -> pa.ChunkedArray:
-    """Boolean mask of rows that failed somewhere."""
-    return pc.is_valid(table.column("error_stage"))

@@ -206,3 +206,18 @@ def test_query_images_with_the_checkpoint_the_index_names(tmp_path: Path) -> Non
     save_checkpoint(ckpt, model.state_dict(), {"arch": "tiny"})  # the file changed since
     with pytest.raises(LakelensError, match="but the index was built with"):
         idx.search_images(paths, 1)
+
+
+def test_recall_at_k_on_a_hand_made_case() -> None:
+    from index.evaluate import recall_at_k
+
+    # Unit vectors at 0, 10, 20 and 90 degrees, labels a, b, a, b. Nearest other of each:
+    # 0->1 (b), 1->0 or 2 (both a), 2->1 (b), 3->2 (a): no query hits at K=1.
+    angles = np.radians([0.0, 10.0, 20.0, 90.0])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    r = recall_at_k(x, [0, 1, 0, 1], ks=(1, 2, 3))
+    assert r[1] == 0.0
+    assert r[2] == pytest.approx(0.75)  # 0: {1, 2} hits a; 1: {0, 2} no b; 2: {1, 0} hits a; 3: {2, 1} hits b
+    assert r[3] == pytest.approx(1.0)  # query 1 reaches 3 (b) at K=3
+    with pytest.raises(LakelensError, match="K must be"):
+        recall_at_k(x, [0, 1, 0, 1], ks=(4,))

@@ -147,7 +147,7 @@ def _presize_lists(ivf, blocks: Iterable[np.ndarray]) -> np.ndarray:
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
     """Apply stored search parameters (nprobe, k_factor) to a CPU index."""
-    if "nprobe" in params and _ivf(index) is not None:
+    if "nprobe" in params and ivf_of(index) is not None:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(params["nprobe"]))
     if "k_factor" in params:
         refine = _refine(index)
@@ -155,7 +155,7 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
             refine.k_factor = float(params["k_factor"])
 
 
-def _ivf(index: faiss.Index):
+def ivf_of(index: faiss.Index):
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -187,7 +187,7 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
     """The cheapest search parameters reaching `target` recall@k on the held-out queries
     (or the best found), and the recall they give."""
     k = truth.shape[1]
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     params: dict = {}
     if _refine(index) is not None:
         params["k_factor"] = 4.0
@@ -214,7 +214,7 @@ def reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     refine = _refine(index)
     target = faiss.downcast_index(refine.refine_index) if refine is not None else index
-    ivf = _ivf(target)
+    ivf = ivf_of(target)
     if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
         ivf.make_direct_map()
     return np.stack([target.reconstruct(int(r)) for r in rows]) if len(rows) else np.zeros(

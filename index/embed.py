@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
 from models import weights as W
 from models.decode import decode_image
 from models.embedding import EMBED_ARCHS
+from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ def embed_files(paths: list[str], embedder: dict, *, weights: str | None = None)
         raise LakelensError("no query images given")
     arch = embedder["arch"]
     predictor = EmbeddingPredictor(arch, weights=weights_spec(embedder, weights))
-    short = math.ceil(EMBED_ARCHS[arch].crop * 256 / 224)
+    short, long = embed_decode_sizes(arch)
     images = []
     for path in paths:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            images.append(decode_image(data, short=short, long=4 * short).pixels)
+            images.append(decode_image(data, short=short, long=long).pixels)
         except (OSError, ValueError) as e:
             raise LakelensError(f"cannot read query image {path!r}: {type(e).__name__}: {e}") from e
     return np.stack(predictor(images)).astype(np.float32)

@@ -158,6 +158,7 @@ def open_source(path: str) -> EmbeddingSource:
     dims: dict[int, str] = {}
     embedders: dict[tuple[str, str], dict] = {}
     rows = 0
+    used: list[str] = []
     for f in files:
         try:
             meta = pq.read_metadata(f)
@@ -177,6 +178,7 @@ def open_source(path: str) -> EmbeddingSource:
         dims.setdefault(emb_type.list_size, f)
         embedders.setdefault((embed["arch"], embed["weights"]), {**embed, "file": f})
         rows += meta.num_rows
+        used.append(f)
     if not dims:
         raise LakelensError(f"no embeddings in {path!r}: run `lakelens annotate --tasks embed` first")
     if len(dims) > 1:
@@ -187,10 +189,4 @@ def open_source(path: str) -> EmbeddingSource:
         raise LakelensError(f"refusing to mix embeddings of different embedders: {detail}")
     embedder = next(iter(embedders.values()))
     embedder = {k: embedder[k] for k in ("arch", "weights", "spec") if k in embedder}
-    used = tuple(f for f in files if _has_embed(f))
-    return EmbeddingSource(path, used, next(iter(dims)), embedder, rows)
-
-
-def _has_embed(f: str) -> bool:
-    kv = pq.read_schema(f).metadata or {}
-    return any(m["task"] == "embed" for m in json.loads(kv.get(b"lakelens.models", b"[]")))
+    return EmbeddingSource(path, tuple(used), next(iter(dims)), embedder, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,6 +103,13 @@ def build_embedder(arch: str, *, weights: str) -> tuple[Embedder, ModelInfo, int
     info = ModelInfo(task="embed", arch=arch, weights=weights, weights_id=weights_id,
                      embedding_dim=model.dim)
     return model, info, spec.crop
+
+
+def decode_sizes(arch: str) -> tuple[int, int]:
+    """(shorter, longer) side to decode images to for this embedder: the resize side of
+    its eval transform, and a cap of 4x that for extreme aspect ratios."""
+    short = math.ceil(EMBED_ARCHS[arch].crop * 256 / 224)
+    return short, 4 * short
 
 
 def embedding_dim(arch: str, weights: str) -> int:

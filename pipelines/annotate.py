@@ -22,6 +22,7 @@ import ray
 from models import weights as W
 from models.detection import DETECTION_ARCHS, input_sizes
 from models.embedding import EMBED_ARCHS
+from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 from models.registry import ModelInfo
 from pipelines import version
@@ -152,13 +153,11 @@ def decode_sizes(cfg: AnnotateConfig, infos: list[ModelInfo]) -> tuple[int | Non
     shorts, longs = [], []
     for info in infos:
         if info.task == "embed":
-            crop = EMBED_ARCHS[info.arch].crop
-            shorts.append(math.ceil(crop * 256 / 224))
-            longs.append(math.ceil(crop * 256 / 224) * 4)
+            s, lg = embed_decode_sizes(info.arch)
         else:
             s, lg = input_sizes(info.arch, cfg.image_size)
-            shorts.append(s)
-            longs.append(lg)
+        shorts.append(s)
+        longs.append(lg)
     return max(shorts), max(longs)
 
 

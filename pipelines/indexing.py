@@ -102,7 +102,7 @@ def build(cfg: IndexBuildConfig) -> dict:
 
 
 def _default_train(index) -> int:
-    ivf = B._ivf(index)
+    ivf = B.ivf_of(index)
     return max(50_000, 40 * ivf.nlist) if ivf is not None else 50_000
 
 

@@ -171,6 +171,9 @@ def build_detector(
             f"unknown detector arch {arch!r}; choose from {', '.join(sorted(DETECTION_ARCHS))}")
     check_arch(task, arch)
     spec = DETECTION_ARCHS[arch]
+    ckpt = W.read_for(weights, task=task, arch=arch) if W.is_path_spec(weights) else None
+    if image_size is None and ckpt is not None:
+        image_size = ckpt.meta.get("image_size")  # the size it was trained at
     min_size, max_size = input_sizes(arch, image_size)
     kwargs: dict = {"min_size": min_size, "max_size": max_size, "box_score_thresh": score_threshold}
     default_labels = PERSON_LABELS if task == "pose" else COCO_LABELS
@@ -195,7 +198,7 @@ def build_detector(
             model = _build_untrained(spec, n_cls, kwargs)
         weights_id = f"random:seed{W.RANDOM_SEED}"
     else:
-        ckpt = W.read_for(weights, task=task, arch=arch)
+        assert ckpt is not None
         try:
             n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
         except KeyError as e:
@@ -212,7 +215,7 @@ def build_detector(
         weights_id = ckpt.weights_id
     model.eval()
     info = ModelInfo(task=task, arch=arch, weights=weights, weights_id=weights_id,
-                     labels=labels, keypoint_names=keypoint_names)
+                     labels=labels, keypoint_names=keypoint_names, input_size=(min_size, max_size))
     return model, info
 
 
@@ -226,3 +229,34 @@ def _build_untrained(spec: ArchSpec, num_classes: int, kwargs: dict) -> nn.Modul
     if spec.published is None:
         return spec.builder(num_classes=num_classes, **kwargs)
     return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def build_for_training(arch: str, *, init: str, num_classes: int, num_keypoints: int = 0,
+                       image_size: int | None = None, seed: int = 0) -> tuple[nn.Module, ModelInfo]:
+    """A detector to fine-tune or train, in train mode: `init` weights (default, random or
+    a checkpoint) with the box/mask/keypoint heads resized to `num_classes` (background
+    included) and `num_keypoints`. New heads are seeded."""
+    if init == W.RANDOM:
+        model, info = build_detector(arch, weights=init, image_size=image_size,
+                                     num_classes=num_classes, num_keypoints=num_keypoints or None)
+    else:
+        model, info = build_detector(arch, weights=init, image_size=image_size)
+        with W.seeded(seed):
+            resize_heads(model, num_classes, num_keypoints)
+    model.train()
+    return model, info
+
+
+def resize_heads(model: nn.Module, num_classes: int, num_keypoints: int = 0) -> None:
+    """Replace the class-specific predictors whose sizes differ (the rest is kept)."""
+    heads = model.roi_heads
+    box = heads.box_predictor
+    if box.cls_score.out_features != num_classes:
+        heads.box_predictor = FastRCNNPredictor(box.cls_score.in_features, num_classes)
+    if heads.has_mask() and heads.mask_predictor.mask_fcn_logits.out_channels != num_classes:
+        conv = heads.mask_predictor.conv5_mask
+        heads.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
+    if heads.has_keypoint():
+        kps = heads.keypoint_predictor.kps_score_lowres
+        if kps.out_channels != num_keypoints:
+            heads.keypoint_predictor = KeypointRCNNPredictor(kps.in_channels, num_keypoints)

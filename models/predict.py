@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.detection import build_detector, input_sizes
+from models.detection import build_detector
 from models.device import autocast, is_out_of_memory, pick_device, release_memory
 from models.embedding import build_embedder, preprocess
 
@@ -51,7 +51,7 @@ class DetectionPredictor:
         self.model.to(self.device)
         self.task = self.info.task
         self.max_batch = max_batch
-        self.min_size, self.max_size = input_sizes(arch, image_size)
+        self.min_size, self.max_size = self.info.input_size
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ class ModelInfo:
     labels: tuple[str, ...] = ()  # index = label id
     keypoint_names: tuple[str, ...] = ()
     embedding_dim: int | None = None
+    input_size: tuple[int, int] | None = None  # detectors: (shorter, longer) side they resize to
 
 
 def arch_choices(task: str) -> list[str]:

@@ -155,7 +155,7 @@ def decode_sizes(cfg: AnnotateConfig, infos: list[ModelInfo]) -> tuple[int | Non
         if info.task == "embed":
             s, lg = embed_decode_sizes(info.arch)
         else:
-            s, lg = input_sizes(info.arch, cfg.image_size)
+            s, lg = info.input_size or input_sizes(info.arch, cfg.image_size)
         shorts.append(s)
         longs.append(lg)
     return max(shorts), max(longs)

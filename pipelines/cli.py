@@ -146,10 +146,74 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N images")
 
-    s = sub.add_parser("synth", help="write a small synthetic image lake (COCO format)")
+    s = sub.add_parser("synth", help="write a synthetic image lake: COCO train/val splits",
+                       description="Shapes with exact boxes, masks, keypoints and an identity per "
+                                   "image family; OUT_DIR/train and OUT_DIR/val hold images/ and "
+                                   "annotations.json, with disjoint families.")
     s.add_argument("out", metavar="OUT_DIR")
-    s.add_argument("--images", type=int, default=32, metavar="N")
+    s.add_argument("--images", type=int, default=400, metavar="N", help="train + val (default 400)")
     s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--val-fraction", type=float, default=0.25, metavar="F",
+                   help="share of families held out for val (default 0.25)")
+    s.add_argument("--family-size", type=int, default=4, metavar="K",
+                   help="images per family (default 4)")
+    s.add_argument("--size", type=int, default=128, metavar="PX", help="image side (default 128)")
+
+    t = sub.add_parser("train", help="train detectors or the embedder with Ray Train")
+    ts = t.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    td = ts.add_parser("detector", help="fine-tune Faster/Mask/Keypoint R-CNN on a COCO dataset",
+                       description="Reports loss and COCO AP on the val split each epoch; writes the "
+                                   "best model to RUN_DIR/model.pt for annotate --weights TASK=PATH.")
+    td.add_argument("--task", required=True, choices=["detect", "segment", "pose"])
+    te = ts.add_parser("embedder", help="metric learning on images or object crops by identity",
+                       description="P x K batches, multi-similarity or contrastive loss; reports "
+                                   "Recall@1/2/4/8 on the val split's held-out identities.")
+    for p in (td, te):
+        p.add_argument("--data", required=True, metavar="DIR",
+                       help="DIR/train/annotations.json and DIR/val/annotations.json (COCO)")
+        p.add_argument("--out", required=True, metavar="RUN_DIR")
+        p.add_argument("--arch", help="architecture (default: the task's). " + _arch_help())
+        p.add_argument("--init", default="default", metavar="SPEC",
+                       help="default (torchvision's published weights), random, or a checkpoint")
+        p.add_argument("--workers", type=int, default=2, metavar="N", help="DDP workers (default 2)")
+        p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+        p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N")
+        p.add_argument("--epochs", type=int, default=10, metavar="E")
+        p.add_argument("--lr", type=float, metavar="F",
+                       help="AdamW learning rate (default 3e-3 from random init, 1e-4 fine-tuning)")
+        p.add_argument("--max-steps-per-epoch", type=int, metavar="N")
+        p.add_argument("--loader-workers", type=int, metavar="N",
+                       help="DataLoader processes per worker (default: from its CPUs)")
+        p.add_argument("--seed", type=int, default=0, metavar="S")
+        p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+        p.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR")
+        p.add_argument("--max-failures", type=int, default=0, metavar="N",
+                       help="restart from the last checkpoint after up to N worker failures")
+        p.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray")
+    td.add_argument("--batch-size", type=int, default=4, metavar="N",
+                    help="images per worker per step (default 4)")
+    td.add_argument("--image-size", type=int, metavar="N",
+                    help="shorter side the detector sees (default: the arch's)")
+    te.add_argument("--loss", default="multi_similarity", choices=["multi_similarity", "contrastive"])
+    te.add_argument("--p", type=int, default=8, metavar="P", help="identities per batch (default 8)")
+    te.add_argument("--k", type=int, default=4, metavar="K", help="examples per identity (default 4)")
+    te.add_argument("--dim", type=int, default=128, metavar="D",
+                    help="embedding size (a linear projection; 0: the trunk's own)")
+    te.add_argument("--unit", default="auto", choices=["auto", "image", "object"],
+                    help="learn whole images or object crops (default: images when every "
+                         "image has an identity)")
+
+    d = sub.add_parser("demo", help="the whole product offline: synth, train, annotate, index, eval",
+                       description="Synthesizes a small lake, trains detect/segment/pose and the "
+                                   "embedder with Ray Train, annotates the val lake, builds the "
+                                   "index, queries it and scores everything. The last line is JSON.")
+    d.add_argument("--out", default="demo-out", metavar="DIR")
+    d.add_argument("--images", type=int, default=400, metavar="N")
+    d.add_argument("--workers", type=int, default=2, metavar="N")
+    d.add_argument("--gpu", action="store_true")
+    d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke run)")
     return parser
 
 
@@ -271,12 +335,43 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from pipelines.synth import write_lake
+    from pipelines.synth import write_dataset
 
-    if args.images < 1:
-        raise LakelensError(f"--images must be >= 1, got {args.images}")
-    path = write_lake(args.out, images=args.images, seed=args.seed)
-    print(f"wrote {args.images} images to {args.out}/images and ground truth to {path}")
+    if args.family_size < 2:
+        raise LakelensError(f"--family-size must be >= 2, got {args.family_size}")
+    if not 32 <= args.size <= 2048:
+        raise LakelensError(f"--size must be in 32..2048, got {args.size}")
+    train, val = write_dataset(args.out, images=args.images, seed=args.seed,
+                               val_fraction=args.val_fraction, family_size=args.family_size,
+                               width=args.size, height=args.size)
+    print(f"wrote {args.images} images: train split {train}, val split {val}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.train import TrainConfig, run
+
+    common = {"data": args.data, "out": args.out, "arch": args.arch, "init": args.init,
+              "workers": args.workers, "gpu": args.gpu, "cpus_per_worker": args.cpus_per_worker,
+              "epochs": args.epochs, "lr": args.lr, "max_steps_per_epoch": args.max_steps_per_epoch,
+              "loader_workers": args.loader_workers, "seed": args.seed, "resume": args.resume,
+              "overwrite": args.overwrite, "max_failures": args.max_failures,
+              "address": args.address, "num_cpus": args.num_cpus}
+    if args.kind == "detector":
+        cfg = TrainConfig(kind="detector", task=args.task, batch_size=args.batch_size,
+                          image_size=args.image_size, **common)
+    else:
+        cfg = TrainConfig(kind="embedder", task="embed", loss=args.loss, p=args.p, k=args.k,
+                          dim=args.dim or None, unit=args.unit, **common)
+    print(run(cfg).describe())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import DemoConfig, run
+
+    run(DemoConfig(out=args.out, images=args.images, workers=args.workers, gpu=args.gpu,
+                   quick=args.quick))
     return 0
 
 
@@ -287,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         commands = {"annotate": _annotate, "index": _index, "query": _query, "eval": _eval,
-                    "export": _export, "render": _render, "synth": _synth}
+                    "export": _export, "render": _render, "synth": _synth,
+                    "train": _train, "demo": _demo}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -119,11 +119,13 @@ def evaluate(results: str, gt_path: str) -> dict:
     report: dict = {"images": len(preds.image_ids), "unmatched_images": preds.unmatched_images,
                     "unknown_labels": dict(preds.unknown_labels), "tasks": {}}
     for iou_type, dts in preds.by_type.items():
-        report["tasks"][iou_type] = _coco_eval(gt, dts, iou_type, sorted(set(preds.image_ids)))
+        report["tasks"][iou_type] = coco_eval(gt, dts, iou_type, sorted(set(preds.image_ids)))
     return report
 
 
-def _coco_eval(gt: COCO, dts: list[dict], iou_type: str, image_ids: list[int]) -> dict:
+def coco_eval(gt: COCO, dts: list[dict], iou_type: str, image_ids: list[int]) -> dict:
+    """COCOeval of loadRes-ready predictions over `image_ids`: {"stats": {name: value},
+    "summary": the printed table}. Keypoints are evaluated class-agnostic."""
     names = STATS[iou_type]
     if not dts:
         return {"stats": dict.fromkeys(names, 0.0), "summary": "no predictions"}

@@ -4,19 +4,29 @@ Shapes (rectangle, ellipse, triangle) in saturated colours on a dark, noisy back
 never overlapping, so every box and mask is exact. Each object has four keypoints:
 rectangle corners, ellipse extremes (top, right, bottom, left), triangle vertices plus
 its centroid. Deterministic for a seed.
+
+For retrieval, images come in *families*: a family is a fixed set of one to three
+(shape, colour) objects, and its members place and size them differently on different
+backgrounds. `write_dataset` writes train and val splits whose families are disjoint
+(held-out identities, the protocol of CUB-200 / Cars196 / SOP).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +56,46 @@ class Scene:
     objects: list[SynthObject]
 
 
+Family = tuple[tuple[int, int], ...]  # (category_id, colour index) per object
+
+
 def make_scene(rng: np.random.Generator, *, width: int = 160, height: int = 120,
                objects: tuple[int, int] = (1, 3), size: tuple[float, float] = (0.25, 0.5),
-               categories: tuple[str, ...] = CATEGORIES) -> Scene:
+               categories: tuple[str, ...] = CATEGORIES, family: Family | None = None) -> Scene:
     """One scene: `objects` = (min, max) count; `size` = object side as a fraction of the
-    shorter image side."""
+    shorter image side. With `family`, exactly those objects are drawn (shrunk until they
+    fit) and `objects`/`categories` are ignored."""
     base = rng.integers(10, 50, size=3)
     noise = rng.integers(0, 25, size=(height, width, 1))
     canvas = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     placed: list[tuple[float, float, float, float]] = []
     result: list[SynthObject] = []
-    for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
-        for _attempt in range(30):
-            side = float(rng.uniform(*size)) * min(width, height)
-            bw, bh = side * rng.uniform(0.7, 1.3), side * rng.uniform(0.7, 1.3)
-            x0, y0 = rng.uniform(1, width - bw - 1), rng.uniform(1, height - bh - 1)
-            cand = (x0 - 2, y0 - 2, x0 + bw + 2, y0 + bh + 2)
-            if all(_disjoint(cand, p) for p in placed):
-                break
+    if family is None:
+        count = int(rng.integers(objects[0], objects[1] + 1))
+        family = tuple((CATEGORIES.index(categories[int(rng.integers(len(categories)))]) + 1,
+                        int(rng.integers(len(COLORS)))) for _ in range(count))
+        tries = 1
+    else:
+        tries = 8  # a family's objects must all be drawn: shrink and retry
+    for cat_id, color_idx in family:
+        scale = 1.0
+        for _ in range(tries):
+            for _attempt in range(30):
+                side = float(rng.uniform(*size)) * min(width, height) * scale
+                bw, bh = side * rng.uniform(0.7, 1.3), side * rng.uniform(0.7, 1.3)
+                x0, y0 = rng.uniform(1, width - bw - 1), rng.uniform(1, height - bh - 1)
+                cand = (x0 - 2, y0 - 2, x0 + bw + 2, y0 + bh + 2)
+                if all(_disjoint(cand, p) for p in placed):
+                    break
+            else:
+                scale *= 0.8
+                continue
+            break
         else:
             continue
         placed.append(cand)
-        cat = categories[int(rng.integers(len(categories)))]
-        color_idx = int(rng.integers(len(COLORS)))
+        cat = CATEGORIES[cat_id - 1]
         mask_im = Image.new("L", (width, height), 0)
         mdraw = ImageDraw.Draw(mask_im)
         x1, y1 = x0 + bw, y0 + bh
@@ -92,7 +118,6 @@ def make_scene(rng: np.random.Generator, *, width: int = 160, height: int = 120,
         ys, xs = np.nonzero(mask)
         box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
         kp = np.array([[x, y, 2.0] for x, y in kps], dtype=np.float32)
-        cat_id = CATEGORIES.index(cat) + 1
         result.append(SynthObject(cat_id, box, mask, kp, (cat_id - 1) * len(COLORS) + color_idx))
     return Scene(np.asarray(canvas), result)
 
@@ -109,16 +134,66 @@ def coco_categories() -> list[dict]:
 
 def write_lake(out_dir: str | Path, *, images: int, seed: int = 0, width: int = 160,
                height: int = 120, ext: str = ".jpg") -> Path:
-    """Write `images` scenes and a COCO `annotations.json`; returns the JSON's path."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    """Write `images` random scenes and a COCO `annotations.json`; returns the JSON's path."""
     rng = np.random.default_rng(seed)
+    scenes = (make_scene(rng, width=width, height=height) for _ in range(images))
+    return _write_split(Path(out_dir), scenes, [None] * images, ext=ext)
+
+
+def all_families() -> list[Family]:
+    """Every multiset of one to three (shape, colour) objects, in a fixed order."""
+    singles = [(c, k) for c in range(1, len(CATEGORIES) + 1) for k in range(len(COLORS))]
+    return [tuple(f) for n in (1, 2, 3) for f in itertools.combinations_with_replacement(singles, n)]
+
+
+def write_dataset(out_dir: str | Path, *, images: int, seed: int = 0, val_fraction: float = 0.25,
+                  family_size: int = 4, width: int = 128, height: int = 128,
+                  ext: str = ".jpg") -> tuple[Path, Path]:
+    """Train and val splits (OUT/train, OUT/val: images/ and annotations.json each) whose
+    image families are disjoint. Returns the two annotation paths."""
+    if images < 2 * family_size:
+        raise LakelensError(f"--images must be at least {2 * family_size} (two families of "
+                            f"{family_size}: one train, one val), got {images}")
+    if not 0.0 < val_fraction < 1.0:
+        raise LakelensError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    families = all_families()
+    n_fam = math.ceil(images / family_size)
+    if n_fam > len(families):
+        raise LakelensError(f"--images {images} needs {n_fam} families of {family_size}; the "
+                            f"generator has {len(families)}: ask for at most "
+                            f"{len(families) * family_size} images")
+    chosen = [families[i] for i in rng.permutation(len(families))[:n_fam]]
+    n_val = min(n_fam - 1, max(1, round(n_fam * val_fraction)))
+    sizes = [family_size] * n_fam
+    sizes[-1] = images - family_size * (n_fam - 1)
+    split_of = ["val"] * n_val + ["train"] * (n_fam - n_val)
+    out = Path(out_dir)
+    paths = []
+    for split in ("train", "val"):
+        fams = [f for f in range(n_fam) if split_of[f] == split]
+        ids = [f for f in fams for _ in range(sizes[f])]
+        order = rng.permutation(len(ids))
+        ids = [ids[i] for i in order]
+        split_rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+        scenes = (make_scene(split_rng, width=width, height=height, size=(0.2, 0.45),
+                             family=chosen[f]) for f in ids)
+        paths.append(_write_split(out / split, scenes, ids, ext=ext))
+    return paths[0], paths[1]
+
+
+def _write_split(out: Path, scenes: Iterable[Scene], identities: Sequence[int | None],
+                 *, ext: str) -> Path:
+    (out / "images").mkdir(parents=True, exist_ok=True)
     coco: dict = {"images": [], "annotations": [], "categories": coco_categories()}
-    for i in range(images):
-        scene = make_scene(rng, width=width, height=height)
+    for i, (scene, identity) in enumerate(zip(scenes, identities, strict=True)):
+        height, width = scene.image.shape[:2]
         name = f"images/{i:06d}{ext}"
         Image.fromarray(scene.image).save(out / name, quality=95)
-        coco["images"].append({"id": i + 1, "file_name": name, "width": width, "height": height})
+        entry = {"id": i + 1, "file_name": name, "width": width, "height": height}
+        if identity is not None:
+            entry["identity"] = identity
+        coco["images"].append(entry)
         for obj in scene.objects:
             rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
             x0, y0, x1, y1 = obj.box
@@ -134,5 +209,6 @@ def write_lake(out_dir: str | Path, *, images: int, seed: int = 0, width: int = 
     tmp = out / ".annotations.json.tmp"
     tmp.write_text(json.dumps(coco))
     os.replace(tmp, path)
-    logger.info("wrote %d images and %d objects to %s", images, len(coco["annotations"]), out)
+    logger.info("wrote %d images and %d objects to %s", len(coco["images"]),
+                len(coco["annotations"]), out)
     return path

@@ -1,0 +1,275 @@
+"""COCO-format training data (pycocotools): detection targets and metric-learning crops.
+
+A dataset directory holds two splits, each a COCO annotation file next to its images:
+``DIR/train/annotations.json`` and ``DIR/val/annotations.json`` (what `lakelens synth`
+writes). Image ``file_name`` entries are relative to the JSON's directory, or to its
+``images/`` subdirectory (COCO's own layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+
+from models.embedding import preprocess
+from models.errors import LakelensError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+DETECTION_TASKS = ("detect", "segment", "pose")
+UNITS = ("auto", "image", "object")
+
+
+def split_paths(data: str) -> dict[str, Path]:
+    """{"train": json, "val": json} of a dataset directory, or a clear error."""
+    root = Path(data)
+    if not root.is_dir():
+        raise LakelensError(f"--data {data!r} is not a directory; it must hold "
+                            "train/annotations.json and val/annotations.json (see `lakelens synth`)")
+    paths = {s: root / s / "annotations.json" for s in SPLITS}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise LakelensError(f"--data {data!r} lacks {', '.join(missing)}; a dataset holds "
+                            "train/annotations.json and val/annotations.json (see `lakelens synth`)")
+    return paths
+
+
+def load_coco(path: str | Path) -> COCO:
+    """pycocotools.COCO without its prints; a bad file is a LakelensError."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LakelensError(f"cannot read COCO annotations {path}: {type(e).__name__}: {e}") from e
+
+
+def _image_path(root: Path, file_name: str) -> Path:
+    direct = root / file_name
+    return direct if direct.exists() else root / "images" / file_name
+
+
+def _resolve_images(coco: COCO, json_path: Path) -> dict[int, Path]:
+    root = json_path.parent
+    paths = {im["id"]: _image_path(root, im["file_name"]) for im in coco.dataset["images"]}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise LakelensError(f"{len(missing)} images listed in {json_path} are missing, "
+                            f"e.g. {missing[0]}")
+    return paths
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3]; an unreadable training image stops training with its name."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise LakelensError(f"cannot read training image {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Contiguous training labels (1..C; 0 is background) for COCO category ids."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]  # index = label: "__background__", then the categories
+    keypoint_names: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def label_of(self, category_id: int) -> int:
+        return self.category_ids.index(category_id) + 1
+
+    def category_of(self, label: int) -> int:
+        return self.category_ids[label - 1]
+
+
+def vocabulary(coco: COCO, task: str) -> Vocabulary:
+    """The categories to learn: all of them, or for pose those that name keypoints."""
+    cats = sorted(coco.dataset.get("categories", []), key=lambda c: c["id"])
+    keypoint_names: tuple[str, ...] = ()
+    if task == "pose":
+        cats = [c for c in cats if c.get("keypoints")]
+        if not cats:
+            raise LakelensError("task pose needs categories with 'keypoints' names; this dataset has none")
+        keypoint_names = tuple(cats[0]["keypoints"])
+        odd = [c["name"] for c in cats if tuple(c["keypoints"]) != keypoint_names]
+        if odd:
+            raise LakelensError(f"pose categories must share one keypoint list; {odd} differ from "
+                                f"{cats[0]['name']!r}")
+    if not cats:
+        raise LakelensError("the dataset has no categories")
+    return Vocabulary(tuple(c["id"] for c in cats),
+                      ("__background__",) + tuple(c["name"] for c in cats), keypoint_names)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(image float[3, H, W] in [0, 1], target) pairs as torchvision's R-CNNs train on.
+
+    target: boxes float[N, 4] xyxy, labels int64[N] (vocabulary labels), image_id;
+    segment: masks uint8[N, H, W]; pose: keypoints float[N, K, 3]. Crowd regions and
+    degenerate boxes are left out. `train` adds horizontal flips (not for pose, whose
+    keypoint names would swap sides).
+    """
+
+    def __init__(self, json_path: str | Path, task: str, *, train: bool,
+                 vocab: Vocabulary | None = None, seed: int = 0):
+        if task not in DETECTION_TASKS:
+            raise LakelensError(f"unknown detector task {task!r}; choose from {', '.join(DETECTION_TASKS)}")
+        self.json_path = Path(json_path)
+        self.coco = load_coco(json_path)
+        self.task = task
+        self.train = train
+        self.vocab = vocab or vocabulary(self.coco, task)
+        self.paths = _resolve_images(self.coco, self.json_path)
+        self.image_ids = sorted(self.paths)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_id = self.image_ids[i]
+        pixels = read_rgb(self.paths[image_id])
+        h, w = pixels.shape[:2]
+        boxes, labels, masks, keypoints = [], [], [], []
+        for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
+            if ann["category_id"] not in self.vocab.category_ids:
+                continue
+            if self.task == "pose" and not ann.get("num_keypoints", 0):
+                continue
+            x, y, bw, bh = ann["bbox"]
+            x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
+            if x1 - x0 < 1 or y1 - y0 < 1:
+                continue
+            boxes.append([x0, y0, x1, y1])
+            labels.append(self.vocab.label_of(ann["category_id"]))
+            if self.task == "segment":
+                masks.append(self.coco.annToMask(ann))
+            if self.task == "pose":
+                keypoints.append(np.asarray(ann["keypoints"], dtype=np.float32).reshape(-1, 3))
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor(labels, dtype=torch.int64),
+                  "image_id": torch.tensor(image_id)}
+        if self.task == "segment":
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(
+                (0, h, w), dtype=torch.uint8)
+        if self.task == "pose":
+            k = len(self.vocab.keypoint_names)
+            target["keypoints"] = (torch.from_numpy(np.stack(keypoints)) if keypoints
+                                   else torch.zeros((0, k, 3)))
+        if self.train and self.task != "pose" and torch.rand(1).item() < 0.5:
+            image, target = _hflip(image, target)
+        return image, target
+
+
+def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    w = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def collate(batch: list) -> tuple[list, list]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    path: Path
+    box: tuple[float, float, float, float] | None  # xywh of an object crop; None: whole image
+    label: int
+
+
+def embed_items(json_path: str | Path, unit: str = "auto") -> tuple[list[EmbedItem], str]:
+    """What the embedder learns from: whole images grouped by the image's ``identity``, or
+    object crops grouped by the annotation's ``identity`` (else its category).
+    unit ``auto``: images when every image has an identity, else objects."""
+    if unit not in UNITS:
+        raise LakelensError(f"unknown --unit {unit!r}; choose from {', '.join(UNITS)}")
+    json_path = Path(json_path)
+    coco = load_coco(json_path)
+    paths = _resolve_images(coco, json_path)
+    images = coco.dataset["images"]
+    if unit == "auto":
+        unit = "image" if images and all("identity" in im for im in images) else "object"
+    if unit == "image":
+        lacking = [im["file_name"] for im in images if "identity" not in im]
+        if lacking:
+            raise LakelensError(f"--unit image needs an 'identity' on every image of {json_path}; "
+                                f"{len(lacking)} lack one, e.g. {lacking[0]}")
+        return [EmbedItem(paths[im["id"]], None, int(im["identity"])) for im in images], unit
+    items = [EmbedItem(paths[a["image_id"]], tuple(a["bbox"]), int(a.get("identity", a["category_id"])))
+             for a in coco.dataset["annotations"] if not a.get("iscrowd") and min(a["bbox"][2:]) >= 2]
+    if not items:
+        raise LakelensError(f"no object annotations with boxes in {json_path}")
+    return items, unit
+
+
+class EmbedDataset(torch.utils.data.Dataset):
+    """(float[3, crop, crop] normalised, label). Evaluation sees exactly what annotate
+    feeds the embedder (models.embedding.preprocess of the whole image or the crop);
+    training adds a random crop of 70-100 % of the side and horizontal flips."""
+
+    def __init__(self, items: list[EmbedItem], crop: int, *, train: bool):
+        self.items = items
+        self.crop = crop
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [it.label for it in self.items]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.items[i]
+        pixels = read_rgb(item.path)
+        if item.box is not None:
+            pixels = _pad_crop(pixels, item.box)
+        t = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        if self.train:
+            h, w = t.shape[-2:]
+            s = float(torch.empty(1).uniform_(0.7, 1.0))
+            ch, cw = max(1, round(h * s)), max(1, round(w * s))
+            top = int(torch.randint(0, h - ch + 1, (1,)))
+            left = int(torch.randint(0, w - cw + 1, (1,)))
+            t = t[:, top:top + ch, left:left + cw]
+            if torch.rand(1).item() < 0.5:
+                t = t.flip(-1)
+        return preprocess([t], self.crop)[0], item.label
+
+
+def _pad_crop(pixels: np.ndarray, box: tuple[float, float, float, float], pad: float = 0.1) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    x, y, bw, bh = box
+    x0, y0 = max(0, int(x - pad * bw)), max(0, int(y - pad * bh))
+    x1, y1 = min(w, int(np.ceil(x + bw * (1 + pad)))), min(h, int(np.ceil(y + bh * (1 + pad))))
+    return pixels[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+
+
+def loader_workers(requested: int | None, cpus: float) -> int:
+    """DataLoader worker processes per training worker: as asked, else one per CPU the
+    training worker holds beyond its first (at least one, so decoding overlaps compute)."""
+    if requested is not None:
+        return requested
+    return max(1, min(4, int(cpus) - 1))
+

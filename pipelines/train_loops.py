@@ -1,0 +1,279 @@
+"""The per-worker training loops Ray Train runs (one process per `--workers`).
+
+Each rank reads its own shard of the training set (DistributedSampler for detectors,
+its own P x K batches for embedders) through DataLoader worker processes, so decoding
+and augmentation overlap compute. Validation is sharded the same way; rank 0 scores the
+gathered predictions (COCOeval or Recall@K) and every rank reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.device import autocast
+from models.errors import LakelensError
+from pipelines import version
+from pipelines.datasets import (
+    DetectionDataset,
+    EmbedDataset,
+    collate,
+    embed_items,
+    loader_workers,
+    split_paths,
+)
+from pipelines.train import TrainConfig, gather, lr_lambda, mean_across, restore, save_and_report
+
+logger = logging.getLogger(__name__)
+
+IOU_TYPES = {"detect": ("bbox",), "segment": ("bbox", "segm"), "pose": ("bbox", "keypoints")}
+PRIMARY = {"detect": "bbox_AP", "segment": "segm_AP", "pose": "keypoints_AP", "embed": "recall@1"}
+KEPT_STATS = ("AP", "AP50", "AP75")
+RECALL_KS = (1, 2, 4, 8)
+GRAD_CLIP = 10.0
+
+
+def _setup(config: dict) -> tuple[TrainConfig, torch.device, int, int]:
+    import ray.train.torch
+
+    from pipelines.train import world
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for pkg in ("pipelines", "models", "index"):
+        logging.getLogger(pkg).setLevel(logging.INFO)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    cfg = TrainConfig(**config)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    rank, size = world()
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    return cfg, ray.train.torch.get_device(), rank, size
+
+
+class _Stepper:
+    """One optimiser step: autocast on GPU (GradScaler for fp16), gradient clipping, a
+    clear error when the loss stops being finite."""
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device):
+        self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
+        fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def __call__(self, loss: torch.Tensor, epoch: int, step: int) -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise LakelensError(f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                                "lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return value
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup=min(100, total // 10)))
+    return params, opt, sched
+
+
+def _loader_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
+    n = loader_workers(cfg.loader_workers, cfg.cpus_per_worker)
+    return {"num_workers": n, "persistent_workers": n > 0, "pin_memory": device.type == "cuda"}
+
+
+def _log_epoch(rank: int, cfg: TrainConfig, entry: dict) -> None:
+    if rank == 0:
+        val = ", ".join(f"{k} {v:.3f}" for k, v in entry["val"].items())
+        logger.info("epoch %d/%d: loss %.4f, %.1f %s/s/worker, val: %s", entry["epoch"], cfg.epochs,
+                    entry["loss"], entry["throughput"], "images" if cfg.kind == "detector" else "examples",
+                    val)
+
+
+# ---- detectors ------------------------------------------------------------------
+
+
+def detector_loop(config: dict) -> None:
+    import ray.train.torch
+
+    from models.detection import build_for_training
+
+    cfg, device, rank, size = _setup(config)
+    paths = split_paths(cfg.data)
+    train_ds = DetectionDataset(paths["train"], cfg.task, train=True, seed=cfg.seed)
+    val_ds = DetectionDataset(paths["val"], cfg.task, train=False, vocab=train_ds.vocab)
+    vocab = train_ds.vocab
+    model, info = build_for_training(cfg.model_arch, init=cfg.init, num_classes=vocab.num_classes,
+                                     num_keypoints=len(vocab.keypoint_names),
+                                     image_size=cfg.image_size, seed=cfg.seed)
+    model.to(device)
+    sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                        **_loader_kwargs(cfg, device))
+    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    params, opt, sched = _optimizer(model, cfg, steps)
+    ws, best = restore(model, opt, sched)
+    ddp = ray.train.torch.prepare_model(model)
+    stepper = _Stepper(params, opt, sched, device)
+    meta = {"arch": cfg.model_arch, "task": cfg.task, "labels": list(vocab.names),
+            "keypoint_names": list(vocab.keypoint_names), "image_size": info.input_size[0],
+            "category_ids": list(vocab.category_ids), "init": cfg.init, "trained_on": cfg.data,
+            "lakelens_version": version()}
+    for epoch in range(ws.epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        started, losses, seen = time.perf_counter(), [], 0
+        for step, (images, targets) in enumerate(loader):
+            if step >= steps:
+                break
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with autocast(device):
+                loss = sum(ddp(images, targets).values())
+            losses.append(stepper(loss, epoch, step))
+            seen += len(images)
+        throughput = seen / (time.perf_counter() - started)
+        val = evaluate_detector(model, val_ds, cfg, device, rank, size)
+        ws.epoch = epoch + 1
+        ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
+                           "val": val, "score": val[PRIMARY[cfg.task]],
+                           "throughput": mean_across(throughput), "steps": steps})
+        _log_epoch(rank, cfg, ws.history[-1])
+        best = save_and_report(model, opt, sched, ws, best, meta, val)
+
+
+def evaluate_detector(model: torch.nn.Module, ds: DetectionDataset, cfg: TrainConfig,
+                      device: torch.device, rank: int, size: int) -> dict[str, float]:
+    """COCO AP of the model on `ds`: each rank predicts its shard, rank 0 scores all."""
+    from pipelines.coco import coco_eval
+
+    model.eval()
+    dts: dict[str, list[dict]] = {t: [] for t in IOU_TYPES[cfg.task]}
+    mine = list(range(rank, len(ds), size))
+    with torch.inference_mode():
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = [ds[i] for i in mine[start:start + cfg.batch_size]]
+            with autocast(device):
+                outputs = model([im.to(device) for im, _ in batch])
+            for (_, target), out in zip(batch, outputs, strict=True):
+                _to_coco(int(target["image_id"]), {k: (v.float() if v.is_floating_point() else v).cpu()
+                                                  for k, v in out.items()},
+                         ds, dts)
+    model.train()
+    gathered = gather(dts)
+    metrics: dict[str, float] | None = None
+    if rank == 0:
+        metrics = {}
+        image_ids = list(ds.image_ids)
+        for iou_type in dts:
+            all_dts = [d for part in gathered for d in part[iou_type]]
+            stats = coco_eval(ds.coco, all_dts, iou_type, image_ids)["stats"]
+            metrics |= {f"{iou_type}_{k}": stats[k] for k in KEPT_STATS}
+    return gather(metrics)[0]
+
+
+def _to_coco(image_id: int, out: dict[str, torch.Tensor], ds: DetectionDataset,
+             dts: dict[str, list[dict]]) -> None:
+    boxes = out["boxes"].numpy()
+    for j, (box, label, score) in enumerate(zip(boxes, out["labels"].tolist(), out["scores"].tolist(),
+                                                strict=True)):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        base = {"image_id": image_id, "category_id": ds.vocab.category_of(label), "score": score}
+        dts["bbox"].append(base | {"bbox": [x0, y0, x1 - x0, y1 - y0]})
+        if "segm" in dts:
+            m = (out["masks"][j, 0] > 0.5).numpy().astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(m))
+            dts["segm"].append(base | {"segmentation": {"size": rle["size"],
+                                                        "counts": rle["counts"].decode()}})
+        if "keypoints" in dts:
+            kp = out["keypoints"][j].numpy().copy()
+            kp[:, 2] = 1.0
+            dts["keypoints"].append(base | {"keypoints": kp.reshape(-1).tolist()})
+
+
+# ---- embedders ------------------------------------------------------------------
+
+
+def embedder_loop(config: dict) -> None:
+    import ray.train.torch
+
+    from models.embedding import build_for_training
+    from models.metric import PKSampler, metric_loss
+
+    cfg, device, rank, size = _setup(config)
+    paths = split_paths(cfg.data)
+    train_items, unit = embed_items(paths["train"], cfg.unit)
+    val_items, _ = embed_items(paths["val"], unit)
+    if len(val_items) <= max(RECALL_KS):
+        raise LakelensError(f"the val split has {len(val_items)} {unit}s; Recall@{max(RECALL_KS)} "
+                            f"needs more than {max(RECALL_KS)}")
+    model, info, crop = build_for_training(cfg.model_arch, init=cfg.init, dim=cfg.dim, seed=cfg.seed)
+    model.to(device)
+    train_ds = EmbedDataset(train_items, crop, train=True)
+    val_ds = EmbedDataset(val_items, crop, train=False)
+    sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, seed=cfg.seed, rank=rank, world_size=size)
+    loader = DataLoader(train_ds, batch_sampler=sampler, **_loader_kwargs(cfg, device))
+    steps = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
+    params, opt, sched = _optimizer(model, cfg, steps)
+    ws, best = restore(model, opt, sched)
+    ddp = ray.train.torch.prepare_model(model)
+    stepper = _Stepper(params, opt, sched, device)
+    meta = {"arch": cfg.model_arch, "task": "embed", "dim": model.dim, "unit": unit, "crop": crop,
+            "loss": cfg.loss, "init": cfg.init, "trained_on": cfg.data, "lakelens_version": version()}
+    for epoch in range(ws.epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        started, losses, seen = time.perf_counter(), [], 0
+        for step, (x, y) in enumerate(loader):
+            if step >= steps:
+                break
+            with autocast(device):
+                emb = ddp(x.to(device, non_blocking=True))
+            losses.append(stepper(metric_loss(cfg.loss, emb.float(), y.to(device)), epoch, step))
+            seen += len(y)
+        throughput = seen / (time.perf_counter() - started)
+        val = evaluate_embedder(model, val_ds, device, rank, size)
+        ws.epoch = epoch + 1
+        ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
+                           "val": val, "score": val["recall@1"],
+                           "throughput": mean_across(throughput), "steps": steps})
+        _log_epoch(rank, cfg, ws.history[-1])
+        best = save_and_report(model, opt, sched, ws, best, meta, val)
+
+
+def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.device,
+                      rank: int, size: int, batch_size: int = 64) -> dict[str, float]:
+    """Recall@1/2/4/8 on held-out identities: each rank embeds its shard, rank 0 scores."""
+    from index.evaluate import recall_at_k
+
+    model.eval()
+    mine = list(range(rank, len(ds), size))
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    with torch.inference_mode():
+        for start in range(0, len(mine), batch_size):
+            batch = [ds[i] for i in mine[start:start + batch_size]]
+            x = torch.stack([b[0] for b in batch]).to(device)
+            with autocast(device):
+                emb = model(x)
+            parts.append((emb.float().cpu().numpy(), np.asarray([b[1] for b in batch])))
+    model.train()
+    gathered = gather(parts)
+    metrics: dict[str, float] | None = None
+    if rank == 0:
+        emb = np.concatenate([e for part in gathered for e, _ in part])
+        labels = np.concatenate([y for part in gathered for _, y in part])
+        ks = [k for k in RECALL_KS if k < len(emb)]
+        metrics = {f"recall@{k}": v for k, v in recall_at_k(emb, labels, ks).items()}
+    return gather(metrics)[0]
+

@@ -18,11 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/lakelens synth $(DEMO)/lake --images 24 --seed 0
-	$(VENV)/bin/lakelens annotate $(DEMO)/lake --out $(DEMO)/annotations --weights random \
-		--image-size 320 --batch-size 4 --overwrite
-	$(VENV)/bin/lakelens index build $(DEMO)/annotations --out $(DEMO)/index
-	$(VENV)/bin/lakelens query $(DEMO)/index --image $(DEMO)/lake/images/000000.jpg -k 3
+	$(VENV)/bin/lakelens demo --out $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

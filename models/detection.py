@@ -33,6 +33,7 @@ COCO_KEYPOINTS: tuple[str, ...] = tuple(
 PERSON_LABELS: tuple[str, ...] = ("__background__", "person")
 TINY_CHANNELS = 128
 TINY_BOX_DIM = 256
+TINY_HEAD = (64, 64)  # mask/keypoint head convs: with 4 x 128 they cost 4x the rest on CPU
 
 
 def _tiny_backbone() -> nn.Module:
@@ -73,15 +74,15 @@ def fasterrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.FasterRCNN:
 
 def maskrcnn_tiny(*, num_classes: int = 91, **kwargs) -> tvd.MaskRCNN:
     kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
-    kwargs.setdefault("mask_head", MaskRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4, 1))
-    kwargs.setdefault("mask_predictor", MaskRCNNPredictor(TINY_CHANNELS, TINY_CHANNELS, num_classes))
+    kwargs.setdefault("mask_head", MaskRCNNHeads(TINY_CHANNELS, TINY_HEAD, 1))
+    kwargs.setdefault("mask_predictor", MaskRCNNPredictor(TINY_HEAD[-1], TINY_HEAD[-1], num_classes))
     return tvd.MaskRCNN(_tiny_backbone(), num_classes=None, **_tiny_kwargs(kwargs, num_classes))
 
 
 def keypointrcnn_tiny(*, num_classes: int = 2, num_keypoints: int = 17, **kwargs) -> tvd.KeypointRCNN:
     kwargs.setdefault("keypoint_roi_pool", MultiScaleRoIAlign(["0"], 14, 2))
-    kwargs.setdefault("keypoint_head", KeypointRCNNHeads(TINY_CHANNELS, (TINY_CHANNELS,) * 4))
-    kwargs.setdefault("keypoint_predictor", KeypointRCNNPredictor(TINY_CHANNELS, num_keypoints))
+    kwargs.setdefault("keypoint_head", KeypointRCNNHeads(TINY_CHANNELS, TINY_HEAD))
+    kwargs.setdefault("keypoint_predictor", KeypointRCNNPredictor(TINY_HEAD[-1], num_keypoints))
     return tvd.KeypointRCNN(_tiny_backbone(), num_classes=None, num_keypoints=None,
                             **_tiny_kwargs(kwargs, num_classes))
 

@@ -73,10 +73,12 @@ def test_existing_results_without_overwrite(lake: Path, tmp_path: Path) -> None:
 
 
 def test_annotate_and_synth_commands_run(tmp_path: Path) -> None:
-    synth = lakelens("synth", str(tmp_path / "s"), "--images", "3", "--seed", "1")
+    synth = lakelens("synth", str(tmp_path / "s"), "--images", "8", "--family-size", "2",
+                     "--seed", "1", "--size", "64")
     assert synth.returncode == 0, synth.stderr
-    assert len(list((tmp_path / "s" / "images").glob("*.jpg"))) == 3
-    proc = lakelens("annotate", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
+    assert len(list((tmp_path / "s" / "train" / "images").glob("*.jpg"))) == 6
+    assert len(list((tmp_path / "s" / "val" / "images").glob("*.jpg"))) == 2
+    proc = lakelens("annotate", str(tmp_path / "s" / "train"), "--out", str(tmp_path / "o"),
                     "--weights", "random", "--arch", "detect=fasterrcnn_tiny",
                     "--arch", "segment=maskrcnn_tiny", "--arch", "pose=keypointrcnn_tiny",
                     "--arch", "embed=tiny", "--num-cpus", "2", "--limit", "2")

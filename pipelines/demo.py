@@ -1,0 +1,190 @@
+"""`lakelens demo`: the whole product on one machine, offline.
+
+synth a lake -> Ray Train: detector, segmenter, pose model, embedder (tiny archs, random
+init, `workers` DDP workers) -> annotate the val lake with the trained weights -> FAISS
+index -> image queries -> COCO eval + index Recall@K -> overlays. Prints a table; the last
+stdout line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import LakelensError
+
+logger = logging.getLogger(__name__)
+
+ARCHS = {"detect": "fasterrcnn_tiny", "segment": "maskrcnn_tiny", "pose": "keypointrcnn_tiny",
+         "embed": "tiny"}
+IMAGE_SIZE = 128  # the synthetic images' side: the detectors see them unscaled
+SCORE_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo-out"
+    images: int = 1000
+    val_fraction: float = 0.1
+    workers: int = 2
+    gpu: bool = False
+    quick: bool = False  # a few steps of everything: a smoke run, not a demonstration
+    detector_epochs: int = 5
+    detector_steps: int = 60  # per epoch, per worker (batch 4)
+    embedder_epochs: int = 24
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.images < 80:
+            raise LakelensError(f"--images must be >= 80 for a meaningful demo, got {self.images}")
+        if self.workers < 1:
+            raise LakelensError(f"--workers must be >= 1, got {self.workers}")
+
+
+def _train_configs(cfg: DemoConfig, data: Path, runs: Path) -> dict[str, object]:
+    from pipelines.train import TrainConfig
+
+    common = {"data": str(data), "init": "random", "workers": cfg.workers, "gpu": cfg.gpu,
+              "seed": cfg.seed, "overwrite": True}
+    det_epochs, det_steps = (1, 3) if cfg.quick else (cfg.detector_epochs, cfg.detector_steps)
+    out = {task: TrainConfig(kind="detector", task=task, arch=ARCHS[task], out=str(runs / task),
+                             epochs=det_epochs, max_steps_per_epoch=det_steps, batch_size=4,
+                             image_size=IMAGE_SIZE, **common)
+           for task in ("detect", "segment", "pose")}
+    out["embed"] = TrainConfig(kind="embedder", task="embed", arch=ARCHS["embed"],
+                               out=str(runs / "embed"), epochs=1 if cfg.quick else cfg.embedder_epochs,
+                               max_steps_per_epoch=3 if cfg.quick else None, **common)
+    return out
+
+
+def index_recall(index_dir: Path, gt_json: Path, ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
+    """Recall@K of the index itself: each val image queries the index (itself left out);
+    a hit is a neighbour of the same image family (the GT image's `identity`)."""
+    from index.store import open_index
+
+    gt = json.loads(gt_json.read_text())
+    identity = {os.path.realpath(gt_json.parent / im["file_name"]): im["identity"] for im in gt["images"]}
+    index = open_index(index_dir)
+    ids = [i for i, live in zip(index.image_ids, index.live, strict=True) if live]
+    uri_of = {i: index.uris[index.row_of[i]] for i in ids}
+    label = {i: identity.get(os.path.realpath(uri_of[i].removeprefix("file://"))) for i in ids}
+    ids = [i for i in ids if label[i] is not None]
+    if len(ids) <= max(ks):
+        raise LakelensError(f"only {len(ids)} indexed images match {gt_json}; cannot score recall")
+    found = index.search_ids(ids, k=max(ks) + 1)
+    hits = np.zeros((len(ids), max(ks)), dtype=bool)
+    for n, (query, neighbours) in enumerate(zip(ids, found.image_ids, strict=True)):
+        others = [j for j in neighbours if j != query][: max(ks)]
+        hits[n, : len(others)] = [label[j] == label[query] for j in others]
+    return {f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def run(cfg: DemoConfig) -> dict:
+    from pipelines import annotate, indexing, train
+    from pipelines.coco import evaluate
+    from pipelines.config import AnnotateConfig
+    from pipelines.render import render
+    from pipelines.synth import write_dataset
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    for sub in ("lake", "runs", "annotations", "index", "overlays"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    timings: dict[str, float] = {}
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"[demo] {name} done in {timings[name]:.0f} s", flush=True)
+
+    t0 = time.perf_counter()
+    train_json, val_json = write_dataset(out / "lake", images=cfg.images, seed=cfg.seed,
+                                         val_fraction=cfg.val_fraction)
+    step("synth", t0)
+    models: dict[str, str] = {}
+    trained: dict[str, dict] = {}
+    for task, tcfg in _train_configs(cfg, out / "lake", out / "runs").items():
+        t0 = time.perf_counter()
+        print(f"[demo] training {task} ({tcfg.model_arch}) with Ray Train, {cfg.workers} workers",
+              flush=True)
+        summary = train.run(tcfg)
+        models[task] = summary.model
+        trained[task] = summary.best
+        step(f"train {task}", t0)
+    t0 = time.perf_counter()
+    acfg = AnnotateConfig(sources=(str(val_json.parent / "images"),), out=str(out / "annotations"),
+                          weights=models, score_threshold=SCORE_THRESHOLD, batch_size=8, overwrite=True)
+    ann = annotate.run(acfg)
+    print(ann.describe(), flush=True)
+    step("annotate", t0)
+    t0 = time.perf_counter()
+    indexing.build(indexing.IndexBuildConfig(results=acfg.out, out=str(out / "index")))
+    recall = index_recall(out / "index", val_json)
+    step("index", t0)
+    t0 = time.perf_counter()
+    report = evaluate(acfg.out, str(val_json))
+    written, _ = render(acfg.out, str(out / "overlays"), limit=16)
+    step("eval and render", t0)
+    _show_queries(out / "index", val_json)
+
+    stats = {t: v["stats"] for t, v in report["tasks"].items()}
+    figures = {
+        "box_AP": stats.get("bbox", {}).get("AP"), "box_AP50": stats.get("bbox", {}).get("AP50"),
+        "mask_AP": stats.get("segm", {}).get("AP"), "mask_AP50": stats.get("segm", {}).get("AP50"),
+        "keypoint_AP": stats.get("keypoints", {}).get("AP"),
+        "keypoint_AP50": stats.get("keypoints", {}).get("AP50"),
+        "recall@1": recall["recall@1"], "recall@4": recall["recall@4"],
+        "annotate_images_per_s": round(ann.images_per_s, 2),
+    }
+    figures = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}
+    result = figures | {"val_images": ann.listed, "train_images": cfg.images - ann.listed,
+                        "workers": cfg.workers, "quick": cfg.quick, "timings_s": timings,
+                        "wall_s": round(time.perf_counter() - started, 1),
+                        "outputs": {"annotations": acfg.out, "index": str(out / "index"),
+                                    "overlays": str(out / "overlays"), "models": models}}
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    _print_table(figures, result, written)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _show_queries(index_dir: Path, val_json: Path, n: int = 3) -> None:
+    """A few query-by-image searches, as `lakelens query --image` runs them."""
+    from index.store import open_index
+
+    gt = json.loads(val_json.read_text())
+    identity = {os.path.realpath(val_json.parent / im["file_name"]): im["identity"] for im in gt["images"]}
+    paths = [str(val_json.parent / im["file_name"]) for im in gt["images"][:n]]
+    found = open_index(index_dir).search_images(paths, k=4)
+    for path, uris in zip(paths, found.uris, strict=True):
+        marks = ["same family" if identity.get(os.path.realpath(u.removeprefix("file://"))) ==
+                 identity[os.path.realpath(path)] else "other" for u in uris[1:]]
+        print(f"[demo] query {os.path.basename(path)}: "
+              + ", ".join(f"{os.path.basename(u)} ({m})" for u, m in zip(uris[1:], marks, strict=True)),
+              flush=True)
+
+
+def _print_table(figures: dict, result: dict, overlays: int) -> None:
+    def fmt(v: object) -> str:
+        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [("box AP / AP50", f"{fmt(figures['box_AP'])} / {fmt(figures['box_AP50'])}"),
+            ("mask AP / AP50", f"{fmt(figures['mask_AP'])} / {fmt(figures['mask_AP50'])}"),
+            ("keypoint AP / AP50", f"{fmt(figures['keypoint_AP'])} / {fmt(figures['keypoint_AP50'])}"),
+            ("index Recall@1 / @4", f"{fmt(figures['recall@1'])} / {fmt(figures['recall@4'])}"),
+            ("annotate images/s", fmt(figures["annotate_images_per_s"])),
+            ("wall time", f"{result['wall_s']:.0f} s")]
+    width = max(len(r[0]) for r in rows)
+    print("\nlakelens demo (val split: held-out image families)")
+    for name, value in rows:
+        print(f"  {name.ljust(width)}  {value}")
+    outs = result["outputs"]
+    runs = Path(outs["models"]["detect"]).parent.parent
+    print(f"  results: {outs['annotations']}  index: {outs['index']}  "
+          f"overlays ({overlays}): {outs['overlays']}  models: {runs}")

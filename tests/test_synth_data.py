@@ -1,0 +1,108 @@
+"""The synthetic dataset (splits, families) and the COCO training datasets read from it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from models.errors import LakelensError
+from pipelines.datasets import DetectionDataset, EmbedDataset, embed_items, split_paths
+from pipelines.synth import CATEGORIES, KEYPOINT_NAMES, write_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "d"
+    write_dataset(root, images=40, seed=7, val_fraction=0.3, width=96, height=96)
+    return root
+
+
+def test_splits_hold_disjoint_families_drawn_whole(dataset: Path) -> None:
+    families = {}
+    for split in ("train", "val"):
+        coco = json.loads((dataset / split / "annotations.json").read_text())
+        objects = defaultdict(list)
+        for a in coco["annotations"]:
+            objects[a["image_id"]].append(a["identity"])
+        by_family = defaultdict(set)
+        for im in coco["images"]:
+            by_family[im["identity"]].add(tuple(sorted(objects[im["id"]])))
+        # every member of a family shows exactly the same objects
+        assert all(len(v) == 1 for v in by_family.values()), by_family
+        families[split] = set(by_family)
+        assert all(n == 4 for n in Counter(im["identity"] for im in coco["images"]).values())
+    assert len(families["val"]) == 3 and len(families["train"]) == 7
+    assert not families["train"] & families["val"]
+
+
+def test_same_seed_same_dataset(dataset: Path, tmp_path: Path) -> None:
+    write_dataset(tmp_path / "again", images=40, seed=7, val_fraction=0.3, width=96, height=96)
+    for split in ("train", "val"):
+        assert (tmp_path / "again" / split / "annotations.json").read_text() == \
+            (dataset / split / "annotations.json").read_text()
+        assert (tmp_path / "again" / split / "images" / "000001.jpg").read_bytes() == \
+            (dataset / split / "images" / "000001.jpg").read_bytes()
+
+
+def test_synth_refuses_impossible_requests(tmp_path: Path) -> None:
+    with pytest.raises(LakelensError, match="at least 8"):
+        write_dataset(tmp_path, images=5)
+    with pytest.raises(LakelensError, match="at most 5316"):
+        write_dataset(tmp_path, images=6000)
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "pose"])
+def test_detection_targets_match_the_annotations(dataset: Path, task: str) -> None:
+    paths = split_paths(str(dataset))
+    ds = DetectionDataset(paths["val"], task, train=False)
+    assert ds.vocab.names == ("__background__", *CATEGORIES)
+    image, target = ds[0]
+    anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[ds.image_ids[0]]))
+    assert image.shape == (3, 96, 96) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert target["labels"].tolist() == [a["category_id"] for a in anns]
+    x, y, w, h = anns[0]["bbox"]
+    assert target["boxes"][0].tolist() == pytest.approx([x, y, x + w, y + h])
+    if task == "segment":
+        expected = mask_utils.decode(anns[0]["segmentation"])
+        assert np.array_equal(target["masks"][0].numpy(), expected)
+    if task == "pose":
+        assert ds.vocab.keypoint_names == KEYPOINT_NAMES
+        assert target["keypoints"].shape == (len(anns), 4, 3)
+
+
+def test_training_flip_moves_boxes_and_masks_together(dataset: Path) -> None:
+    ds = DetectionDataset(split_paths(str(dataset))["train"], "segment", train=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(8):
+        image, target = ds[0]
+        for box, mask in zip(target["boxes"], target["masks"], strict=True):
+            ys, xs = np.nonzero(mask.numpy())
+            assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1)
+        plain = DetectionDataset(ds.json_path, "segment", train=False)[0][0]
+        flips += not torch.equal(image, plain)
+    assert 0 < flips < 8
+
+
+def test_embed_items_choose_images_when_identified(dataset: Path) -> None:
+    paths = split_paths(str(dataset))
+    items, unit = embed_items(paths["val"])
+    assert unit == "image" and len(items) == 12 and all(it.box is None for it in items)
+    objects, unit = embed_items(paths["val"], "object")
+    assert unit == "object" and all(it.box is not None for it in objects)
+    x, label = EmbedDataset(objects, 64, train=True)[0]
+    assert x.shape == (3, 64, 64) and label == objects[0].label
+    with pytest.raises(LakelensError, match="choose from auto, image, object"):
+        embed_items(paths["val"], "crop")
+
+
+def test_missing_split_names_what_a_dataset_holds(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    with pytest.raises(LakelensError, match="val/annotations.json"):
+        split_paths(str(tmp_path))

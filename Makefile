@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/annotate.py
 	$(PY) benchmarks/index.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

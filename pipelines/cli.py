@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "embedder with Ray Train, annotates the val lake, builds the "
                                    "index, queries it and scores everything. The last line is JSON.")
     d.add_argument("--out", default="demo-out", metavar="DIR")
-    d.add_argument("--images", type=int, default=400, metavar="N")
+    d.add_argument("--images", type=int, default=1000, metavar="N",
+                   help="synthetic images, a tenth of them (whole families) for val (default 1000)")
     d.add_argument("--workers", type=int, default=2, metavar="N")
     d.add_argument("--gpu", action="store_true")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke run)")

@@ -133,6 +133,9 @@ def coco_eval(gt: COCO, dts: list[dict], iou_type: str, image_ids: list[int]) ->
     with contextlib.redirect_stdout(out):
         if iou_type == "keypoints":
             gt = _one_keypoint_category(gt)
+            kp_cats = [c["id"] for c in gt.dataset["categories"] if c.get("keypoints")]
+            if kp_cats:  # poses carry no class: score them against the merged category
+                dts = [d | {"category_id": kp_cats[0]} for d in dts]
         dt = gt.loadRes(dts)
         ev = COCOeval(gt, dt, iou_type)
         ev.params.imgIds = image_ids

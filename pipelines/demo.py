@@ -36,9 +36,9 @@ class DemoConfig:
     workers: int = 2
     gpu: bool = False
     quick: bool = False  # a few steps of everything: a smoke run, not a demonstration
-    detector_epochs: int = 5
+    detector_epochs: int = 4
     detector_steps: int = 60  # per epoch, per worker (batch 4)
-    embedder_epochs: int = 24
+    embedder_epochs: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -134,11 +134,14 @@ def run(cfg: DemoConfig) -> dict:
     _show_queries(out / "index", val_json)
 
     stats = {t: v["stats"] for t, v in report["tasks"].items()}
+
+    def stat(iou_type: str, name: str) -> float:
+        return float(stats.get(iou_type, {}).get(name, 0.0))  # no predictions at all: 0
+
     figures = {
-        "box_AP": stats.get("bbox", {}).get("AP"), "box_AP50": stats.get("bbox", {}).get("AP50"),
-        "mask_AP": stats.get("segm", {}).get("AP"), "mask_AP50": stats.get("segm", {}).get("AP50"),
-        "keypoint_AP": stats.get("keypoints", {}).get("AP"),
-        "keypoint_AP50": stats.get("keypoints", {}).get("AP50"),
+        "box_AP": stat("bbox", "AP"), "box_AP50": stat("bbox", "AP50"),
+        "mask_AP": stat("segm", "AP"), "mask_AP50": stat("segm", "AP50"),
+        "keypoint_AP": stat("keypoints", "AP"), "keypoint_AP50": stat("keypoints", "AP50"),
         "recall@1": recall["recall@1"], "recall@4": recall["recall@4"],
         "annotate_images_per_s": round(ann.images_per_s, 2),
     }
@@ -172,7 +175,7 @@ def _show_queries(index_dir: Path, val_json: Path, n: int = 3) -> None:
 
 def _print_table(figures: dict, result: dict, overlays: int) -> None:
     def fmt(v: object) -> str:
-        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     rows = [("box AP / AP50", f"{fmt(figures['box_AP'])} / {fmt(figures['box_AP50'])}"),
             ("mask AP / AP50", f"{fmt(figures['mask_AP'])} / {fmt(figures['mask_AP50'])}"),

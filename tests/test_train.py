@@ -125,13 +125,22 @@ def test_training_mistakes_are_one_line(ray_local, data: Path, tmp_path: Path) -
     _one_line_error(lakelens("train", "detector", "--task", "detect", "--data", str(tmp_path),
                              "--out", str(tmp_path / "r"), "--init", "random"),
                     "train/annotations.json")
-    _one_line_error(lakelens("train", "detector", "--task", "detect", "--data", str(data),
-                             "--out", str(tmp_path / "r"), "--arch", "maskrcnn_tiny"),
-                    "unknown detect arch")
-    _one_line_error(lakelens("train", "detector", "--task", "detect", "--data", str(data),
-                             "--out", str(tmp_path / "r"), "--arch", "fasterrcnn_tiny"),
-                    "no published weights")
     _one_line_error(lakelens("train", "embedder", "--data", str(data), "--out", str(tmp_path / "r"),
                              "--init", str(tmp_path / "missing.pt")), "is not a file")
+    with pytest.raises(LakelensError, match="unknown detect arch 'maskrcnn_tiny'"):
+        _detector_cfg(data, tmp_path / "r", arch="maskrcnn_tiny")
+    with pytest.raises(LakelensError, match="no published weights"):
+        run(_detector_cfg(data, tmp_path / "r", init="default"))
     with pytest.raises(LakelensError, match="--workers 9 x --cpus-per-worker 1 needs 9 CPUs"):
         run(_detector_cfg(data, tmp_path / "r", workers=9))
+
+
+@pytest.mark.gpu
+def test_detector_and_embedder_train_on_a_gpu(ray_local, data: Path, tmp_path: Path) -> None:
+    det = run(_detector_cfg(data, tmp_path / "det", workers=1, gpu=True, epochs=2))
+    assert det.epochs_run == 2
+    model, info = build_detector("fasterrcnn_tiny", weights=det.model)  # loads on CPU
+    assert info.labels == tuple(LABELS)
+    emb = run(TrainConfig(kind="embedder", task="embed", arch="tiny", init="random", data=str(data),
+                          out=str(tmp_path / "emb"), workers=1, gpu=True, epochs=2, p=2, k=4))
+    assert emb.epochs_run == 2

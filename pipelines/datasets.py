@@ -1,9 +1,11 @@
 """COCO-format training data (pycocotools): detection targets and metric-learning crops.
 
-A dataset directory holds two splits, each a COCO annotation file next to its images:
-``DIR/train/annotations.json`` and ``DIR/val/annotations.json`` (what `lakelens synth`
-writes). Image ``file_name`` entries are relative to the JSON's directory, or to its
-``images/`` subdirectory (COCO's own layout).
+A dataset directory holds two splits in one of two layouts:
+- lakelens (what `lakelens synth` writes): ``DIR/train/annotations.json`` and
+  ``DIR/val/annotations.json``, image ``file_name``s relative to the JSON's folder (or its
+  ``images/``);
+- COCO 2017: ``DIR/annotations/instances_{train,val}2017.json`` (``person_keypoints_*``
+  for pose) with images in ``DIR/train2017`` and ``DIR/val2017``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,18 +32,26 @@ DETECTION_TASKS = ("detect", "segment", "pose")
 UNITS = ("auto", "image", "object")
 
 
-def split_paths(data: str) -> dict[str, Path]:
-    """{"train": json, "val": json} of a dataset directory, or a clear error."""
+class Split(NamedTuple):
+    annotations: Path  # the COCO JSON
+    images: Path  # the folder its file_names are relative to
+
+
+def split_paths(data: str, task: str = "detect") -> dict[str, Split]:
+    """{"train": Split, "val": Split} of a dataset directory, or a clear error."""
     root = Path(data)
+    layout = ("it must hold train/annotations.json and val/annotations.json (see `lakelens "
+              "synth`), or COCO 2017's annotations/instances_{train,val}2017.json")
     if not root.is_dir():
-        raise LakelensError(f"--data {data!r} is not a directory; it must hold "
-                            "train/annotations.json and val/annotations.json (see `lakelens synth`)")
-    paths = {s: root / s / "annotations.json" for s in SPLITS}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise LakelensError(f"--data {data!r} lacks {', '.join(missing)}; a dataset holds "
-                            "train/annotations.json and val/annotations.json (see `lakelens synth`)")
-    return paths
+        raise LakelensError(f"--data {data!r} is not a directory; {layout}")
+    ours = {s: Split(root / s / "annotations.json", root / s) for s in SPLITS}
+    prefix = "person_keypoints" if task == "pose" else "instances"
+    coco = {s: Split(root / "annotations" / f"{prefix}_{s}2017.json", root / f"{s}2017") for s in SPLITS}
+    for splits in (ours, coco):
+        if all(sp.annotations.is_file() for sp in splits.values()):
+            return splits
+    missing = [str(sp.annotations) for sp in ours.values() if not sp.annotations.is_file()]
+    raise LakelensError(f"--data {data!r} lacks {', '.join(missing)}; {layout}")
 
 
 def load_coco(path: str | Path) -> COCO:
@@ -57,14 +68,20 @@ def _image_path(root: Path, file_name: str) -> Path:
     return direct if direct.exists() else root / "images" / file_name
 
 
-def _resolve_images(coco: COCO, json_path: Path) -> dict[int, Path]:
-    root = json_path.parent
-    paths = {im["id"]: _image_path(root, im["file_name"]) for im in coco.dataset["images"]}
+def _resolve_images(coco: COCO, split: Split) -> dict[int, Path]:
+    paths = {im["id"]: _image_path(split.images, im["file_name"]) for im in coco.dataset["images"]}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise LakelensError(f"{len(missing)} images listed in {json_path} are missing, "
+        raise LakelensError(f"{len(missing)} images listed in {split.annotations} are missing, "
                             f"e.g. {missing[0]}")
     return paths
+
+
+def as_split(split: Split | str | Path) -> Split:
+    """A Split, or a JSON path whose file_names are relative to its folder."""
+    if isinstance(split, Split):
+        return split
+    return Split(Path(split), Path(split).parent)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -123,16 +140,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     keypoint names would swap sides).
     """
 
-    def __init__(self, json_path: str | Path, task: str, *, train: bool,
+    def __init__(self, split: Split | str | Path, task: str, *, train: bool,
                  vocab: Vocabulary | None = None, seed: int = 0):
         if task not in DETECTION_TASKS:
             raise LakelensError(f"unknown detector task {task!r}; choose from {', '.join(DETECTION_TASKS)}")
-        self.json_path = Path(json_path)
-        self.coco = load_coco(json_path)
+        self.split = as_split(split)
+        self.coco = load_coco(self.split.annotations)
         self.task = task
         self.train = train
         self.vocab = vocab or vocabulary(self.coco, task)
-        self.paths = _resolve_images(self.coco, self.json_path)
+        self.paths = _resolve_images(self.coco, self.split)
         self.image_ids = sorted(self.paths)
         self.seed = seed
 
@@ -198,15 +215,16 @@ class EmbedItem:
     label: int
 
 
-def embed_items(json_path: str | Path, unit: str = "auto") -> tuple[list[EmbedItem], str]:
+def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[EmbedItem], str]:
     """What the embedder learns from: whole images grouped by the image's ``identity``, or
     object crops grouped by the annotation's ``identity`` (else its category).
     unit ``auto``: images when every image has an identity, else objects."""
     if unit not in UNITS:
         raise LakelensError(f"unknown --unit {unit!r}; choose from {', '.join(UNITS)}")
-    json_path = Path(json_path)
+    split = as_split(split)
+    json_path = split.annotations
     coco = load_coco(json_path)
-    paths = _resolve_images(coco, json_path)
+    paths = _resolve_images(coco, split)
     images = coco.dataset["images"]
     if unit == "auto":
         unit = "image" if images and all("identity" in im for im in images) else "object"

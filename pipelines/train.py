@@ -203,7 +203,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
     from pipelines.train_loops import detector_loop, embedder_loop
 
     started = time.perf_counter()
-    split_paths(cfg.data)
+    split_paths(cfg.data, cfg.task)
     _check_init(cfg)
     _prepare_run_dir(cfg)
     connect(cfg)

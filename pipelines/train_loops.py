@@ -110,7 +110,7 @@ def detector_loop(config: dict) -> None:
     from models.detection import build_for_training
 
     cfg, device, rank, size = _setup(config)
-    paths = split_paths(cfg.data)
+    paths = split_paths(cfg.data, cfg.task)
     train_ds = DetectionDataset(paths["train"], cfg.task, train=True, seed=cfg.seed)
     val_ds = DetectionDataset(paths["val"], cfg.task, train=False, vocab=train_ds.vocab)
     vocab = train_ds.vocab
@@ -212,7 +212,7 @@ def embedder_loop(config: dict) -> None:
     from models.metric import PKSampler, metric_loss
 
     cfg, device, rank, size = _setup(config)
-    paths = split_paths(cfg.data)
+    paths = split_paths(cfg.data, cfg.task)
     train_items, unit = embed_items(paths["train"], cfg.unit)
     val_items, _ = embed_items(paths["val"], unit)
     if len(val_items) <= max(RECALL_KS):

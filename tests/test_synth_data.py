@@ -85,7 +85,7 @@ def test_training_flip_moves_boxes_and_masks_together(dataset: Path) -> None:
         for box, mask in zip(target["boxes"], target["masks"], strict=True):
             ys, xs = np.nonzero(mask.numpy())
             assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1)
-        plain = DetectionDataset(ds.json_path, "segment", train=False)[0][0]
+        plain = DetectionDataset(ds.split, "segment", train=False)[0][0]
         flips += not torch.equal(image, plain)
     assert 0 < flips < 8
 
@@ -100,6 +100,25 @@ def test_embed_items_choose_images_when_identified(dataset: Path) -> None:
     assert x.shape == (3, 64, 64) and label == objects[0].label
     with pytest.raises(LakelensError, match="choose from auto, image, object"):
         embed_items(paths["val"], "crop")
+
+
+def test_coco_2017_layout_is_read_too(dataset: Path, tmp_path: Path) -> None:
+    """annotations/instances_{train,val}2017.json with images in train2017/ and val2017/."""
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        coco = json.loads((dataset / split / "annotations.json").read_text())
+        (tmp_path / f"{split}2017").mkdir()
+        for im in coco["images"]:
+            name = Path(im["file_name"]).name
+            (tmp_path / f"{split}2017" / name).write_bytes((dataset / split / im["file_name"]).read_bytes())
+            im["file_name"] = name
+        (tmp_path / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    paths = split_paths(str(tmp_path))
+    assert paths["val"].images == tmp_path / "val2017"
+    ds = DetectionDataset(paths["val"], "detect", train=False)
+    assert len(ds) == 12 and ds[0][1]["boxes"].shape[1] == 4
+    with pytest.raises(LakelensError, match="train/annotations.json"):
+        split_paths(str(tmp_path), "pose")  # pose reads person_keypoints_*.json
 
 
 def test_missing_split_names_what_a_dataset_holds(tmp_path: Path) -> None:

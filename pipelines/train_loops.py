@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,12 +103,43 @@ def _log_epoch(rank: int, cfg: TrainConfig, entry: dict) -> None:
                     val)
 
 
+def _fit(cfg: TrainConfig, model: torch.nn.Module, loader: DataLoader, sampler: Any,
+         device: torch.device, rank: int, meta: dict,
+         forward: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]],
+         evaluate: Callable[[], dict[str, float]], primary: str) -> None:
+    """The epochs both loops share: restore, DDP-wrap, train `steps` steps an epoch
+    (`forward(ddp_model, batch) -> (loss, examples)`), validate, checkpoint, report."""
+    import ray.train.torch
+
+    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    params, opt, sched = _optimizer(model, cfg, steps)
+    ws, best = restore(model, opt, sched)
+    ddp = ray.train.torch.prepare_model(model)
+    stepper = _Stepper(params, opt, sched, device)
+    for epoch in range(ws.epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        started, losses, seen = time.perf_counter(), [], 0
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            loss, n = forward(ddp, batch)
+            losses.append(stepper(loss, epoch, step))
+            seen += n
+        throughput = seen / (time.perf_counter() - started)
+        val = evaluate()
+        ws.epoch = epoch + 1
+        ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
+                           "val": val, "score": val[primary],
+                           "throughput": mean_across(throughput), "steps": steps})
+        _log_epoch(rank, cfg, ws.history[-1])
+        best = save_and_report(model, opt, sched, ws, best, meta, val)
+
+
 # ---- detectors ------------------------------------------------------------------
 
 
 def detector_loop(config: dict) -> None:
-    import ray.train.torch
-
     from models.detection import build_for_training
 
     cfg, device, rank, size = _setup(config)
@@ -121,36 +154,19 @@ def detector_loop(config: dict) -> None:
     sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                         **_loader_kwargs(cfg, device))
-    steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
-    params, opt, sched = _optimizer(model, cfg, steps)
-    ws, best = restore(model, opt, sched)
-    ddp = ray.train.torch.prepare_model(model)
-    stepper = _Stepper(params, opt, sched, device)
     meta = {"arch": cfg.model_arch, "task": cfg.task, "labels": list(vocab.names),
             "keypoint_names": list(vocab.keypoint_names), "image_size": info.input_size[0],
             "category_ids": list(vocab.category_ids), "init": cfg.init, "trained_on": cfg.data,
             "lakelens_version": version()}
-    for epoch in range(ws.epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        ddp.train()
-        started, losses, seen = time.perf_counter(), [], 0
-        for step, (images, targets) in enumerate(loader):
-            if step >= steps:
-                break
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            with autocast(device):
-                loss = sum(ddp(images, targets).values())
-            losses.append(stepper(loss, epoch, step))
-            seen += len(images)
-        throughput = seen / (time.perf_counter() - started)
-        val = evaluate_detector(model, val_ds, cfg, device, rank, size)
-        ws.epoch = epoch + 1
-        ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
-                           "val": val, "score": val[PRIMARY[cfg.task]],
-                           "throughput": mean_across(throughput), "steps": steps})
-        _log_epoch(rank, cfg, ws.history[-1])
-        best = save_and_report(model, opt, sched, ws, best, meta, val)
+
+    def forward(ddp: torch.nn.Module, batch: tuple[list, list]) -> tuple[torch.Tensor, int]:
+        images = [im.to(device, non_blocking=True) for im in batch[0]]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
+        with autocast(device):
+            return sum(ddp(images, targets).values()), len(images)
+
+    _fit(cfg, model, loader, sampler, device, rank, meta, forward,
+         lambda: evaluate_detector(model, val_ds, cfg, device, rank, size), PRIMARY[cfg.task])
 
 
 def evaluate_detector(model: torch.nn.Module, ds: DetectionDataset, cfg: TrainConfig,
@@ -206,8 +222,6 @@ def _to_coco(image_id: int, out: dict[str, torch.Tensor], ds: DetectionDataset,
 
 
 def embedder_loop(config: dict) -> None:
-    import ray.train.torch
-
     from models.embedding import build_for_training
     from models.metric import PKSampler, metric_loss
 
@@ -224,32 +238,18 @@ def embedder_loop(config: dict) -> None:
     val_ds = EmbedDataset(val_items, crop, train=False)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, seed=cfg.seed, rank=rank, world_size=size)
     loader = DataLoader(train_ds, batch_sampler=sampler, **_loader_kwargs(cfg, device))
-    steps = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
-    params, opt, sched = _optimizer(model, cfg, steps)
-    ws, best = restore(model, opt, sched)
-    ddp = ray.train.torch.prepare_model(model)
-    stepper = _Stepper(params, opt, sched, device)
     meta = {"arch": cfg.model_arch, "task": "embed", "dim": model.dim, "unit": unit, "crop": crop,
             "loss": cfg.loss, "init": cfg.init, "trained_on": cfg.data, "lakelens_version": version()}
-    for epoch in range(ws.epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        ddp.train()
-        started, losses, seen = time.perf_counter(), [], 0
-        for step, (x, y) in enumerate(loader):
-            if step >= steps:
-                break
-            with autocast(device):
-                emb = ddp(x.to(device, non_blocking=True))
-            losses.append(stepper(metric_loss(cfg.loss, emb.float(), y.to(device)), epoch, step))
-            seen += len(y)
-        throughput = seen / (time.perf_counter() - started)
-        val = evaluate_embedder(model, val_ds, device, rank, size)
-        ws.epoch = epoch + 1
-        ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
-                           "val": val, "score": val["recall@1"],
-                           "throughput": mean_across(throughput), "steps": steps})
-        _log_epoch(rank, cfg, ws.history[-1])
-        best = save_and_report(model, opt, sched, ws, best, meta, val)
+
+    def forward(ddp: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        with autocast(device):
+            emb = ddp(x.to(device, non_blocking=True))
+        # the loss in float32: its exp(50 * s) terms are too sharp for bf16
+        return metric_loss(cfg.loss, emb.float(), y.to(device)), len(y)
+
+    _fit(cfg, model, loader, sampler, device, rank, meta, forward,
+         lambda: evaluate_embedder(model, val_ds, device, rank, size), PRIMARY["embed"])
 
 
 def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.device,

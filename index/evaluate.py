@@ -26,8 +26,16 @@ def recall_at_k(embeddings: np.ndarray, labels: Sequence[int] | np.ndarray,
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     _, found = index.search(x, max(ks) + 1)
-    hits = np.zeros((len(x), max(ks)), dtype=bool)
-    for i, row in enumerate(found):
-        others = row[row != i][: max(ks)]  # drop the query itself wherever it ranked
+    return recall_of_neighbors(y, [row[row != i] for i, row in enumerate(found)], ks)
+
+
+def recall_of_neighbors(labels: Sequence[int] | np.ndarray, neighbors: Sequence[Sequence[int]],
+                        ks: Sequence[int]) -> dict[int, float]:
+    """Recall@K from ranked neighbour positions per query (the query itself already
+    dropped): the fraction of queries with a same-label item among the first K."""
+    y = np.asarray(labels)
+    hits = np.zeros((len(y), max(ks)), dtype=bool)
+    for i, row in enumerate(neighbors):
+        others = np.asarray(row, dtype=np.int64)[: max(ks)]
         hits[i, : len(others)] = y[others] == y[i]
     return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models import weights as W
 from models.errors import LakelensError
 
 TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
@@ -50,3 +51,21 @@ def check_arch(task: str, arch: str) -> None:
     choices = arch_choices(task)
     if arch not in choices:
         raise LakelensError(f"unknown {task} arch {arch!r}; choose from {', '.join(choices)}")
+
+
+def ensure_default_weights(task: str, arch: str, *, flag: str) -> None:
+    """Check, in the driver, that `default` weights exist for this arch and are in the
+    torch cache (downloading when possible); else one line naming what to pass instead.
+    flag: how the user names weights, e.g. "--weights detect=" or "--init "."""
+    if task == "embed":
+        from models.embedding import EMBED_ARCHS
+
+        published = EMBED_ARCHS[arch].published
+    else:
+        from models.detection import DETECTION_ARCHS
+
+        published = DETECTION_ARCHS[arch].published
+    if published is None:
+        raise LakelensError(f"{task} arch {arch!r} has no published weights; use {flag}random or "
+                            f"{flag}/path/to/checkpoint.pt")
+    W.ensure_default_available(published.url, what=f"{task} ({arch})")

@@ -20,11 +20,11 @@ import pyarrow.fs as pafs
 import ray
 
 from models import weights as W
-from models.detection import DETECTION_ARCHS, input_sizes
+from models.detection import input_sizes
 from models.embedding import EMBED_ARCHS
 from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
-from models.registry import ModelInfo
+from models.registry import ModelInfo, ensure_default_weights
 from pipelines import version
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.schema import TASK_COLUMNS, results_schema
@@ -134,12 +134,7 @@ def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
     for task in cfg.tasks:
         arch, spec = cfg.arch_for(task), cfg.weights_for(task)
         if spec == W.DEFAULT:
-            published = (EMBED_ARCHS[arch] if task == "embed" else DETECTION_ARCHS[arch]).published
-            if published is None:
-                raise LakelensError(
-                    f"{task} arch {arch!r} has no published weights; use --weights {task}=random "
-                    f"or --weights {task}=/path/to/checkpoint.pt")
-            W.ensure_default_available(published.url, what=f"{task} ({arch})")
+            ensure_default_weights(task, arch, flag=f"--weights {task}=")
         if task == "embed":
             info = build_embedder(arch, weights=spec)[1]
         else:

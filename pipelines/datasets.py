@@ -10,8 +10,6 @@ A dataset directory holds two splits in one of two layouts:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pycocotools.coco import COCO
 
 from models.embedding import preprocess
 from models.errors import LakelensError
+from pipelines.coco import load_gt
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +51,6 @@ def split_paths(data: str, task: str = "detect") -> dict[str, Split]:
             return splits
     missing = [str(sp.annotations) for sp in ours.values() if not sp.annotations.is_file()]
     raise LakelensError(f"--data {data!r} lacks {', '.join(missing)}; {layout}")
-
-
-def load_coco(path: str | Path) -> COCO:
-    """pycocotools.COCO without its prints; a bad file is a LakelensError."""
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LakelensError(f"cannot read COCO annotations {path}: {type(e).__name__}: {e}") from e
 
 
 def _image_path(root: Path, file_name: str) -> Path:
@@ -141,17 +131,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: Split | str | Path, task: str, *, train: bool,
-                 vocab: Vocabulary | None = None, seed: int = 0):
+                 vocab: Vocabulary | None = None):
         if task not in DETECTION_TASKS:
             raise LakelensError(f"unknown detector task {task!r}; choose from {', '.join(DETECTION_TASKS)}")
         self.split = as_split(split)
-        self.coco = load_coco(self.split.annotations)
+        self.coco = load_gt(str(self.split.annotations))
         self.task = task
         self.train = train
         self.vocab = vocab or vocabulary(self.coco, task)
         self.paths = _resolve_images(self.coco, self.split)
         self.image_ids = sorted(self.paths)
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -223,7 +212,7 @@ def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[Emb
         raise LakelensError(f"unknown --unit {unit!r}; choose from {', '.join(UNITS)}")
     split = as_split(split)
     json_path = split.annotations
-    coco = load_coco(json_path)
+    coco = load_gt(str(json_path))
     paths = _resolve_images(coco, split)
     images = coco.dataset["images"]
     if unit == "auto":

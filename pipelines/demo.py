@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from index.store import SimilarityIndex, open_index
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -64,26 +63,32 @@ def _train_configs(cfg: DemoConfig, data: Path, runs: Path) -> dict[str, object]
     return out
 
 
-def index_recall(index_dir: Path, gt_json: Path, ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
-    """Recall@K of the index itself: each val image queries the index (itself left out);
-    a hit is a neighbour of the same image family (the GT image's `identity`)."""
-    from index.store import open_index
-
+def identities(gt_json: Path) -> dict[str, int]:
+    """Real path of each GT image -> its family `identity`."""
     gt = json.loads(gt_json.read_text())
-    identity = {os.path.realpath(gt_json.parent / im["file_name"]): im["identity"] for im in gt["images"]}
-    index = open_index(index_dir)
-    ids = [i for i, live in zip(index.image_ids, index.live, strict=True) if live]
-    uri_of = {i: index.uris[index.row_of[i]] for i in ids}
-    label = {i: identity.get(os.path.realpath(uri_of[i].removeprefix("file://"))) for i in ids}
-    ids = [i for i in ids if label[i] is not None]
+    return {os.path.realpath(gt_json.parent / im["file_name"]): im["identity"] for im in gt["images"]}
+
+
+def _family(identity: dict[str, int], uri: str) -> int | None:
+    return identity.get(os.path.realpath(uri.removeprefix("file://")))
+
+
+def index_recall(index: SimilarityIndex, identity: dict[str, int],
+                 ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
+    """Recall@K of the index itself: each val image queries the index (itself left out);
+    a hit is a neighbour of the same image family."""
+    from index.evaluate import recall_of_neighbors
+
+    ids = [i for i in index.row_of if _family(identity, index.uris[index.row_of[i]]) is not None]
     if len(ids) <= max(ks):
-        raise LakelensError(f"only {len(ids)} indexed images match {gt_json}; cannot score recall")
+        raise LakelensError(f"only {len(ids)} indexed images are in the val split; cannot score recall")
+    position = {i: n for n, i in enumerate(ids)}
+    labels = [_family(identity, index.uris[index.row_of[i]]) for i in ids]
     found = index.search_ids(ids, k=max(ks) + 1)
-    hits = np.zeros((len(ids), max(ks)), dtype=bool)
-    for n, (query, neighbours) in enumerate(zip(ids, found.image_ids, strict=True)):
-        others = [j for j in neighbours if j != query][: max(ks)]
-        hits[n, : len(others)] = [label[j] == label[query] for j in others]
-    return {f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    neighbors = [[position[j] for j in row if j != query and j in position]
+                 for query, row in zip(ids, found.image_ids, strict=True)]
+    recall = recall_of_neighbors(labels, neighbors, ks)
+    return {f"recall@{k}": v for k, v in recall.items()}
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -125,13 +130,14 @@ def run(cfg: DemoConfig) -> dict:
     step("annotate", t0)
     t0 = time.perf_counter()
     indexing.build(indexing.IndexBuildConfig(results=acfg.out, out=str(out / "index")))
-    recall = index_recall(out / "index", val_json)
+    index, identity = open_index(out / "index"), identities(val_json)
+    recall = index_recall(index, identity)
     step("index", t0)
     t0 = time.perf_counter()
     report = evaluate(acfg.out, str(val_json))
     written, _ = render(acfg.out, str(out / "overlays"), limit=16)
     step("eval and render", t0)
-    _show_queries(out / "index", val_json)
+    _show_queries(index, identity)
 
     stats = {t: v["stats"] for t, v in report["tasks"].items()}
 
@@ -157,17 +163,13 @@ def run(cfg: DemoConfig) -> dict:
     return result
 
 
-def _show_queries(index_dir: Path, val_json: Path, n: int = 3) -> None:
+def _show_queries(index: SimilarityIndex, identity: dict[str, int], n: int = 3) -> None:
     """A few query-by-image searches, as `lakelens query --image` runs them."""
-    from index.store import open_index
-
-    gt = json.loads(val_json.read_text())
-    identity = {os.path.realpath(val_json.parent / im["file_name"]): im["identity"] for im in gt["images"]}
-    paths = [str(val_json.parent / im["file_name"]) for im in gt["images"][:n]]
-    found = open_index(index_dir).search_images(paths, k=4)
+    paths = list(identity)[:n]
+    found = index.search_images(paths, k=4)
     for path, uris in zip(paths, found.uris, strict=True):
-        marks = ["same family" if identity.get(os.path.realpath(u.removeprefix("file://"))) ==
-                 identity[os.path.realpath(path)] else "other" for u in uris[1:]]
+        marks = ["same family" if _family(identity, u) == _family(identity, path) else "other"
+                 for u in uris[1:]]
         print(f"[demo] query {os.path.basename(path)}: "
               + ", ".join(f"{os.path.basename(u)} ({m})" for u, m in zip(uris[1:], marks, strict=True)),
               flush=True)

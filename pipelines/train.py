@@ -30,7 +30,7 @@ import torch
 
 from models import weights as W
 from models.errors import LakelensError
-from models.registry import DEFAULT_ARCHS, check_arch
+from models.registry import DEFAULT_ARCHS, check_arch, ensure_default_weights
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +166,10 @@ def _prepare_run_dir(cfg: TrainConfig) -> None:
 
 def _check_init(cfg: TrainConfig) -> None:
     """Fail in the driver, with one line, when the initial weights cannot be had."""
-    from models.detection import DETECTION_ARCHS
-    from models.embedding import EMBED_ARCHS
-
-    arch = cfg.model_arch
     if cfg.init == W.DEFAULT:
-        spec = EMBED_ARCHS[arch] if cfg.task == "embed" else DETECTION_ARCHS[arch]
-        if spec.published is None:
-            raise LakelensError(f"arch {arch!r} has no published weights to fine-tune; "
-                                "pass --init random or --init /path/to/checkpoint.pt")
-        W.ensure_default_available(spec.published.url, what=f"--init for {arch}")
+        ensure_default_weights(cfg.task, cfg.model_arch, flag="--init ")
     elif W.is_path_spec(cfg.init):
-        W.read_for(cfg.init, task=cfg.task, arch=arch)
+        W.read_for(cfg.init, task=cfg.task, arch=cfg.model_arch)
 
 
 def _check_resources(cfg: TrainConfig) -> None:

@@ -144,7 +144,7 @@ def detector_loop(config: dict) -> None:
 
     cfg, device, rank, size = _setup(config)
     paths = split_paths(cfg.data, cfg.task)
-    train_ds = DetectionDataset(paths["train"], cfg.task, train=True, seed=cfg.seed)
+    train_ds = DetectionDataset(paths["train"], cfg.task, train=True)
     val_ds = DetectionDataset(paths["val"], cfg.task, train=False, vocab=train_ds.vocab)
     vocab = train_ds.vocab
     model, info = build_for_training(cfg.model_arch, init=cfg.init, num_classes=vocab.num_classes,

@@ -1,9 +1,15 @@
-"""The index on disk, and searching it.
+"""The index on disk, versioned, and searching it.
 
-INDEX_DIR/index.faiss     the FAISS index, CPU-side; FAISS id = row number
-INDEX_DIR/ids.parquet     row -> image_id, uri, content_hash, live (false: replaced)
-INDEX_DIR/manifest.json   factory, dim, metric, count, embedder, sources, search params,
-                          recall@10, build time, lakelens version
+INDEX_DIR/CURRENT              the live version's name, e.g. "v3" (switched by one rename)
+INDEX_DIR/v<N>/index.faiss     the FAISS index, CPU-side; FAISS id = row number
+INDEX_DIR/v<N>/ids.parquet     row -> image_id, uri, content_hash, live (false: replaced)
+INDEX_DIR/v<N>/manifest.json   factory, dim, metric, count, embedder, table and table
+                               version indexed, search params, recall@10, build time
+
+A new version is written whole beside the live one, then CURRENT is replaced: a crash
+mid-update leaves the previous version live and whole, and a reader opens one version,
+never a mix. The previous version is kept (a reader may still have it open); older ones
+are removed.
 """
 
 from __future__ import annotations
@@ -40,23 +46,61 @@ def _replace_into(path: Path, write) -> None:
             tmp.unlink()
 
 
-def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> None:
-    """Write the three files, each under a temporary name renamed into place; the
-    manifest last, so a reader that finds it finds the matching index and ids."""
+KEEP_VERSIONS = 2
+
+
+def current_dir(path: str | Path) -> Path:
+    """The live version's directory of INDEX_DIR."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LakelensError(f"index {str(path)!r} does not exist (build one with `lakelens index build`)")
+    try:
+        name = (path / "CURRENT").read_text().strip()
+    except FileNotFoundError as e:
+        raise LakelensError(f"{path} is not a lakelens index: no CURRENT") from e
+    if not name.startswith("v") or not (path / name).is_dir():
+        raise LakelensError(f"{path}/CURRENT names {name!r}, which is not a version of this index")
+    return path / name
+
+
+def _versions(path: Path) -> list[int]:
+    return sorted(int(p.name[1:]) for p in path.glob("v*") if p.name[1:].isdigit())
+
+
+def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> Path:
+    """Write a new version (index, ids, then manifest), then switch CURRENT to it with one
+    atomic rename. Returns the new version's directory."""
+    import shutil
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if index.ntotal != ids.num_rows:
         raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
-    _replace_into(path / "index.faiss", lambda tmp: faiss.write_index(index, tmp))
-    _replace_into(path / "ids.parquet", lambda tmp: pq.write_table(ids.cast(IDS_SCHEMA), tmp))
-    text = json.dumps({**manifest, "format_version": FORMAT_VERSION}, indent=2) + "\n"
-    _replace_into(path / "manifest.json", lambda tmp: Path(tmp).write_text(text))
+    versions = _versions(path)
+    name = f"v{(versions[-1] if versions else 0) + 1}"
+    tmp_dir = path / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp_dir.mkdir()
+    try:
+        faiss.write_index(index, str(tmp_dir / "index.faiss"))
+        pq.write_table(ids.cast(IDS_SCHEMA), tmp_dir / "ids.parquet")
+        text = json.dumps({**manifest, "version": name, "format_version": FORMAT_VERSION},
+                          indent=2) + "\n"
+        (tmp_dir / "manifest.json").write_text(text)
+        os.replace(tmp_dir, path / name)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    _replace_into(path / "CURRENT", lambda tmp: Path(tmp).write_text(name + "\n"))
+    for old in _versions(path)[:-KEEP_VERSIONS]:
+        shutil.rmtree(path / f"v{old}", ignore_errors=True)
+    return path / name
 
 
 def load_manifest(path: str | Path) -> dict:
+    """The live version's manifest of INDEX_DIR (or of a version directory)."""
     path = Path(path)
-    if not path.is_dir():
-        raise LakelensError(f"index {str(path)!r} does not exist (build one with `lakelens index build`)")
+    if not (path / "manifest.json").exists():
+        path = current_dir(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError as e:
@@ -88,7 +132,8 @@ class SimilarityIndex:
     """An index opened from disk: search by vectors, image files or image ids."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.root = Path(path)
+        self.path = current_dir(self.root)
         self.manifest = load_manifest(self.path)
         try:
             self.index = faiss.read_index(str(self.path / "index.faiss"))
@@ -104,7 +149,11 @@ class SimilarityIndex:
         self.live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
         self.row_of = {iid: r for r, iid in enumerate(self.image_ids) if self.live[r]}
         set_search_params(self.index, self.manifest.get("search_params", {}))
-        self._embedder = None
+        self._params = search_parameters(self.index, self.manifest.get("search_params", {}),
+                                         self.live)
+
+    def live_count(self) -> int:
+        return int(self.live.sum())
 
     @property
     def dim(self) -> int:
@@ -124,12 +173,11 @@ class SimilarityIndex:
             raise LakelensError(f"query vectors have shape {tuple(np.shape(vectors))}; this "
                                 f"index holds dim {self.dim}")
         x = np.ascontiguousarray(x)
-        dead = int((~self.live).sum())
-        fetch = min(k + dead, self.index.ntotal) if self.index.ntotal else 0
-        if fetch == 0:
+        fetch = min(k, self.index.ntotal)
+        if fetch == 0 or not self.live.any():
             empty = [np.zeros(0, np.float32) for _ in x]
             return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
-        scores, rows = self.index.search(x, fetch)
+        scores, rows = self.index.search(x, fetch, params=self._params)
         out_s, out_r = [], []
         for s, r in zip(scores, rows, strict=True):
             keep = (r >= 0)
@@ -158,3 +206,31 @@ class SimilarityIndex:
 def open_index(path: str | Path) -> SimilarityIndex:
     """Open INDEX_DIR for searching. Raises LakelensError for a missing or corrupt index."""
     return SimilarityIndex(path)
+
+
+def search_parameters(index: faiss.Index, params: dict, live: np.ndarray):
+    """FAISS search parameters that exclude dead rows inside the search (an ID selector:
+    k live hits come back without fetching k + dead), or None when every row is live or
+    the index type takes no selector."""
+    if live.all():
+        return None
+    bits = np.packbits(live, bitorder="little")
+    sel = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(bits))
+    sel.referenced_objects = [bits]  # the C++ selector holds a raw pointer to the bits
+    down = faiss.downcast_index(index)
+    if isinstance(down, faiss.IndexRefine):
+        base = _ivf_params(faiss.downcast_index(down.base_index), params, sel)
+        p = faiss.IndexRefineSearchParameters(sel=sel, base_index_params=base)
+        p.k_factor = float(params.get("k_factor", down.k_factor))
+        p._keep = (sel, base, live)  # the C++ side holds raw pointers
+        return p
+    return _ivf_params(down, params, sel)
+
+
+def _ivf_params(index: faiss.Index, params: dict, sel):
+    if isinstance(index, faiss.IndexIVF):
+        p = faiss.SearchParametersIVF(sel=sel, nprobe=int(params.get("nprobe", index.nprobe)))
+    else:
+        p = faiss.SearchParameters(sel=sel)
+    p._keep = sel
+    return p

@@ -62,11 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser(
-        "annotate", help="detect, segment, pose and embed images into Parquet",
-        description="Annotate images with Ray Data; results and errors land as Parquet in "
-                    "DIR/results and DIR/errors, a run record in DIR/runs.")
+        "annotate", help="detect, segment, pose and embed images into the lake table",
+        description="Annotate images with Ray Data into DIR's Delta table (DIR/table): one "
+                    "current row per image, a result or an error. Incremental on an existing "
+                    "table: only new and changed images (and transient errors of earlier runs) "
+                    "are annotated; rerunning a crashed run resumes it. One run per DIR at a "
+                    "time; a run record per run in DIR/runs.")
     a.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="directory (recursive), glob, manifest (.txt/.parquet) or URI")
+                   help="directory (recursive), glob, manifest (.txt/.parquet, S3 Inventory) or URI")
     a.add_argument("--out", required=True, metavar="DIR", help="output directory or URI")
     a.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
@@ -85,18 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     a.add_argument("--num-cpus", type=int, metavar="N",
                    help="CPUs for a local Ray (default: all of this machine's)")
-    a.add_argument("--limit", type=int, metavar="N", help="annotate only the first N images")
+    a.add_argument("--limit", type=int, metavar="N",
+                   help="annotate at most N of the images that need it (the rest next run)")
     a.add_argument("--max-pixels", type=int, metavar="N",
                    help="reject images with more pixels than this (default 100000000)")
-    a.add_argument("--rows-per-file", type=int, default=10_000, metavar="N",
-                   help="rows per Parquet file (default 10000)")
-    a.add_argument("--overwrite", action="store_true",
-                   help="replace results an earlier run left in DIR")
+    a.add_argument("--full", action="store_true",
+                   help="re-annotate every listed image, not only new and changed ones (the "
+                        "old rows stay as history)")
+    a.add_argument("--prune", action="store_true",
+                   help="close the current rows of images that are no longer listed")
+    a.add_argument("--chunk-size", type=int, default=1000, metavar="N",
+                   help="images per table commit (default 1000)")
+    a.add_argument("--max-error-rate", type=float, default=0.5, metavar="F",
+                   help="exit non-zero when more than this share of the tried images failed "
+                        "(once at least 100 were tried, or all of them failed; default 0.5)")
+    a.add_argument("--index", metavar="INDEX_DIR",
+                   help="bring this similarity index up to date after the run (built if missing)")
+
+    rs = sub.add_parser(
+        "results", help="counts, SQL and upkeep of an annotations table",
+        description="Without options: counts of the current view by status, stage and error "
+                    "type. --sql runs DuckDB over the current view (the table is named "
+                    "'results'; 'history' holds every row).")
+    rs.add_argument("table", metavar="DIR", help="an annotate --out DIR (local or URI)")
+    rs.add_argument("--sql", metavar="QUERY",
+                    help="e.g. \"SELECT uri, len(detections) AS n FROM results ORDER BY n DESC LIMIT 5\"")
+    rs.add_argument("--history", action="store_true",
+                    help="with --out: every row, superseded ones included")
+    rs.add_argument("--out", metavar="FILE", help="write the rows (.parquet or .csv) instead of printing")
+    rs.add_argument("--compact", action="store_true",
+                    help="merge small files and delete unreferenced ones (takes the run lock)")
+    rs.add_argument("--retention-hours", type=int, default=168, metavar="H",
+                    help="--compact keeps files any version of the last H hours needs (default 168)")
 
     ix = sub.add_parser("index", help="build or update the similarity index")
     ixs = ix.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
     b = ixs.add_parser("build", help="build a FAISS index from results' embeddings")
-    b.add_argument("results", metavar="RESULTS_DIR", help="an annotate --out DIR (or its results/)")
+    b.add_argument("results", metavar="DIR", help="an annotate --out DIR (local or URI)")
     b.add_argument("--out", required=True, metavar="INDEX_DIR")
     b.add_argument("--factory", default="auto",
                    help="auto (chosen from count and dim) or a FAISS factory string, e.g. "
@@ -109,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectors sampled to train IVF/PQ (default max(50000, 40 per list))")
     b.add_argument("--memory-gb", type=float, default=16.0, metavar="GB",
                    help="RAM the index may take; auto compresses above it (default 16)")
-    u = ixs.add_parser("update", help="add new and changed images to an index")
+    u = ixs.add_parser("update", help="add the table's changes since the index was built")
     u.add_argument("index", metavar="INDEX_DIR")
-    u.add_argument("results", metavar="RESULTS_DIR")
+    u.add_argument("results", metavar="DIR", help="the annotate --out DIR the index was built from")
 
     q = sub.add_parser("query", help="nearest neighbours from the similarity index")
     q.add_argument("index", metavar="INDEX_DIR")
@@ -126,15 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the embedder checkpoint, if it moved since annotate")
 
     ev = sub.add_parser("eval", help="COCO AP/AR of results against ground truth")
-    ev.add_argument("results", metavar="RESULTS_DIR")
+    ev.add_argument("results", metavar="DIR")
     ev.add_argument("--gt", required=True, metavar="annotations.json",
                     help="COCO ground truth; file_name relative to its folder")
-    ev.add_argument("--out", metavar="FILE.json", help="default: RESULTS_DIR/eval.json")
+    ev.add_argument("--out", metavar="FILE.json", help="default: DIR/eval.json (local DIR)")
 
     ex = sub.add_parser("export", help="export results in another format")
     exs = ex.add_subparsers(dest="format", required=True, parser_class=_Parser)
     co = exs.add_parser("coco", help="COCO predictions (what pycocotools' loadRes reads)")
-    co.add_argument("results", metavar="RESULTS_DIR")
+    co.add_argument("results", metavar="DIR")
     co.add_argument("--out", required=True, metavar="preds.json",
                     help="one file per IoU type (preds.bbox.json, ...) when several tasks")
     co.add_argument("--gt", metavar="annotations.json",
@@ -142,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--tasks", help="comma-separated subset of detect,segment,pose")
 
     r = sub.add_parser("render", help="PNG overlays of results: masks, boxes, skeletons")
-    r.add_argument("results", metavar="RESULTS_DIR")
+    r.add_argument("results", metavar="DIR")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N images")
 
@@ -229,11 +257,36 @@ def _annotate(args: argparse.Namespace) -> int:
         weights=_weights(args.weights, tasks), archs=_task_map(args.arch, "--arch"),
         image_size=args.image_size, score_threshold=args.score_threshold,
         batch_size=args.batch_size, address=args.address, limit=args.limit,
-        overwrite=args.overwrite, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        rows_per_file=args.rows_per_file, num_cpus=args.num_cpus)
+        full=args.full, prune=args.prune, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        chunk_size=args.chunk_size, max_error_rate=args.max_error_rate, index=args.index,
+        num_cpus=args.num_cpus)
     summary = run(cfg)
     print(summary.describe())
-    return 1 if summary.lost else 0
+    if summary.error_rate_exceeded:
+        print(f"lakelens: error: {summary.error_line()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from pipelines.lake import results
+
+    if args.compact:
+        done = results.compact(args.table, retention_hours=args.retention_hours)
+        print(f"compacted {args.table}: {done['files_removed']} files rewritten into "
+              f"{done['files_added']}, {done['vacuumed']} unreferenced files deleted; table "
+              f"version {done['version']}")
+        return 0
+    if args.sql or args.out or args.history:
+        table = results.query(args.table, args.sql, history=args.history)
+        if args.out:
+            results.write(table, args.out)
+            print(f"wrote {table.num_rows} rows to {args.out}")
+        else:
+            print(results.format_table(table))
+        return 0
+    print(results.summary(args.table))
+    return 0
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -241,9 +294,7 @@ def _index(args: argparse.Namespace) -> int:
 
     if args.index_command == "update":
         m = indexing.update(args.index, args.results)
-        up = m["last_update"]
-        print(f"updated {args.index}: {up['added']} added, {up['replaced']} replaced, "
-              f"{m['count']} images in the index ({up['seconds']:.1f} s)")
+        print(f"updated {args.index}: {indexing.describe_update(m)}")
         return 0
     cfg = indexing.IndexBuildConfig(
         results=args.results, out=args.out, factory=args.factory, metric=args.metric,
@@ -269,9 +320,9 @@ def _query(args: argparse.Namespace) -> int:
     if args.image:
         import os
 
-        from pipelines.sources import list_sources
+        from pipelines.lake.sources import list_local_images
 
-        paths = list_sources([args.image]).uris if os.path.isdir(args.image) else [args.image]
+        paths = list_local_images(args.image) if os.path.isdir(args.image) else [args.image]
         if not paths:
             raise LakelensError(f"no images in {args.image!r}")
         labels, found = paths, idx.search_images(paths, args.k, weights=args.weights)
@@ -382,8 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pkg in ("pipelines", "models", "index"):
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        commands = {"annotate": _annotate, "index": _index, "query": _query, "eval": _eval,
-                    "export": _export, "render": _render, "synth": _synth,
+        commands = {"annotate": _annotate, "results": _results, "index": _index, "query": _query,
+                    "eval": _eval, "export": _export, "render": _render, "synth": _synth,
                     "train": _train, "demo": _demo}
         return commands[args.command](args)
     except LakelensError as e:

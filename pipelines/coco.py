@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from index.source import results_files
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -45,10 +43,24 @@ class Predictions:
     unknown_labels: Counter = field(default_factory=Counter)
 
 
-def read_results(path: str, extra: list[str] | None = None) -> pa.Table:
+def read_results(path: str, extra: list[str] | None = None, *,
+                 limit: int | None = None) -> pa.Table:
+    """The current result rows (status ok) of DIR's table, locally or at a URI."""
+    from pipelines.lake.table import open_table
+
     columns = ["uri", "width", "height", *COLUMNS.values(), *(extra or [])]
+    table = open_table(path)
     try:
-        return pa.concat_tables([pq.read_table(f, columns=columns) for f in results_files(path)])
+        if limit is None:
+            return table.current_table(columns)
+        batches, n = [], 0
+        for batch in table.current(columns):
+            batches.append(batch)
+            n += batch.num_rows
+            if n >= limit:
+                break
+        return pa.Table.from_batches(batches, schema=batches[0].schema).slice(0, limit) if batches \
+            else table.current_table(columns)
     except (OSError, pa.ArrowInvalid, KeyError) as e:
         raise LakelensError(f"cannot read results {path!r}: {e}") from e
 

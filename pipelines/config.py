@@ -38,9 +38,13 @@ class AnnotateConfig:
     batch_size: int = 8
     address: str | None = None
     limit: int | None = None
-    overwrite: bool = False
+    full: bool = False  # re-annotate every listed image, not only new and changed ones
+    prune: bool = False  # close the current rows of images that are no longer listed
     max_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_file: int = 10_000
+    chunk_size: int = 1000  # images per Delta commit
+    max_error_rate: float = 0.5  # exit non-zero above it (once >= 100 images were tried)
+    index: str | None = None  # INDEX_DIR to bring up to date after the run
+    buckets: int = 16  # hash partitions of a new table (fixed when the table is created)
     num_cpus: int | None = None  # local Ray only; None: all of this machine's
 
     def __post_init__(self) -> None:
@@ -58,13 +62,15 @@ class AnnotateConfig:
         for task, spec in self.weights.items():
             check_task(task)
             W.validate_spec(spec, what=f"--weights {task}")
-        for name in ("batch_size", "rows_per_file", "max_pixels"):
+        for name in ("batch_size", "chunk_size", "max_pixels", "buckets"):
             if getattr(self, name) < 1:
                 raise LakelensError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.image_size is not None and not 16 <= self.image_size <= 4096:
             raise LakelensError(f"--image-size must be in 16..4096, got {self.image_size}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise LakelensError(f"--score-threshold must be in [0, 1], got {self.score_threshold}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise LakelensError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
         if self.limit is not None and self.limit < 1:
             raise LakelensError(f"--limit must be >= 1, got {self.limit}")
 

@@ -1,4 +1,10 @@
-"""`lakelens index build|update` and `lakelens query`: thin wiring over index/."""
+"""`lakelens index build|update`: index jobs over the lake table's current view.
+
+build streams the embeddings of the current view (at one table version) into a new
+index version; update adds what the table committed since the version the index saw
+(rows with committed_in > table_version) and marks the vectors of rows closed since then
+as dead; it rebuilds instead when the index has outgrown its type, and says why.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +16,38 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import build as B
 from index import store
-from index.source import BATCH_ROWS, EmbeddingSource, open_source
+from index.source import BATCH_ROWS, COLUMNS, EmbeddingSource
 from models.errors import LakelensError
 from pipelines import version
+from pipelines.lake.table import LakeTable, open_table
 
 logger = logging.getLogger(__name__)
 
 HELD_OUT_QUERIES = 1000
+MAX_DEAD_FRACTION = 0.3  # more replaced vectors than this: rebuild
+IVF_GROWTH = 4.0  # an IVF index trained on n vectors is rebuilt past this many times n
+
+
+def table_source(table: LakeTable, where: pc.Expression | None = None) -> EmbeddingSource:
+    """The current view's embeddings at the table's loaded version."""
+    model = table.model("embed")
+    if model is None or not table.embedding_dim:
+        raise LakelensError(f"no embeddings in {table.out!r}: run `lakelens annotate --tasks embed` first")
+    flt = pc.field("embedding").is_valid()
+    if where is not None:
+        flt = flt & where
+    count = table.dataset().count_rows(filter=pc.field("is_current") & (pc.field("status") == "ok") & flt)
+
+    def scan(batch_rows: int):
+        return table.current(COLUMNS, where=flt, batch_rows=batch_rows)
+
+    embedder = {"arch": model["arch"], "weights": model["weights_id"], "spec": model["spec"]}
+    return EmbeddingSource(table.out, int(table.embedding_dim), embedder, count, scan)
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,8 @@ def build(cfg: IndexBuildConfig) -> dict:
     """Build INDEX_DIR from a results table; returns the manifest written."""
     started = time.perf_counter()
     gpu = B.use_gpu(cfg.gpu)
-    src = open_source(cfg.results)
+    table = open_table(cfg.results)
+    src = table_source(table)
     n = src.count_embeddings()
     if n == 0:
         raise LakelensError(f"no embeddings in {cfg.results!r} (every row's embedding is null)")
@@ -87,18 +115,20 @@ def build(cfg: IndexBuildConfig) -> dict:
     truth = B.ground_truth(queries, src.vectors(cfg.batch_rows), B.RECALL_K, cfg.metric)
     params, recall = B.tune(index, queries, truth)
     manifest = {
-        "factory": choice.factory, "factory_reason": choice.reason, "dim": src.dim,
+        "factory": choice.factory, "factory_reason": choice.reason,
+        "factory_requested": cfg.factory, "dim": src.dim,
         "metric": cfg.metric, "count": index.ntotal, "vectors": index.ntotal,
-        "embedder": src.embedder, "sources": [os.path.abspath(cfg.results)],
+        "embedder": src.embedder, "table": table.uri, "table_version": table.version,
         "search_params": params, "recall_at_10": round(recall, 4),
         "recall_queries": int(len(queries)), "train_sample": int(n_train),
         "built_on": "gpu" if gpu else "cpu", "build_s": round(time.perf_counter() - started, 3),
         "built_at": datetime.now(UTC).isoformat(), "lakelens_version": version(),
+        "trained_on": int(index.ntotal),
     }
     ids = _ids_table(*(pa.chunked_array(meta[c], pa.string()) for c in meta),
                      pa.array(np.ones(index.ntotal, bool)))
-    store.save(cfg.out, index, ids, manifest)
-    return manifest
+    saved = store.save(cfg.out, index, ids, manifest)
+    return {**manifest, "version": saved.name}
 
 
 def _default_train(index) -> int:
@@ -106,33 +136,64 @@ def _default_train(index) -> int:
     return max(50_000, 40 * ivf.nlist) if ivf is not None else 50_000
 
 
+def rebuild_reason(manifest: dict, live: int, total: int) -> str | None:
+    """Why an index that now holds `total` vectors, `live` of them live, should be rebuilt."""
+    dead = total - live
+    if total and dead / total > MAX_DEAD_FRACTION:
+        return f"{dead} of {total} vectors are replaced ones (> {MAX_DEAD_FRACTION:.0%})"
+    if manifest.get("factory_requested") == "auto" and manifest["factory"] == "Flat" and \
+            live > B.FLAT_MAX_ROWS:
+        return f"{live} vectors outgrew Flat (> {B.FLAT_MAX_ROWS})"
+    trained = manifest.get("trained_on") or manifest["count"]
+    if manifest["factory"].startswith("IVF") and live > IVF_GROWTH * max(trained, 1):
+        return f"{live} vectors: more than {IVF_GROWTH:g}x the {trained} its lists were trained for"
+    return None
+
+
 def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dict:
-    """Add the images of `results` that the index lacks; a changed image (same image_id,
-    new content hash) replaces its old vector. Returns the manifest written."""
+    """Bring INDEX_DIR up to date with DIR's table: add rows committed since the table
+    version it saw, drop (as dead rows) vectors whose image changed or vanished. Rebuilds
+    when the index outgrew its type. Returns the manifest written."""
     started = time.perf_counter()
     opened = store.open_index(index_dir)
     manifest = opened.manifest
-    src: EmbeddingSource = open_source(results)
-    if src.dim != opened.dim:
-        raise LakelensError(f"{results} has embeddings of dim {src.dim}; the index holds dim {opened.dim}")
+    table = open_table(results)
+    seen = manifest.get("table_version")
+    if seen is None:
+        raise LakelensError(f"{index_dir} was not built from a lakelens table; rebuild it with "
+                            "`lakelens index build`")
+    if table.embedding_dim != opened.dim:
+        raise LakelensError(f"{results} has embeddings of dim {table.embedding_dim}; the index "
+                            f"holds dim {opened.dim}")
+    src = table_source(table, where=pc.field("committed_in") > seen)
     old, new = manifest["embedder"], src.embedder
     if (old["arch"], old["weights"]) != (new["arch"], new["weights"]):
         raise LakelensError(f"{results} was embedded with {new['arch']} ({new['weights']}); the "
                             f"index holds {old['arch']} ({old['weights']}): rebuild instead")
+    if table.version == seen:
+        return {**manifest, "last_update": {"added": 0, "replaced": 0, "removed": 0,
+                                            "seconds": 0.0, "table_version": seen,
+                                            "unchanged": True}}
     index = opened.index
-    ids = pq.read_table(os.path.join(index_dir, "ids.parquet"))
+    ids = pq.read_table(os.path.join(opened.path, "ids.parquet"))
     image_ids, uris = ids.column("image_id").to_pylist(), ids.column("uri").to_pylist()
-    hashes, live = ids.column("content_hash").to_pylist(), ids.column("live").to_pylist()
+    hashes = ids.column("content_hash").to_pylist()
+    live = opened.live.copy().tolist()
     row_of = dict(opened.row_of)
+    closed = 0
+    for batch in table.dataset().scanner(columns=["image_id"], filter=pc.field("closed_in") > seen,
+                                         batch_size=batch_rows).to_batches():
+        for iid in batch.column("image_id").to_pylist():
+            r = row_of.pop(iid, None)
+            if r is not None:
+                live[r] = False
+                closed += 1
     added = replaced = 0
     for rows in src.batches(batch_rows):
-        take = []
         batch_ids, batch_uris = rows.image_ids.to_pylist(), rows.uris.to_pylist()
         for j, (iid, h) in enumerate(zip(batch_ids, rows.content_hashes.to_pylist(), strict=True)):
             r = row_of.get(iid)
-            if r is not None and hashes[r] == h:
-                continue
-            if r is not None:
+            if r is not None:  # an image indexed twice (e.g. an index built mid-run): newest wins
                 live[r] = False
                 replaced += 1
             row_of[iid] = len(image_ids)
@@ -140,14 +201,43 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
             uris.append(batch_uris[j])
             hashes.append(h)
             live.append(True)
-            take.append(j)
-        if take:
-            index.add(np.ascontiguousarray(rows.vectors[take]))
-            added += len(take)
-    manifest = {**manifest, "count": int(sum(live)), "vectors": index.ntotal,
-                "sources": manifest["sources"] + [os.path.abspath(results)],
-                "updated_at": datetime.now(UTC).isoformat(),
-                "last_update": {"added": added - replaced, "replaced": replaced,
-                                "seconds": round(time.perf_counter() - started, 3)}}
-    store.save(index_dir, index, _ids_table(image_ids, uris, hashes, live), manifest)
-    return manifest
+        index.add(np.ascontiguousarray(rows.vectors))
+        added += len(batch_ids)
+    n_live = int(sum(live))
+    reason = rebuild_reason(manifest, n_live, index.ntotal)
+    if reason:
+        logger.info("rebuilding %s: %s", index_dir, reason)
+        m = build(IndexBuildConfig(results=results, out=index_dir,
+                                   factory=manifest.get("factory_requested", "auto"),
+                                   metric=manifest["metric"]))
+        return {**m, "last_update": {"rebuilt": reason, "added": added, "replaced": closed,
+                                     "seconds": round(time.perf_counter() - started, 3),
+                                     "table_version": table.version}}
+    manifest = {**manifest, "count": n_live, "vectors": index.ntotal,
+                "table_version": table.version, "updated_at": datetime.now(UTC).isoformat(),
+                "last_update": {"added": added, "replaced": closed + replaced,
+                                "seconds": round(time.perf_counter() - started, 3),
+                                "table_version": table.version, "from_table_version": seen}}
+    saved = store.save(index_dir, index, _ids_table(image_ids, uris, hashes, live), manifest)
+    return {**manifest, "version": saved.name}
+
+
+def describe_update(m: dict) -> str:
+    up = m["last_update"]
+    if up.get("unchanged"):
+        return f"already at table version {up['table_version']}; nothing to do"
+    text = (f"{up['added']} vectors added, {up['replaced']} replaced or removed, {m['count']} "
+            f"images in the index (table version {up['table_version']}, {up['seconds']:.1f} s)")
+    if up.get("rebuilt"):
+        text += f"; rebuilt as {m['factory']} because {up['rebuilt']}"
+    return text
+
+
+def sync(index_dir: str, results: str) -> dict:
+    """annotate --index: update INDEX_DIR, or build it when there is none yet."""
+    if os.path.exists(os.path.join(index_dir, "CURRENT")):
+        m = update(index_dir, results)
+        return {"path": index_dir, "summary": describe_update(m), "version": m.get("version")}
+    m = build(IndexBuildConfig(results=results, out=index_dir))
+    return {"path": index_dir, "summary": f"built, {m['count']} vectors ({m['factory']})",
+            "version": m.get("version")}

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from models.decode import decode_image
 from models.masks import rle_to_mask
 from pipelines.coco import read_results
-from pipelines.sources import read_bytes
+from pipelines.lake.sources import read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ def render_row(row: dict, image: np.ndarray) -> Image.Image:
 
 def render(results: str, out: str, *, limit: int | None = None) -> tuple[int, int]:
     """Write OUT/<image_id>.png for the first `limit` rows; returns (written, unreadable)."""
-    table: pa.Table = read_results(results, extra=["image_id"])
-    if limit is not None:
-        table = table.slice(0, limit)
+    table: pa.Table = read_results(results, extra=["image_id"], limit=limit)
     os.makedirs(out, exist_ok=True)
     written = failed = 0
     for row in table.to_pylist():

@@ -1,24 +1,24 @@
-"""The results and errors tables: explicit pyarrow schemas with a version in the metadata."""
+"""The annotations table: one explicit pyarrow schema, versioned.
+
+One Delta table holds results and errors (a `status` column) so that a chunk's result
+rows and error rows land in one commit or not at all. Every image has exactly one row
+with `is_current = true`; older rows of changed images stay as history.
+"""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
-from models.errors import LakelensError
-
-SCHEMA_VERSION = "1"
-VERSION_KEY = b"lakelens.schema_version"
+SCHEMA_VERSION = "2"
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
-BOX = pa.list_(pa.float32(), 4)
+BOX = pa.list_(pa.float32())
 RLE = pa.struct([
-    _f("size", pa.list_(pa.int32(), 2), "mask height, width in original upright pixels"),
+    _f("size", pa.list_(pa.int32()), "mask height, width in original upright pixels"),
     _f("counts", pa.string(), "COCO compressed RLE counts (pycocotools)"),
 ])
 DETECTION = pa.struct([
@@ -32,7 +32,7 @@ POSE = pa.struct([
     _f("box", BOX, "x0, y0, x1, y1 in original upright pixels"),
     _f("score", pa.float32(), "person confidence in [0, 1]"),
     _f("keypoints", pa.list_(pa.float32()),
-       "K x 3 flattened (x, y, visibility), original upright pixels; K and names in file metadata"),
+       "K x 3 flattened (x, y, visibility), original upright pixels; K and names in DIR/lakelens.json"),
 ])
 MODEL = pa.struct([
     _f("task", pa.string(), "detect, segment, pose or embed"),
@@ -41,51 +41,34 @@ MODEL = pa.struct([
 ])
 TASK_COLUMNS = {"detect": "detections", "segment": "instances", "pose": "poses",
                 "embed": "embedding"}
+TASK_TYPES = {"detections": pa.list_(DETECTION), "instances": pa.list_(INSTANCE),
+              "poses": pa.list_(POSE), "embedding": pa.list_(pa.float32())}
+STATUSES = ("ok", "error")
 
-
-def results_schema(embedding_dim: int) -> pa.Schema:
-    """One row per image. The embedding is fixed_size_list<float32>[embedding_dim]."""
-    return pa.schema([
-        _f("image_id", pa.string(), "hash of the canonical URI", nullable=False),
-        _f("uri", pa.string(), "where the image was read from", nullable=False),
-        _f("content_hash", pa.string(), "sha256 of the file's bytes"),
-        _f("width", pa.int32(), "upright width in pixels (after EXIF orientation)"),
-        _f("height", pa.int32(), "upright height in pixels (after EXIF orientation)"),
-        _f("detections", pa.list_(DETECTION), "detect task; null when not asked"),
-        _f("instances", pa.list_(INSTANCE), "segment task; null when not asked"),
-        _f("poses", pa.list_(POSE), "pose task; null when not asked"),
-        _f("embedding", pa.list_(pa.float32(), embedding_dim),
-           "embed task: L2-normalised image embedding; null when not asked"),
-        _f("models", pa.list_(MODEL), "what made each column"),
-        _f("run_id", pa.string(), "the run that wrote the row"),
-        _f("annotated_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
-    ])
-
-
-ERRORS_SCHEMA = pa.schema([
-    _f("image_id", pa.string(), "hash of the canonical URI", nullable=False),
-    _f("uri", pa.string(), "where the image was to be read from", nullable=False),
-    _f("stage", pa.string(), "list, read, decode, detect, segment, pose, embed, encode or write"),
-    _f("error_type", pa.string(), "short error class, e.g. TruncatedImageError"),
-    _f("message", pa.string(), "what went wrong, in one line"),
+TABLE_SCHEMA = pa.schema([
+    _f("image_id", pa.string(), "sha256 of the canonical URI, 32 hex digits"),
+    _f("bucket", pa.int32(), "hash partition of image_id (the table is partitioned by it)"),
+    _f("uri", pa.string(), "where the image was read from"),
+    _f("content_hash", pa.string(), "sha256 of the file's bytes (null if unreadable)"),
+    _f("size", pa.int64(), "object size in bytes when listed"),
+    _f("fingerprint", pa.string(),
+       "cheap change detector: size:mtime_ns locally, etag:<ETag> or size:mtime on object stores"),
+    _f("status", pa.string(), "ok (a result) or error"),
+    _f("error_stage", pa.string(), "list, read, decode, detect, segment, pose, embed, encode, crash"),
+    _f("error_type", pa.string(), "short error class, e.g. TruncatedImageError, WorkerCrashed"),
+    _f("error_message", pa.string(), "what went wrong, in one line"),
+    _f("error_retryable", pa.bool_(), "transient (retried next run) or permanent (until the bytes change)"),
+    _f("width", pa.int32(), "upright width in pixels (after EXIF orientation)"),
+    _f("height", pa.int32(), "upright height in pixels (after EXIF orientation)"),
+    *[_f(col, TASK_TYPES[col], f"{task} task; null when not asked or on error")
+      for task, col in TASK_COLUMNS.items()],
+    _f("models", pa.list_(MODEL), "what made each task column"),
     _f("run_id", pa.string(), "the run that wrote the row"),
+    _f("annotated_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
+    _f("is_current", pa.bool_(), "true on exactly one row per image: its latest state"),
+    _f("committed_in", pa.int64(), "table version of the commit that wrote the row"),
+    _f("closed_in", pa.int64(), "table version that superseded the row (null while current)"),
+    _f("closed_at", pa.timestamp("us", tz="UTC"), "when the row stopped being current"),
+    _f("closed_by", pa.string(), "run that superseded the row"),
+    _f("close_reason", pa.string(), "changed, retried, full (re-annotated) or vanished (--prune)"),
 ])
-
-
-def file_metadata(kind: str, run_id: str, extra: dict | None = None) -> dict[bytes, bytes]:
-    """Parquet file metadata: schema version, table kind, run id and any extra JSON."""
-    meta = {VERSION_KEY: SCHEMA_VERSION.encode(), b"lakelens.table": kind.encode(),
-            b"lakelens.run_id": run_id.encode()}
-    for key, value in (extra or {}).items():
-        meta[f"lakelens.{key}".encode()] = json.dumps(value).encode()
-    return meta
-
-
-def check_version(schema: pa.Schema, where: str) -> None:
-    """Raise LakelensError unless the file was written with this schema version."""
-    found = (schema.metadata or {}).get(VERSION_KEY)
-    if found is None:
-        raise LakelensError(f"{where} is not a lakelens table (no {VERSION_KEY.decode()})")
-    if found.decode() != SCHEMA_VERSION:
-        raise LakelensError(
-            f"{where} has schema version {found.decode()}; this lakelens reads {SCHEMA_VERSION}")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from models.detection import build_detector
@@ -56,12 +55,19 @@ def train_tiny_detector(path: Path, *, steps: int = 250, seed: int = 0) -> Path:
     return path
 
 
-def read_table(directory: Path) -> pa.Table:
-    """All Parquet files of a results/ or errors/ directory as one table (empty if none)."""
-    files = sorted(directory.glob("*.parquet"))
-    if not files:
-        return pa.table({})
-    return pa.concat_tables([pq.read_table(f) for f in files])
+def read_current(out: Path, status: str | None = None) -> pa.Table:
+    """The current view of DIR's table (optionally only `status` rows), as pyarrow."""
+    from pipelines.lake.table import open_table
+
+    return open_table(str(out)).current_table(status=status)
+
+
+def read_results(out: Path) -> pa.Table:
+    return read_current(out, "ok")
+
+
+def read_errors(out: Path) -> pa.Table:
+    return read_current(out, "error")
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -89,38 +95,45 @@ def clustered_vectors(n: int, dim: int, *, clusters: int = 50, spread: float = 0
 
 def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None = None,
                   hashes: list[str] | None = None, embedder: tuple[str, str] = ("tiny", "random:seed0"),
-                  run_id: str = "run-a", annotated_at: int = 0, null_rows: int = 0,
-                  spec: str = "random") -> Path:
-    """A results file with the real schema (pipelines.schema), holding `vectors` as the
-    embedding column plus `null_rows` rows without an embedding."""
-    from datetime import UTC, datetime, timedelta
+                  run_id: str = "run-a", null_rows: int = 0, spec: str = "random") -> Path:
+    """Commit `vectors` as result rows of DIR's lake table (created if missing) through
+    the table's real commit path, plus `null_rows` rows without an embedding. An id that
+    already has a current row is closed and replaced, as annotate does for changed images."""
+    from datetime import UTC, datetime
 
-    from pipelines.schema import file_metadata, results_schema
+    from pipelines.lake.sources import bucket_of
+    from pipelines.lake.table import create_or_open, save_meta
+    from pipelines.schema import TABLE_SCHEMA
 
     n, dim = vectors.shape
     ids = ids or [f"img{i:07d}" for i in range(n)]
     hashes = hashes or [f"h-{i}" for i in ids]
+    all_ids = ids + [f"null{i}" for i in range(null_rows)]
     total = n + null_rows
-    schema = results_schema(dim)
+    table = create_or_open(str(directory), buckets=4)
+    table.meta["embedding_dim"] = dim
+    table.meta["models"] = {"embed": {"arch": embedder[0], "weights_id": embedder[1], "spec": spec,
+                                      "labels": [], "keypoint_names": [], "embedding_dim": dim}}
+    save_meta(table)
     models = [{"task": "embed", "arch": embedder[0], "weights": embedder[1]}]
-    when = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=annotated_at)
-    emb = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.concatenate([vectors, np.zeros((null_rows, dim), np.float32)]).ravel()), dim,
-        mask=pa.array([False] * n + [True] * null_rows))
+    emb = pa.array([v.tolist() for v in vectors] + [None] * null_rows, pa.list_(pa.float32()))
+    buckets = [bucket_of(i, table.buckets) for i in all_ids]
     cols = {
-        "image_id": ids + [f"null{i}" for i in range(null_rows)],
-        "uri": [f"/lake/{i}.jpg" for i in ids] + [f"/lake/null{i}.jpg" for i in range(null_rows)],
-        "content_hash": hashes + ["x"] * null_rows,
-        "width": [64] * total, "height": [48] * total,
-        "detections": [None] * total, "instances": [None] * total, "poses": [None] * total,
-        "embedding": emb, "models": [models] * total, "run_id": [run_id] * total,
-        "annotated_at": [when] * total,
+        "image_id": all_ids, "bucket": buckets,
+        "uri": [f"/lake/{i}.jpg" for i in all_ids],
+        "content_hash": hashes + ["x"] * null_rows, "status": ["ok"] * total,
+        "width": [64] * total, "height": [48] * total, "embedding": emb,
+        "models": [models] * total, "run_id": [run_id] * total,
+        "annotated_at": [datetime.now(UTC)] * total, "is_current": [True] * total,
     }
-    table = pa.table({k: pa.array(v, type=schema.field(k).type) if k != "embedding" else v
-                      for k, v in cols.items()}, schema=schema)
-    table = table.replace_schema_metadata(file_metadata(
-        "results", run_id, {"models": [{**models[0], "spec": spec}], "embedding_dim": dim}))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"part-{run_id}.parquet"
-    pq.write_table(table, path)
-    return path
+    rows = pa.table({f.name: (cols[f.name] if isinstance(cols.get(f.name), pa.Array) else
+                              pa.array(cols[f.name], f.type)) if f.name in cols else pa.nulls(total, f.type)
+                     for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
+    present = set(table.current_table(["image_id"], status=None).column("image_id").to_pylist())
+    again = [(i, b) for i, b in zip(all_ids, buckets, strict=True) if i in present]
+    closes = pa.table({"image_id": [i for i, _ in again],
+                       "bucket": pa.array([b for _, b in again], pa.int32()),
+                       "reason": ["changed"] * len(again)}) if again else None
+    seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
+    table.commit(rows, closes, run_id=run_id, seq=seq, epoch=1)
+    return directory

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
-from models.decode import ImageTooLargeError, decode_image, target_size
+from models import decode
+from models.decode import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+    decode_image,
+    target_size,
+)
 from tests.zoo import EXIF_ORIENTATION, build_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +100,126 @@ def test_large_jpeg_is_decoded_reduced_with_exact_scale(tmp_path: Path) -> None:
 ])
 def test_target_size(size, short, long, expected) -> None:
     assert target_size(*size, short, long) == expected
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "HEIF":
+        pillow_heif.from_pillow(im).save(buf, quality=90, **kw)
+    else:
+        im.save(buf, format=fmt, quality=90, **kw)
+    return buf.getvalue()
+
+
+def _red_left_half(w: int = 80, h: int = 40) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode_to_size_and_colour(fmt: str) -> None:
+    dec = decode_image(_encoded(Image.new("RGB", (96, 64), (200, 40, 90)), fmt))
+    assert (dec.width, dec.height) == (96, 64) and dec.pixels.shape == (64, 96, 3)
+    assert np.abs(dec.pixels.reshape(-1, 3).mean(0) - (200, 40, 90)).max() < 8
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_reduced_decode(fmt: str) -> None:
+    data = _encoded(Image.new("RGB", (640, 480), (20, 160, 220)), fmt)
+    dec = decode_image(data, short=120, long=200)
+    assert (dec.width, dec.height) == (640, 480)
+    assert dec.pixels.shape == (120, 160, 3) and dec.scale == (4.0, 4.0)
+    assert np.abs(dec.pixels.reshape(-1, 3).mean(0) - (20, 160, 220)).max() < 8
+
+
+def test_heic_orientation_is_applied_once(tmp_path: Path) -> None:
+    # Written like an iPhone photo: pixels stored sideways, pillow-heif turns EXIF orientation 6
+    # into HEIF's irot/imir and keeps the EXIF tag; upright, the red half is on top.
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    path = tmp_path / "r.heic"
+    pillow_heif.from_pillow(_red_left_half()).save(path, quality=90, exif=exif.tobytes())
+    stored = Image.Exif()
+    stored.load(pillow_heif.open_heif(path).info["exif"])
+    assert stored[EXIF_ORIENTATION] == 6  # the file still says "rotate me"
+    for short, long in ((None, None), (20, 40)):
+        dec = decode_image(path.read_bytes(), short=short, long=long)
+        assert (dec.width, dec.height) == (40, 80)
+        h = dec.pixels.shape[0]
+        assert dec.pixels.shape[1] * 2 == h
+        assert dec.pixels[: h * 3 // 8, :, 0].mean() > 200 and dec.pixels[h * 5 // 8:, :, 0].mean() < 50
+
+
+def test_avif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    dec = decode_image(_encoded(_red_left_half(), "AVIF", exif=exif.tobytes()))
+    assert (dec.width, dec.height) == (40, 80)
+    assert dec.pixels[:30, :, 0].mean() > 200 and dec.pixels[50:, :, 0].mean() < 50
+
+
+def test_avif_with_a_generic_major_brand_is_not_taken_for_heic() -> None:
+    data = _encoded(Image.new("RGB", (32, 24), (0, 0, 255)), "AVIF")
+    data = data[:8] + b"mif1" + data[12:]  # valid ISO-BMFF; pillow-heif accepts it but lacks AV1
+    assert decode._sniff(data) == "AVIF"
+    assert decode_image(data).pixels[..., 2].mean() > 200
+
+
+@pytest.mark.parametrize("keep", [0.002, 0.5, 0.99])
+def test_truncated_heic_is_corrupt_not_unknown(keep: float) -> None:
+    data = _encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8)),
+                    "HEIF")
+    with pytest.raises(CorruptImageError) as info:
+        decode_image(data[: max(100, int(len(data) * keep))])
+    assert "\n" not in str(info.value)
+    if keep < 0.01:
+        assert str(info.value) == "starts like a HEIF file but cannot be parsed"
+
+
+@pytest.mark.parametrize(("head", "fmt"), [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIF"),
+    (b"\x00\x00\x00\x18ftypheix\x00\x00\x00\x00mif1heix", "HEIF"),
+    (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic", "HEIF"),
+    (b"\x00\x00\x00\x10ftypmsf1\x00\x00\x00\x00", "HEIF"),
+    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf", "AVIF"),
+    (b"\x00\x00\x00\x14ftypavis\x00\x00\x00\x00avis", "AVIF"),
+    (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1avif", "AVIF"),
+    (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2", None),  # an MP4 video
+    (b"\x00\x00\x00\x18ftypheic"[:10], None),  # too short to hold a brand
+    (b"\xff\xd8\xff\xe0", "JPEG"),
+    (b"hello world", None),
+])
+def test_sniff(head: bytes, fmt: str | None) -> None:
+    assert decode._sniff(head) == fmt
+
+
+def test_missing_codec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = "HEIC needs the pillow-heif package: pip install pillow-heif"
+    monkeypatch.setitem(decode.MISSING_CODECS, "HEIF", msg)
+    with pytest.raises(UnsupportedFormatError, match="pip install pillow-heif"):
+        decode_image(_encoded(Image.new("RGB", (16, 16)), "HEIF"))
+
+
+def test_without_pillow_heif_heic_is_unsupported_and_the_rest_still_decodes(tmp_path: Path) -> None:
+    (tmp_path / "a.heic").write_bytes(_encoded(Image.new("RGB", (16, 16)), "HEIF"))
+    Image.new("RGB", (5, 3)).save(tmp_path / "a.png")
+    script = (
+        "import sys; sys.modules['pillow_heif'] = None\n"  # makes `import pillow_heif` fail
+        "from pathlib import Path\n"
+        "from models.decode import MISSING_CODECS, UnsupportedFormatError, decode_image\n"
+        "assert 'HEIF' in MISSING_CODECS, MISSING_CODECS\n"
+        "assert decode_image(Path(sys.argv[1], 'a.png').read_bytes()).width == 5\n"
+        "try:\n    decode_image(Path(sys.argv[1], 'a.heic').read_bytes())\n"
+        "except UnsupportedFormatError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "HEIC needs the pillow-heif package: pip install pillow-heif"
+
+
+def test_image_extensions_cover_the_zoo(zoo) -> None:
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff",
+                                ".webp", ".heic", ".heif", ".avif"}
+    for case in zoo:
+        assert case.path.suffix.lower() in IMAGE_EXTENSIONS, case.name

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 from index.build import choose_factory, gpu_count, recall_at_k
-from index.source import READS_SCHEMA_VERSION
 from index.store import open_index
 from models.errors import LakelensError
 from pipelines.indexing import IndexBuildConfig, build, update
-from pipelines.schema import SCHEMA_VERSION
 from tests.helpers import clustered_vectors, write_results
 
 DIM = 32
@@ -29,10 +27,6 @@ def exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     flat = faiss.IndexFlatIP(x.shape[1])
     flat.add(x)
     return flat.search(q, k)
-
-
-def test_reader_understands_the_written_schema_version() -> None:
-    assert READS_SCHEMA_VERSION == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize(("n", "dim", "budget", "expected"), [
@@ -54,7 +48,8 @@ def test_small_index_is_flat_and_equals_exact_search(data: np.ndarray, tmp_path:
     q = data[:50]
     found = idx.search(q, 10)
     scores, rows = exact(data, q, 10)
-    assert [list(r) for r in found.rows] == [list(r) for r in rows]
+    # Row numbers follow the table's file order; compare by image id.
+    assert found.image_ids == [[f"img{r:07d}" for r in row] for row in rows]
     np.testing.assert_allclose(np.stack(found.scores), scores, rtol=1e-5)
     assert found.image_ids[0][0] == "img0000000" and found.uris[0][0] == "/lake/img0000000.jpg"
 
@@ -67,8 +62,8 @@ def test_ivf_index_reaches_the_recall_target(data: np.ndarray, tmp_path: Path) -
     idx = open_index(tmp_path / "idx")
     q = clustered_vectors(6200, DIM, seed=3)[6000:]  # same clusters, not in the index
     found = np.full((len(q), 10), -1)
-    for i, rows in enumerate(idx.search(q, 10).rows):
-        found[i, :len(rows)] = rows
+    for i, ids in enumerate(idx.search(q, 10).image_ids):
+        found[i, :len(ids)] = [int(x[3:]) for x in ids]  # img0000042 -> data row 42
     assert recall_at_k(found, exact(data, q, 10)[1]) >= 0.9
 
 
@@ -76,48 +71,93 @@ def test_manifest_round_trip(data: np.ndarray, tmp_path: Path) -> None:
     write_results(tmp_path / "res", data, embedder=("resnet18", "random:seed0"))
     built = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx"),
                                    metric="l2"))
-    on_disk = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert on_disk == {**built, "format_version": 1}
-    for key in ("factory", "dim", "metric", "count", "embedder", "sources", "build_s",
+    on_disk = json.loads((tmp_path / "idx" / "v1" / "manifest.json").read_text())
+    assert on_disk == {**built, "version": "v1", "format_version": 1}
+    for key in ("factory", "dim", "metric", "count", "embedder", "table", "table_version", "build_s",
                 "lakelens_version", "recall_at_10"):
         assert key in on_disk, key
     assert on_disk["embedder"] == {"arch": "resnet18", "weights": "random:seed0", "spec": "random"}
     idx = open_index(tmp_path / "idx")
     assert (idx.dim, len(idx), idx.manifest["metric"]) == (DIM, len(data), "l2")
     assert idx.search_ids(["img0000042"], 3).image_ids[0][0] == "img0000042"
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["CURRENT", "v1"]
+    assert sorted(p.name for p in (tmp_path / "idx" / "v1").iterdir()) == [
         "ids.parquet", "index.faiss", "manifest.json"]
 
 
-def test_update_equals_a_rebuild_on_the_union(data: np.ndarray, tmp_path: Path) -> None:
+def test_update_equals_a_rebuild_of_the_table(data: np.ndarray, tmp_path: Path) -> None:
     a, b = data[:4000], data[4000:]
-    write_results(tmp_path / "a", a)
-    build(IndexBuildConfig(results=str(tmp_path / "a"), out=str(tmp_path / "inc")))
+    lake = tmp_path / "lake"
+    write_results(lake, a)
+    build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "inc")))
     # Night two: 2000 new images, and 100 old ones that changed (same id, new bytes).
     changed_ids = [f"img{i:07d}" for i in range(100)]
     changed = clustered_vectors(100, DIM, seed=11)
     new_ids = [f"img{i:07d}" for i in range(4000, 6000)]
-    write_results(tmp_path / "b", np.concatenate([b, changed]), ids=new_ids + changed_ids,
+    write_results(lake, np.concatenate([b, changed]), ids=new_ids + changed_ids,
                   hashes=[f"h-{i}" for i in new_ids] + [f"new-{i}" for i in changed_ids],
-                  run_id="run-b", annotated_at=86400)
-    m = update(str(tmp_path / "inc"), str(tmp_path / "b"))
-    assert m["last_update"] == {"added": 2000, "replaced": 100, "seconds": m["last_update"]["seconds"]}
-    assert m["count"] == 6000
-    union = tmp_path / "union" / "results"
-    write_results(union, a, run_id="run-a")
-    write_results(union, np.concatenate([b, changed]), ids=new_ids + changed_ids,
-                  hashes=[f"h-{i}" for i in new_ids] + [f"new-{i}" for i in changed_ids],
-                  run_id="run-b", annotated_at=86400)
-    build(IndexBuildConfig(results=str(tmp_path / "union"), out=str(tmp_path / "full")))
+                  run_id="run-b")
+    m = update(str(tmp_path / "inc"), str(lake))
+    up = m["last_update"]
+    assert (up["added"], up["replaced"], m["count"], m["vectors"]) == (2100, 100, 6000, 6100)
+    assert m["version"] == "v2" and (tmp_path / "inc" / "CURRENT").read_text().strip() == "v2"
+    build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "full")))
     inc, full = open_index(tmp_path / "inc"), open_index(tmp_path / "full")
     q = np.concatenate([data[::97], changed[:10]])
     r_inc, r_full = inc.search(q, 10), full.search(q, 10)
     assert r_inc.image_ids == r_full.image_ids
     np.testing.assert_allclose(np.stack(r_inc.scores), np.stack(r_full.scores), rtol=1e-5)
-    # The changed image is found by its new vector, not by its old one.
+    # The changed image is found by its new vector, never by its old one, and dead rows
+    # are excluded inside the search: k live hits come back.
     assert inc.search(changed[:1], 1).image_ids[0] == ["img0000000"]
     assert "img0000000" not in inc.search(data[:1], 1).image_ids[0]
-    assert update(str(tmp_path / "inc"), str(tmp_path / "b"))["last_update"]["added"] == 0
+    assert all(len(ids) == 10 for ids in inc.search(data[:100], 10).image_ids)
+    again = update(str(tmp_path / "inc"), str(lake))
+    assert again["last_update"]["unchanged"] and again["version"] == "v2"
+
+
+def test_update_rebuilds_when_most_vectors_are_dead(data: np.ndarray, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    write_results(lake, data[:1000])
+    build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "idx")))
+    write_results(lake, data[1000:1600], ids=[f"img{i:07d}" for i in range(600)], run_id="run-b")
+    m = update(str(tmp_path / "idx"), str(lake))
+    assert "replaced ones" in m["last_update"]["rebuilt"]
+    assert (m["count"], m["vectors"]) == (1000, 1000)  # rebuilt: no dead rows left
+    idx = open_index(tmp_path / "idx")
+    assert idx.search(data[1000:1001], 1).image_ids[0] == ["img0000000"]
+
+
+def test_a_crash_mid_update_leaves_the_old_index_answering(data: np.ndarray, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lake = tmp_path / "lake"
+    write_results(lake, data[:3000])
+    build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "idx")))
+    before = open_index(tmp_path / "idx").search(data[:20], 5).image_ids
+    write_results(lake, data[3000:], ids=[f"img{i:07d}" for i in range(3000, 6000)], run_id="run-b")
+    # A real update in a child process, SIGKILLed while it writes the new version.
+    code = ("import faiss, sys, time\n"
+            "orig = faiss.write_index\n"
+            "def slow(*a):\n"
+            "    orig(*a); print('WRITING', flush=True); time.sleep(60)\n"
+            "faiss.write_index = slow\n"
+            "from pipelines.indexing import update\n"
+            f"update({str(tmp_path / 'idx')!r}, {str(lake)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.1)
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == "v1"
+    assert open_index(tmp_path / "idx").search(data[:20], 5).image_ids == before
+    m = update(str(tmp_path / "idx"), str(lake))  # the next update finishes the job
+    assert m["count"] == 6000 and m["version"] == "v2"
 
 
 def test_bad_inputs_are_clear_errors(data: np.ndarray, tmp_path: Path) -> None:
@@ -132,34 +172,32 @@ def test_bad_inputs_are_clear_errors(data: np.ndarray, tmp_path: Path) -> None:
         idx.search(data[:1], 0)
     with pytest.raises(LakelensError, match="does not exist"):
         open_index(tmp_path / "missing")
-    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "v1").mkdir(parents=True)
+    (tmp_path / "broken" / "CURRENT").write_text("v1\n")
     for name in ("manifest.json", "ids.parquet"):
-        (tmp_path / "broken" / name).write_bytes((tmp_path / "idx" / name).read_bytes())
-    (tmp_path / "broken" / "index.faiss").write_bytes(b"not faiss")
+        (tmp_path / "broken" / "v1" / name).write_bytes((tmp_path / "idx" / "v1" / name).read_bytes())
+    (tmp_path / "broken" / "v1" / "index.faiss").write_bytes(b"not faiss")
     with pytest.raises(LakelensError, match="corrupt"):
         open_index(tmp_path / "broken")
-    with pytest.raises(LakelensError, match="no manifest"):
+    with pytest.raises(LakelensError, match="no CURRENT"):
         open_index(tmp_path / "res")
+    with pytest.raises(LakelensError, match="holds no lakelens table"):
+        build(IndexBuildConfig(results=str(tmp_path / "idx"), out=str(tmp_path / "y")))
     with pytest.raises(LakelensError, match="not a valid FAISS factory"):
         build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "x"),
                                factory="IVF,Nonsense"))
 
 
-def test_mixed_dims_or_embedders_are_refused(tmp_path: Path) -> None:
-    write_results(tmp_path / "dims", clustered_vectors(50, 16), run_id="r1")
-    write_results(tmp_path / "dims", clustered_vectors(50, 32), run_id="r2")
-    with pytest.raises(LakelensError, match="different dims"):
-        build(IndexBuildConfig(results=str(tmp_path / "dims"), out=str(tmp_path / "i1")))
-    write_results(tmp_path / "emb", clustered_vectors(50, 16), run_id="r1")
-    write_results(tmp_path / "emb", clustered_vectors(50, 16), run_id="r2",
-                  embedder=("resnet18", "random:seed0"))
-    with pytest.raises(LakelensError, match="different embedders"):
-        build(IndexBuildConfig(results=str(tmp_path / "emb"), out=str(tmp_path / "i2")))
+def test_another_embedder_or_dim_is_refused_by_update(tmp_path: Path) -> None:
     write_results(tmp_path / "one", clustered_vectors(50, 16), run_id="r1")
     build(IndexBuildConfig(results=str(tmp_path / "one"), out=str(tmp_path / "i3")))
-    write_results(tmp_path / "other", clustered_vectors(50, 16), embedder=("resnet18", "random:seed0"))
+    write_results(tmp_path / "one", clustered_vectors(50, 16, seed=2), run_id="r2",
+                  embedder=("resnet18", "random:seed0"))
     with pytest.raises(LakelensError, match="rebuild instead"):
-        update(str(tmp_path / "i3"), str(tmp_path / "other"))
+        update(str(tmp_path / "i3"), str(tmp_path / "one"))
+    write_results(tmp_path / "wide", clustered_vectors(50, 32), run_id="r1")
+    with pytest.raises(LakelensError, match="dim 32"):
+        update(str(tmp_path / "i3"), str(tmp_path / "wide"))
 
 
 def test_gpu_on_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image
+
+pillow_heif.register_heif_opener()  # lets Image.save write format="HEIF"
 
 EXIF_ORIENTATION = 0x0112
 
@@ -110,6 +113,21 @@ def build_zoo(root: Path) -> list[Case]:
     bad("broken_link.jpg", "read", "FileNotFoundError")
     _noise(21, 13).save(lake / "ñandú 图像.png")
     ok("ñandú 图像.png", (21, 13))
+    _noise(64, 48).save(lake / "photo.heic", format="HEIF", quality=90)
+    ok("photo.heic", (64, 48))
+    # iPhone-style: stored sideways, with both HEIF's irot and EXIF orientation 6
+    _noise(80, 40).save(lake / "IMG_0001.HEIC", format="HEIF", exif=exif.tobytes(), quality=90)
+    ok("IMG_0001.HEIC", (40, 80))
+    _noise(48, 32).save(lake / "image.heif", format="HEIF", quality=90)
+    ok("image.heif", (48, 32))
+    _noise(62, 46).save(lake / "image.avif", format="AVIF", quality=90)
+    ok("image.avif", (62, 46))
+    _noise(80, 40).save(lake / "exif_rotated.avif", format="AVIF", exif=exif.tobytes(), quality=90)
+    ok("exif_rotated.avif", (40, 80))
+    buf = io.BytesIO()
+    _noise(200, 150).save(buf, format="HEIF", quality=90)
+    (lake / "truncated.heic").write_bytes(buf.getvalue()[: buf.tell() * 2 // 3])
+    bad("truncated.heic", "decode", "CorruptImageError")
     (lake / "notes.txt").write_text("not an image, skipped by extension\n")
     sub = lake / "nested" / "deeper"
     sub.mkdir(parents=True)

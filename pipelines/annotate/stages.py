@@ -8,6 +8,7 @@ later stages and ends in the errors table.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -15,16 +16,44 @@ import torch
 
 from models.decode import content_hash, decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
+from pipelines.annotate.encode import ENCODERS
 from pipelines.config import TaskConfig
-from pipelines.encode import ENCODERS
+from pipelines.lake.sources import read_bytes
 from pipelines.schema import TASK_COLUMNS
-from pipelines.sources import read_bytes
 
 logger = logging.getLogger(__name__)
 
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
 PIXEL_COLUMNS = ("pixels", "dec_width", "dec_height")
 MAX_MESSAGE = 500
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.5  # doubled after each failed attempt
+TRANSIENT_HINTS = ("timed out", "timeout", "connection reset", "connection aborted", "throttl",
+                   "slowdown", "slow down", "too many requests", "service unavailable",
+                   "internal error", " 500", " 502", " 503", " 504", "temporarily")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Timeouts, connection resets, 5xx and throttling: worth another try."""
+    if isinstance(exc, TimeoutError | ConnectionError | InterruptedError):
+        return True
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return False
+    text = str(exc).lower()
+    return any(h in text for h in TRANSIENT_HINTS)
+
+
+def read_with_retries(uri: str, *, attempts: int = READ_ATTEMPTS,
+                      backoff_s: float = READ_BACKOFF_S) -> tuple[bytes, int]:
+    """The object's bytes and how many transient failures were retried on the way."""
+    for attempt in range(attempts):
+        try:
+            return read_bytes(uri), attempt
+        except Exception as e:
+            if attempt + 1 == attempts or not is_transient(e):
+                raise
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _message(exc: BaseException) -> str:
@@ -34,13 +63,15 @@ def _message(exc: BaseException) -> str:
 
 def read_decode(batch: pa.Table, *, max_pixels: int, short: int | None,
                 long: int | None) -> pa.Table:
-    """(image_id, uri) -> + content_hash, width, height, pixels, dec_* and error columns."""
+    """(image_id, uri, ...) -> + content_hash, width, height, pixels, dec_*, read_retries and
+    error columns; the input columns pass through."""
     n = batch.num_rows
     cols: dict[str, list] = {k: [None] * n for k in (
         "content_hash", "width", "height", "pixels", "dec_width", "dec_height") + ERROR_COLUMNS}
+    retries = [0] * n
     for i, uri in enumerate(batch.column("uri").to_pylist()):
         try:
-            data = read_bytes(uri)
+            data, retries[i] = read_with_retries(uri)
         except Exception as e:  # missing, broken symlink, permission, network
             cols["error_stage"][i], cols["error_type"][i] = "read", type(e).__name__
             cols["error_message"][i] = _message(e)
@@ -57,10 +88,10 @@ def read_decode(batch: pa.Table, *, max_pixels: int, short: int | None,
         cols["pixels"][i], cols["dec_width"][i], cols["dec_height"][i] = dec.pixels.tobytes(), w, h
     types = {"width": pa.int32(), "height": pa.int32(), "dec_width": pa.int32(),
              "dec_height": pa.int32(), "pixels": pa.large_binary()}
-    out = batch.select(["image_id", "uri"])
+    out = batch
     for name, values in cols.items():
         out = out.append_column(name, pa.array(values, type=types.get(name, pa.string())))
-    return out
+    return out.append_column("read_retries", pa.array(retries, pa.int32()))
 
 
 class ModelStage:

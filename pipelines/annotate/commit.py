@@ -1,0 +1,173 @@
+"""The commit loop: pipeline rows -> table rows, a chunk at a time, one Delta commit each.
+
+The driver is the only writer. It holds at most one chunk of rows, turns them into
+TABLE_SCHEMA rows (results and errors alike), and commits them together with the closing
+of the rows they supersede. Counts for the run summary are kept as it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from models.registry import ModelInfo
+from pipelines.annotate.stages import is_transient
+from pipelines.lake.table import LakeTable
+from pipelines.schema import TABLE_SCHEMA, TASK_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+CLOSE_REASON = {"changed": "changed", "retry": "retried", "full": "full"}
+RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "embed"}
+PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
+
+
+def retryable(stage: str | None, error_type: str | None, message: str | None) -> bool | None:
+    """Transient errors are tried again by the next run; permanent ones (the bytes cannot
+    be decoded, the file is missing) only once the object's fingerprint changes."""
+    if stage is None:
+        return None
+    if stage == "read":
+        if error_type in PERMANENT_READ_ERRORS:
+            return False
+        return True
+    return stage in RETRYABLE_STAGES
+
+
+@dataclass
+class Committer:
+    table: LakeTable
+    run_id: str
+    epoch: int
+    models: list[ModelInfo]
+    chunk_size: int
+    seq: int = 0
+    annotated: int = 0
+    errors: int = 0
+    read_retries: int = 0
+    error_kinds: Counter = field(default_factory=Counter)  # (stage, error_type) -> n
+    _pending: list[pa.Table] = field(default_factory=list)
+    _pending_rows: int = 0
+    _started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        by_task = {m.task: m for m in self.models}
+        self._models_value = [{"task": t, "arch": by_task[t].arch, "weights": by_task[t].weights_id}
+                              for t in TASK_COLUMNS if t in by_task]
+
+    def add(self, batch: pa.Table) -> None:
+        """Rows out of the pipeline; commits whenever a chunk is full."""
+        if not batch.num_rows:
+            return
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        while self._pending_rows >= self.chunk_size:
+            table = pa.concat_tables(self._pending, promote_options="default")
+            self._commit(table.slice(0, self.chunk_size))
+            rest = table.slice(self.chunk_size)
+            self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def flush(self) -> None:
+        if self._pending_rows:
+            self._commit(pa.concat_tables(self._pending, promote_options="default"))
+        self._pending, self._pending_rows = [], 0
+
+    def add_crashed(self, todo: pa.Table, message: str) -> None:
+        """Images whose worker died every time they were tried: error rows."""
+        n = todo.num_rows
+        cols = {c: todo.column(c) for c in todo.column_names}
+        cols.update({"error_stage": pa.array(["crash"] * n), "error_type": pa.array(["WorkerCrashed"] * n),
+                     "error_message": pa.array([message] * n)})
+        self.add(pa.table(cols))
+
+    def close_vanished(self, gone: pa.Table) -> None:
+        """--prune: close the current rows of images no longer listed (no new row)."""
+        for start in range(0, gone.num_rows, self.chunk_size):
+            part = gone.slice(start, self.chunk_size)
+            closes = pa.table({"image_id": part.column("image_id"), "bucket": part.column("bucket"),
+                               "reason": pa.array(["vanished"] * part.num_rows)})
+            self.seq += 1
+            self.table.commit(None, closes, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
+                              info={"vanished": part.num_rows})
+
+    def _commit(self, batch: pa.Table) -> None:
+        batch = _first_per_id(batch)
+        rows = self._table_rows(batch)
+        kinds = batch.column("kind")
+        closing = batch.filter(pc.not_equal(kinds, "new"))
+        closes = pa.table({
+            "image_id": closing.column("image_id"), "bucket": closing.column("bucket"),
+            "reason": pa.array([CLOSE_REASON[k] for k in closing.column("kind").to_pylist()],
+                               pa.string())}) if closing.num_rows else None
+        ok = int(pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0)
+        self.seq += 1
+        version = self.table.commit(rows, closes, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
+                                    info={"rows": rows.num_rows, "ok": ok})
+        failed = rows.filter(pc.equal(rows.column("status"), "error"))
+        self.error_kinds.update(zip(failed.column("error_stage").to_pylist(),
+                                    failed.column("error_type").to_pylist(), strict=True))
+        self.annotated += ok
+        self.errors += rows.num_rows - ok
+        if "read_retries" in batch.column_names:
+            self.read_retries += int(pc.sum(batch.column("read_retries")).as_py() or 0)
+        done = self.annotated + self.errors
+        rate = done / max(time.perf_counter() - self._started, 1e-9)
+        logger.info("committed chunk %d (table version %s): %d images so far (%d ok, %d errors), "
+                    "%.1f images/s", self.seq, version, done, self.annotated, self.errors, rate)
+
+    def _table_rows(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        stage = batch.column("error_stage")
+        status = pc.if_else(pc.is_valid(stage), "error", "ok")
+        names = batch.column_names
+        retry = [retryable(s, t, m) for s, t, m in zip(
+            stage.to_pylist(), batch.column("error_type").to_pylist(),
+            batch.column("error_message").to_pylist(), strict=True)]
+        now = datetime.now(UTC)
+        cols = {}
+        for f in TABLE_SCHEMA:
+            if f.name == "status":
+                cols[f.name] = status
+            elif f.name == "error_retryable":
+                cols[f.name] = pa.array(retry, pa.bool_())
+            elif f.name == "models":
+                cols[f.name] = pa.array([self._models_value] * n, f.type)
+            elif f.name == "run_id":
+                cols[f.name] = pa.array([self.run_id] * n, f.type)
+            elif f.name == "annotated_at":
+                cols[f.name] = pa.array([now] * n, f.type)
+            elif f.name == "is_current":
+                cols[f.name] = pa.array(np.ones(n, bool))
+            elif f.name in names:
+                cols[f.name] = batch.column(f.name).cast(f.type)
+            else:
+                cols[f.name] = pa.nulls(n, f.type)
+        return pa.table(cols, schema=TABLE_SCHEMA)
+
+    def top_errors(self, n: int = 3) -> str:
+        return ", ".join(f"{stage}/{etype} x{count}"
+                         for (stage, etype), count in self.error_kinds.most_common(n))
+
+
+def _first_per_id(batch: pa.Table) -> pa.Table:
+    """A chunk never holds an image twice (defence in depth: the diff already ensures it)."""
+    ids = batch.column("image_id")
+    if pc.count_distinct(ids).as_py() == batch.num_rows:
+        return batch
+    seen: set[str] = set()
+    keep = []
+    for i in ids.to_pylist():
+        keep.append(i not in seen)
+        seen.add(i)
+    logger.warning("dropped %d duplicate rows from a chunk", len(keep) - sum(keep))
+    return batch.filter(pa.array(keep))
+
+
+__all__ = ["Committer", "is_transient", "retryable"]

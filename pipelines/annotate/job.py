@@ -1,0 +1,391 @@
+"""`lakelens annotate`: list -> diff against the table -> read+decode (CPU tasks) -> one
+actor pool per model task -> the commit loop (one Delta commit per chunk) -> run record.
+
+Incremental by default: only new and changed images (and transient errors of earlier
+runs) are annotated. Every listed image ends as exactly one current row, a result or an
+error, through task retries, worker deaths, driver crashes and reruns:
+- the driver is the only writer and commits a chunk at a time (pipelines.lake.table);
+- a rerun of a crashed run finds its committed chunks unchanged in the diff;
+- images whose blocks were lost to dead workers are found after the pass
+  (diff.find_missing), tried again one per block, and what still kills its worker ends
+  as a WorkerCrashed error row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pyarrow.fs as pafs
+import ray
+
+from models import weights as W
+from models.detection import input_sizes
+from models.embedding import EMBED_ARCHS
+from models.embedding import decode_sizes as embed_decode_sizes
+from models.errors import LakelensError
+from models.registry import ModelInfo, ensure_default_weights
+from pipelines import version
+from pipelines.annotate.commit import Committer
+from pipelines.annotate.stages import ModelStage, read_decode
+from pipelines.config import AnnotateConfig, TaskConfig
+from pipelines.lake import diff as D
+from pipelines.lake.lock import acquire
+from pipelines.lake.sources import is_remote, plan_sources
+from pipelines.lake.table import LakeTable, create_or_open, location, output_fs, save_meta, write_json
+from pipelines.schema import TASK_COLUMNS, TASK_TYPES
+
+logger = logging.getLogger(__name__)
+
+DECODE_BATCH = 16
+TASK_RETRIES = 2  # a read/decode task or model call is retried this often, then its block is set aside
+ACTOR_RESTARTS = 2  # per model actor
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Resources of each model task's actor pool."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+
+
+def plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
+    """Share the cluster between the model pools, leaving CPUs for read/decode/write tasks
+    (actor pools holding every CPU starve those tasks and the job hangs)."""
+    if gpus >= 1:
+        share = gpus / n_pools
+        size, num_gpus = (int(share), 1.0) if share >= 1 else (1, share)
+        spare = max(cpus - 2, 0.0) / (size * n_pools)
+        return PoolPlan(size, min(1.0, spare) if spare else 0.0, num_gpus, max(1, int(spare)))
+    reserve = max(1.0, cpus // 4)
+    per_pool = max(cpus - reserve, 0.25) / n_pools
+    # Ray's CPU counts are for scheduling only: decode and write tasks come in short bursts,
+    # so a model may run as many threads as its share of the cores, reserve included.
+    threads = max(1, min(4, int(cpus // n_pools)))
+    size = max(1, int(per_pool // threads))
+    return PoolPlan(size, per_pool / size, 0.0, threads)
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
+    """Check every task's weights in the driver, so a bad checkpoint or missing default
+    weights fail at start with one line, not in an actor."""
+    from models.detection import build_detector
+    from models.embedding import build_embedder
+
+    infos = []
+    for task in cfg.tasks:
+        arch, spec = cfg.arch_for(task), cfg.weights_for(task)
+        if spec == W.DEFAULT:
+            ensure_default_weights(task, arch, flag=f"--weights {task}=")
+        if task == "embed":
+            info = build_embedder(arch, weights=spec)[1]
+        else:
+            info = build_detector(arch, weights=spec, image_size=cfg.image_size)[1]
+        infos.append(info)
+    return infos
+
+
+def decode_sizes(cfg: AnnotateConfig, infos: list[ModelInfo]) -> tuple[int | None, int | None]:
+    """The largest (shorter, longer) side any model needs; decode no larger than that."""
+    shorts, longs = [], []
+    for info in infos:
+        if info.task == "embed":
+            s, lg = embed_decode_sizes(info.arch)
+        else:
+            s, lg = info.input_size or input_sizes(info.arch, cfg.image_size)
+        shorts.append(s)
+        longs.append(lg)
+    return max(shorts), max(longs)
+
+
+def task_configs(cfg: AnnotateConfig, infos: list[ModelInfo], plan: PoolPlan) -> list[TaskConfig]:
+    return [TaskConfig(task=i.task, arch=i.arch, weights=i.weights, image_size=cfg.image_size,
+                       score_threshold=cfg.score_threshold, batch_size=cfg.batch_size,
+                       torch_threads=plan.torch_threads) for i in infos]
+
+
+def _embedding_dim(infos: list[ModelInfo]) -> int:
+    embed = next((i for i in infos if i.task == "embed"), None)
+    return embed.embedding_dim if embed else EMBED_ARCHS["resnet50"].dim
+
+
+def connect(cfg: AnnotateConfig) -> None:
+    """Join `--address` (or RAY_ADDRESS, or the job's cluster); else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a HOST:PORT nothing listens on (ray.init retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # "auto", "local": Ray resolves those itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise LakelensError(f"cannot connect to Ray at {address}: {e.strerror or e}") from e
+
+
+
+
+def _absolute(spec: str) -> str:
+    """A local checkpoint path made absolute, so an index can find the embedder later."""
+    if spec in ("default", "random") or is_remote(spec):
+        return spec
+    return os.path.abspath(spec.removeprefix("file://"))
+
+
+def record_models(table: LakeTable, infos: list[ModelInfo], full: bool) -> None:
+    """Write this run's models into DIR/lakelens.json; refuse an embedder of another dim
+    (its vectors could not share an index), and a different embedder unless --full."""
+    meta = table.meta
+    for info in infos:
+        if info.task != "embed":
+            continue
+        old = meta.get("models", {}).get("embed")
+        if meta.get("embedding_dim") not in (None, info.embedding_dim):
+            raise LakelensError(
+                f"{table.out} holds embeddings of dim {meta['embedding_dim']}; this run's embedder "
+                f"{info.arch} makes dim {info.embedding_dim}: use another --out")
+        if old and old["weights_id"] != info.weights_id and not full:
+            raise LakelensError(
+                f"{table.out} was embedded with {old['arch']} ({old['weights_id']}); this run asks "
+                f"{info.arch} ({info.weights_id}): pass --full to re-embed every image, or use "
+                "another --out")
+        meta["embedding_dim"] = info.embedding_dim
+    models = dict(meta.get("models", {}))
+    for info in infos:
+        models[info.task] = {"arch": info.arch, "weights_id": info.weights_id,
+                             "spec": _absolute(info.weights), "labels": list(info.labels),
+                             "keypoint_names": list(info.keypoint_names),
+                             "embedding_dim": info.embedding_dim}
+    meta["models"] = models
+    save_meta(table)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    out: str
+    listed: int
+    new: int
+    changed: int
+    unchanged: int
+    vanished: int
+    retried: int  # error rows of earlier runs tried again
+    annotated: int
+    errors: int
+    crashed: int  # of the errors: images whose worker died every time
+    read_retries: int  # transient read failures retried within the run
+    skipped: dict[str, int]  # non-image files by extension
+    wall_s: float
+    table_version: int
+    top_errors: str = ""
+    error_rate_exceeded: bool = False
+    max_error_rate: float = 0.5
+    index: dict = field(default_factory=dict)
+
+    @property
+    def tried(self) -> int:
+        return self.annotated + self.errors
+
+    @property
+    def images_per_s(self) -> float:
+        return self.tried / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def skipped_non_images(self) -> int:
+        return sum(self.skipped.values())
+
+    def counts(self) -> dict:
+        return {"listed": self.listed, "new": self.new, "changed": self.changed,
+                "unchanged": self.unchanged, "vanished": self.vanished, "retried": self.retried,
+                "annotated": self.annotated, "errors": self.errors, "crashed": self.crashed,
+                "read_retries": self.read_retries, "skipped_non_images": self.skipped_non_images}
+
+    def describe(self) -> str:
+        skipped = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
+        text = (f"Run {self.run_id}: {self.listed} images listed ({self.new} new, {self.changed} "
+                f"changed, {self.unchanged} unchanged, {self.vanished} vanished, {self.retried} "
+                f"earlier errors retried); {self.annotated} annotated, {self.errors} errors"
+                + (f" ({self.crashed} crashed their worker)" if self.crashed else "")
+                + f", in {self.wall_s:.1f} s ({self.images_per_s:.2f} images/s). ")
+        if skipped:
+            text += f"Skipped non-image files: {skipped}. "
+        text += (f"Table {location(self.out, 'table')} at version {self.table_version}; run record "
+                 f"{self.out}/runs/{self.run_id}.json.")
+        if self.index:
+            text += f" Index {self.index['path']}: {self.index['summary']}."
+        return text
+
+    def error_line(self) -> str:
+        return (f"{self.errors} of {self.tried} images failed (rate {self.errors / max(self.tried, 1):.2f}"
+                f" > --max-error-rate {self.max_error_rate}): {self.top_errors}; what was "
+                "committed stays committed")
+
+
+def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[ModelInfo],
+                  plan: PoolPlan, *, rows_per_block: int) -> ray.data.Dataset:
+    """The lazy pipeline over the rows to annotate; nothing runs until it is consumed."""
+    short, long = decode_sizes(cfg, infos)
+    # Small blocks: each decoded block feeds one model call, so the stages work on
+    # different blocks at the same time, and a lost block costs few images.
+    ds = todo.repartition(target_num_rows_per_block=rows_per_block)
+    ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
+                        fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
+                        max_retries=TASK_RETRIES)
+    tcfgs = task_configs(cfg, infos, plan)
+    for n, tcfg in enumerate(tcfgs):
+        ds = ds.map_batches(
+            ModelStage, batch_size=cfg.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"cfg": tcfg, "column_type": TASK_TYPES[TASK_COLUMNS[tcfg.task]],
+                                   "drop_pixels": n == len(tcfgs) - 1},
+            compute=ray.data.ActorPoolStrategy(size=plan.size),
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
+    return ds
+
+
+def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
+    """Stream the pipeline's rows into the committer. A block whose tasks kept failing (a
+    worker that died on it every time) is set aside, not fatal: find_missing finds it."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            committer.add(batch)
+    finally:
+        ctx.max_errored_blocks = saved
+    committer.flush()
+
+
+def run(cfg: AnnotateConfig) -> RunSummary:
+    """Bring cfg.out's table up to date with cfg.sources; returns the run's counts."""
+    started = time.perf_counter()
+    run_id = new_run_id()
+    plan_src = plan_sources(cfg.sources)
+    infos = resolve_models(cfg)
+    table = create_or_open(cfg.out, buckets=cfg.buckets)
+    with acquire(cfg.out, run_id) as lock:
+        record_models(table, infos, cfg.full)
+        connect(cfg)
+        fs, root = output_fs(cfg.out)
+        staging_root = f"{root}/_lakelens/staging"
+        for old in fs.get_file_info(pafs.FileSelector(staging_root, allow_not_found=True)):
+            fs.delete_dir(old.path)  # left by a crashed run; under the lock nobody uses them
+        staging = location(cfg.out, "_lakelens", "staging", run_id)
+        try:
+            summary = _run_locked(cfg, run_id, table, lock.epoch, infos, plan_src, staging, started)
+        finally:
+            try:
+                fs.delete_dir(f"{staging_root}/{run_id}")
+            except (FileNotFoundError, OSError):
+                pass
+    return summary
+
+
+def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
+                infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
+    base_version = table.version
+    skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, table.buckets)
+    counts = D.diff(table.uri, base_version, staging, table.buckets, full=cfg.full, prune=cfg.prune)
+    if counts.listed == 0:
+        kinds = ", ".join(f"{n} {e}" for e, n in sorted(skipped.items())) or "none"
+        raise LakelensError(f"no images found in {', '.join(cfg.sources)} (non-image files "
+                            f"skipped: {kinds})")
+    logger.info("run %s: %d listed: %d new, %d changed, %d earlier errors to retry, %d unchanged, "
+                "%d vanished", run_id, counts.listed, counts.new, counts.changed, counts.retry,
+                counts.unchanged, counts.vanished)
+    committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
+    crashed = 0
+    if counts.todo:
+        res = ray.cluster_resources()
+        plan = plan_pools(len(infos), res.get("CPU", 1.0), res.get("GPU", 0.0))
+        logger.info("run %s: annotating %d images, tasks %s, %d actor(s) per task (%.2f CPU, "
+                    "%.2f GPU each)", run_id, min(counts.todo, cfg.limit or counts.todo),
+                    ",".join(cfg.tasks), plan.size, plan.num_cpus, plan.num_gpus)
+        todo = ray.data.read_parquet(f"{staging}/todo")
+        if cfg.limit:
+            todo = todo.limit(cfg.limit)
+        rows = min(DECODE_BATCH, cfg.batch_size)
+        _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows), committer)
+        crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
+    if cfg.prune and counts.vanished:
+        gone = D.read_bucket_files(staging, "vanished")
+        if gone is not None:
+            committer.close_vanished(gone)
+    wall = time.perf_counter() - started
+    tried = committer.annotated + committer.errors
+    exceeded = bool(committer.errors) and committer.errors / max(tried, 1) > cfg.max_error_rate and (
+        tried >= 100 or committer.errors == tried)
+    summary = RunSummary(
+        run_id=run_id, out=cfg.out, listed=counts.listed, new=counts.new, changed=counts.changed,
+        unchanged=counts.unchanged, vanished=counts.vanished, retried=counts.retry,
+        annotated=committer.annotated, errors=committer.errors, crashed=crashed,
+        read_retries=committer.read_retries, skipped=skipped, wall_s=wall,
+        table_version=table.version, top_errors=committer.top_errors(),
+        error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate)
+    if cfg.index and (counts.todo or counts.vanished):
+        from pipelines import indexing
+
+        summary = dataclasses.replace(summary, index=indexing.sync(cfg.index, cfg.out))
+    record = {"run_id": run_id, "lakelens_version": version(), "config": dataclasses.asdict(cfg),
+              "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
+              "counts": summary.counts(), "skipped": skipped, "top_errors": summary.top_errors,
+              "table_version_before": base_version, "table_version": summary.table_version,
+              "chunks": committer.seq, "wall_s": round(wall, 3),
+              "images_per_s": round(summary.images_per_s, 3), "index": summary.index,
+              "finished_at": datetime.now(UTC).isoformat()}
+    fs, root = output_fs(cfg.out)
+    write_json(fs, f"{root}/runs/{run_id}.json", record)
+    return summary
+
+
+def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,
+                  infos: list[ModelInfo], plan: PoolPlan, committer: Committer) -> int:
+    """Images the pass did not commit (their blocks failed every retry): once more, one
+    image per block; what is still missing then crashed its worker every time."""
+    if cfg.limit:
+        return 0  # a --limit run leaves the rest for later on purpose
+    table.refresh()
+    lost = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="todo",
+                          dest="lost")
+    if not lost:
+        return 0
+    logger.warning("%d images were lost to failed workers; trying them again one at a time", lost)
+    again = ray.data.read_parquet(f"{staging}/lost")
+    _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1), committer)
+    table.refresh()
+    still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
+                           dest="crashed")
+    if still:
+        rows = D.read_bucket_files(staging, "crashed")
+        logger.error("%d images crashed their worker on every try; recorded as WorkerCrashed", still)
+        committer.add_crashed(rows, f"the worker processing this image died {TASK_RETRIES + 1} "
+                                    "times, also when it was tried alone")
+        committer.flush()
+    return still

@@ -1,0 +1,1 @@
+"""The lake: listing sources, fingerprints and the diff, the Delta table, the run lock."""

@@ -1,0 +1,104 @@
+"""`lakelens results`: what a table holds, SQL over it with DuckDB, and its upkeep.
+
+DuckDB reads deltalake's pyarrow dataset directly (no DuckDB extension to download):
+`results` is the current view (`is_current`), `history` every row ever committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from models.errors import LakelensError
+from pipelines.lake.lock import acquire
+from pipelines.lake.table import open_table
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SQL = "SELECT * EXCLUDE (embedding) FROM results"
+MAX_PRINT_ROWS = 50
+
+
+def connect(out: str) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with `results` (current view) and `history` (every row)."""
+    table = open_table(out)
+    con = duckdb.connect()
+    dataset = table.dataset()
+    con.register("history", dataset)
+    con.execute("CREATE VIEW results AS SELECT * FROM history WHERE is_current")
+    return con
+
+
+def query(out: str, sql: str | None, *, history: bool = False) -> pa.Table:
+    con = connect(out)
+    sql = sql or ("SELECT * FROM history" if history else DEFAULT_SQL)
+    try:
+        return con.execute(sql).fetch_arrow_table()
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise LakelensError(f"--sql failed: {first}") from e
+
+
+def write(table: pa.Table, path: str) -> None:
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    if path.endswith(".parquet"):
+        pq.write_table(table, tmp)
+    elif path.endswith(".csv"):
+        flat = table.select([c for c in table.column_names
+                             if not pa.types.is_nested(table.schema.field(c).type)])
+        if flat.num_columns < table.num_columns:
+            logger.warning("CSV has no nested columns: wrote %d of %d columns (use .parquet for all)",
+                           flat.num_columns, table.num_columns)
+        pacsv.write_csv(flat, tmp)
+    else:
+        raise LakelensError(f"--out {path!r}: choose a .parquet or .csv file name")
+    os.replace(tmp, path)
+
+
+def format_table(table: pa.Table) -> str:
+    df = table.slice(0, MAX_PRINT_ROWS).to_pandas()
+    text = df.to_string(index=False, max_colwidth=60)
+    if table.num_rows > MAX_PRINT_ROWS:
+        text += f"\n... {table.num_rows - MAX_PRINT_ROWS} more rows (use --out FILE for all)"
+    return text
+
+
+def summary(out: str) -> str:
+    """Counts of the current view by status, stage and error type, and the last runs."""
+    table = open_table(out)
+    con = connect(out)
+    total, current = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE is_current) FROM history").fetchone()
+    lines = [f"{out}: table version {table.version}, {current} images ({total} rows with history)"]
+    for status, n in con.execute(
+            "SELECT status, count(*) FROM results GROUP BY status ORDER BY status").fetchall():
+        lines.append(f"  {status:<6} {n}")
+    errors = con.execute(
+        "SELECT error_stage, error_type, error_retryable, count(*) AS n FROM results "
+        "WHERE status = 'error' GROUP BY ALL ORDER BY n DESC LIMIT 20").fetchall()
+    if errors:
+        lines.append("  errors by stage and type:")
+        lines += [f"    {stage}/{etype}{' (retried next run)' if retry else ''}: {n}"
+                  for stage, etype, retry, n in errors]
+    runs = con.execute(
+        "SELECT run_id, count(*) AS n, min(annotated_at) FROM history GROUP BY run_id "
+        "ORDER BY 3 DESC LIMIT 5").fetchall()
+    if runs:
+        lines.append("  latest runs (rows written):")
+        lines += [f"    {run} {n}" for run, n, _ in runs]
+    return "\n".join(lines)
+
+
+def compact(out: str, *, retention_hours: int) -> dict:
+    """optimize + vacuum under the run lock (so no run commits meanwhile)."""
+    if retention_hours < 1:
+        raise LakelensError(f"--retention-hours must be >= 1, got {retention_hours}")
+    table = open_table(out)
+    with acquire(out, f"compact-{uuid.uuid4().hex[:6]}"):
+        return table.compact(retention_hours=retention_hours)

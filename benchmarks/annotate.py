@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AnnotateConfig(
             sources=(str(root / "lake" / "images"),), out=str(root / "out"), tasks=(args.task,),
             weights={args.task: "random"}, archs={args.task: arch}, image_size=args.image_size,
-            batch_size=args.batch_size, overwrite=True, num_cpus=args.num_cpus)
+            batch_size=args.batch_size, num_cpus=args.num_cpus)
 
         bare_s, bare_n, (short, long) = bare_loop(files, cfg, args.bare_threads or args.num_cpus)
         print(f"bare     : {bare_n} images in {bare_s:.2f} s = {bare_n / bare_s:.2f} images/s "

@@ -124,7 +124,7 @@ def run(cfg: DemoConfig) -> dict:
         step(f"train {task}", t0)
     t0 = time.perf_counter()
     acfg = AnnotateConfig(sources=(str(val_json.parent / "images"),), out=str(out / "annotations"),
-                          weights=models, score_threshold=SCORE_THRESHOLD, batch_size=8, overwrite=True)
+                          weights=models, score_threshold=SCORE_THRESHOLD, batch_size=8, full=True)
     ann = annotate.run(acfg)
     print(ann.describe(), flush=True)
     step("annotate", t0)

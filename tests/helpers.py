@@ -137,3 +137,22 @@ def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None
     seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
     table.commit(rows, closes, run_id=run_id, seq=seq, epoch=1)
     return directory
+
+
+def commit_rows(directory: Path, rows: list[dict], *, run_id: str = "r") -> Path:
+    """Commit hand-made result rows (dicts of TABLE_SCHEMA columns; status, bucket and
+    history fields filled in) as one chunk of DIR's lake table, created if missing."""
+    from datetime import UTC, datetime
+
+    from pipelines.lake.sources import bucket_of
+    from pipelines.lake.table import create_or_open
+    from pipelines.schema import TABLE_SCHEMA
+
+    table = create_or_open(str(directory), buckets=4)
+    full = [{"status": "ok", "is_current": True, "run_id": run_id,
+             "annotated_at": datetime.now(UTC), **r, "bucket": bucket_of(r["image_id"], 4)}
+            for r in rows]
+    data = pa.Table.from_pylist(full, schema=TABLE_SCHEMA)
+    seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
+    table.commit(data, None, run_id=run_id, seq=seq, epoch=1)
+    return directory

@@ -8,18 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from models.errors import LakelensError
 from models.masks import rle_to_mask
 from pipelines.annotate import plan_pools, run
+from pipelines.annotate.stages import ModelStage, read_decode
 from pipelines.config import AnnotateConfig, TaskConfig
-from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION, VERSION_KEY, results_schema
-from pipelines.sources import image_id
-from pipelines.stages import ModelStage, read_decode
+from pipelines.lake.sources import image_id
+from pipelines.schema import SCHEMA_VERSION, TABLE_SCHEMA, TASK_TYPES
 from tests.conftest import TINY_ARCHS
-from tests.helpers import read_table
+from tests.helpers import read_current, read_errors, read_results
 from tests.zoo import ZOO_NON_IMAGES, build_zoo
 
 
@@ -32,20 +30,23 @@ def zoo_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
     cfg = AnnotateConfig(sources=(str(root / "lake"), str(root / "extra.txt")),
                          out=str(root / "out"), weights={t: "random" for t in TINY_ARCHS},
                          archs=dict(TINY_ARCHS), image_size=64, batch_size=4,
-                         score_threshold=0.0, rows_per_file=1000)
+                         score_threshold=0.0, chunk_size=10)
     summary = run(cfg)
     out = Path(cfg.out)
-    return cases, missing, summary, out, read_table(out / "results"), read_table(out / "errors")
+    return cases, missing, summary, out, read_results(out), read_errors(out)
 
 
 def test_every_image_ends_as_exactly_one_row(zoo_run) -> None:
-    cases, missing, summary, _, results, errors = zoo_run
+    cases, missing, summary, out, results, errors = zoo_run
     listed = [str(c.path) for c in cases] + [str(missing)]
     assert summary.listed == len(listed)
     assert results.num_rows + errors.num_rows == len(listed)
     assert sorted(results.column("uri").to_pylist() + errors.column("uri").to_pylist()) == sorted(listed)
     assert summary.annotated == results.num_rows and summary.errors == errors.num_rows
-    assert summary.skipped_non_images == ZOO_NON_IMAGES and summary.lost == 0
+    assert summary.skipped_non_images == ZOO_NON_IMAGES and summary.new == len(listed)
+    current = read_current(out)
+    assert current.num_rows == len(listed)
+    assert len(set(current.column("image_id").to_pylist())) == len(listed)
 
 
 def test_each_zoo_case_has_its_exact_outcome(zoo_run) -> None:
@@ -59,21 +60,26 @@ def test_each_zoo_case_has_its_exact_outcome(zoo_run) -> None:
             assert (by_uri[uri]["width"], by_uri[uri]["height"]) == case.size, case.name
         else:
             row = err_by_uri[uri]
-            assert (row["stage"], row["error_type"]) == (case.stage, case.error_type), case.name
-            assert row["message"] and "\n" not in row["message"]
-    assert (err_by_uri[str(missing)]["stage"], err_by_uri[str(missing)]["error_type"]) == (
-        "read", "FileNotFoundError")
+            assert (row["error_stage"], row["error_type"]) == (case.stage, case.error_type), case.name
+            assert row["error_message"] and "\n" not in row["error_message"]
+            assert row["error_retryable"] is False  # undecodable bytes: not until they change
+    row = err_by_uri[str(missing)]
+    assert (row["error_stage"], row["error_type"], row["error_retryable"]) == (
+        "read", "FileNotFoundError", False)
 
 
 def test_results_follow_the_schema_and_are_consistent(zoo_run) -> None:
     _, _, summary, out, results, errors = zoo_run
-    files = sorted((out / "results").glob("*.parquet"))
-    meta = pq.read_schema(files[0]).metadata
-    assert meta[VERSION_KEY].decode() == SCHEMA_VERSION
-    assert len(json.loads(meta[b"lakelens.keypoint_names"])) == 17
-    assert results.schema.remove_metadata().equals(results_schema(128))
-    assert errors.schema.remove_metadata().equals(ERRORS_SCHEMA)
+    meta = json.loads((out / "lakelens.json").read_text())
+    assert meta["schema_version"] == SCHEMA_VERSION and meta["embedding_dim"] == 128
+    assert len(meta["models"]["pose"]["keypoint_names"]) == 17
+    assert results.schema.names == TABLE_SCHEMA.names
+    for field in TABLE_SCHEMA:
+        assert results.schema.field(field.name).type == field.type, field.name
     assert set(results.column("run_id").to_pylist()) == {summary.run_id}
+    assert set(results.column("status").to_pylist()) == {"ok"}
+    assert all(results.column("is_current").to_pylist())
+    assert set(errors.column("status").to_pylist()) == {"error"}
     n_instances = n_poses = 0
     for row in results.to_pylist():
         w, h = row["width"], row["height"]
@@ -101,29 +107,31 @@ def test_results_follow_the_schema_and_are_consistent(zoo_run) -> None:
 def test_run_record_and_no_temporary_files(zoo_run) -> None:
     _, _, summary, out, results, _ = zoo_run
     record = json.loads((out / "runs" / f"{summary.run_id}.json").read_text())
-    assert record["counts"] == {"listed": summary.listed, "annotated": summary.annotated,
-                                "errors": summary.errors, "skipped_non_images": ZOO_NON_IMAGES,
-                                "lost": 0}
+    assert record["counts"] == summary.counts()
+    assert record["counts"]["annotated"] == results.num_rows
+    assert record["chunks"] == -(-summary.listed // 10)  # chunk_size=10: one commit per chunk
     assert [m["arch"] for m in record["models"]] == list(TINY_ARCHS.values())
     assert record["images_per_s"] > 0
-    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert list((out / "_lakelens" / "staging").iterdir()) == []
+    leftovers = [p for p in out.rglob("*") if p.suffix == ".tmp"]
     assert leftovers == []
-    assert len(list((out / "results").glob("*.parquet"))) == 1  # rows_per_file=1000: one file
 
 
-def test_existing_results_need_overwrite_and_tasks_not_asked_are_null(zoo_run, ray_local) -> None:
-    cases, _, _, out, _, _ = zoo_run
+def test_a_second_run_is_incremental_and_full_reannotates(zoo_run, ray_local) -> None:
+    cases, _, first, out, _, _ = zoo_run
     lake = cases[0].path.parent
-    cfg = AnnotateConfig(sources=(str(lake / "plain.jpg"),), out=str(out), tasks=("embed",),
+    cfg = AnnotateConfig(sources=(str(lake),), out=str(out), tasks=("embed",),
                          weights={"embed": "random"}, archs={"embed": "tiny"})
-    with pytest.raises(LakelensError, match="--overwrite"):
-        run(cfg)
-    summary = run(dataclasses.replace(cfg, overwrite=True))
-    results = read_table(out / "results")
-    assert summary.annotated == results.num_rows == 1
-    row = results.to_pylist()[0]
+    again = run(cfg)
+    assert (again.new, again.changed, again.annotated, again.errors) == (0, 0, 0, 0)
+    assert again.unchanged == first.listed - 1 and again.vanished == 1  # the manifest's file
+    one = run(dataclasses.replace(cfg, sources=(str(lake / "plain.jpg"),), full=True))
+    assert (one.listed, one.annotated, one.vanished) == (1, 1, first.listed - 1)
+    row = [r for r in read_results(out).to_pylist() if r["uri"] == str(lake / "plain.jpg")][0]
     assert row["detections"] is None and row["instances"] is None and row["poses"] is None
-    assert len(row["embedding"]) == 128
+    assert len(row["embedding"]) == 128 and row["run_id"] == one.run_id
+    history = read_current(out, None)
+    assert history.num_rows == first.listed  # still one current row per image
 
 
 def test_a_malformed_row_fails_alone_in_a_model_stage(tmp_path: Path) -> None:
@@ -139,7 +147,7 @@ def test_a_malformed_row_fails_alone_in_a_model_stage(tmp_path: Path) -> None:
     batch = batch.set_column(batch.schema.get_field_index("dec_width"), "dec_width",
                              pa.array(widths, pa.int32()))
     cfg = TaskConfig(task="embed", arch="tiny", weights="random")
-    stage = ModelStage(cfg, results_schema(128).field("embedding").type, drop_pixels=True)
+    stage = ModelStage(cfg, TASK_TYPES["embedding"], drop_pixels=True)
     out = stage(batch)
     assert out.column("error_stage").to_pylist() == [None, "embed", None]
     assert out.column("error_type").to_pylist()[1] == "ValueError"
@@ -172,7 +180,7 @@ def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None
                                  weights={t: "random" for t in DEFAULT_ARCHS}, image_size=96,
                                  batch_size=2, score_threshold=0.0))
     assert (summary.annotated, summary.errors) == (2, 0)
-    results = read_table(tmp_path / "out" / "results")
+    results = read_results(tmp_path / "out")
     assert [m["arch"] for m in results.column("models").to_pylist()[0]] == list(
         DEFAULT_ARCHS.values())
     for row in results.to_pylist():
@@ -195,7 +203,7 @@ def test_cli_joins_an_existing_cluster_with_address(ray_local, tmp_path: Path) -
                     "--tasks", "embed", "--weights", "random", "--arch", "embed=tiny",
                     "--address", address)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 images listed, 1 annotated, 0 errors" in proc.stdout
+    assert "1 images listed (1 new" in proc.stdout and "1 annotated, 0 errors" in proc.stdout
     assert len(ray_local.nodes()) == nodes_before  # no second cluster was started
     bad = lakelens("annotate", str(tmp_path / "lake"), "--out", str(tmp_path / "o2"),
                    "--tasks", "embed", "--weights", "random", "--arch", "embed=tiny",

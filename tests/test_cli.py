@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import read_table
+from tests.helpers import read_results
 
 
 def lakelens(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -66,10 +66,13 @@ def test_user_mistakes_are_one_line(args: list[str], needle: str, lake: Path,
     _one_line_error(lakelens(*argv), needle)
 
 
-def test_existing_results_without_overwrite(lake: Path, tmp_path: Path) -> None:
+def test_loose_results_of_an_older_lakelens_are_refused(lake: Path, tmp_path: Path) -> None:
     (tmp_path / "o" / "results").mkdir(parents=True)
     (tmp_path / "o" / "results" / "part-x.parquet").write_bytes(b"PAR1")
-    _one_line_error(lakelens("annotate", str(lake), "--out", str(tmp_path / "o")), "--overwrite")
+    _one_line_error(lakelens("annotate", str(lake), "--out", str(tmp_path / "o")), "older lakelens")
+    _one_line_error(lakelens("results", str(tmp_path / "o")), "holds no lakelens table")
+    _one_line_error(lakelens("index", "build", str(tmp_path / "o"), "--out", str(tmp_path / "i")),
+                    "holds no lakelens table")
 
 
 def test_annotate_and_synth_commands_run(tmp_path: Path) -> None:
@@ -83,8 +86,9 @@ def test_annotate_and_synth_commands_run(tmp_path: Path) -> None:
                     "--arch", "segment=maskrcnn_tiny", "--arch", "pose=keypointrcnn_tiny",
                     "--arch", "embed=tiny", "--num-cpus", "2", "--limit", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 images listed, 2 annotated, 0 errors, 1 non-image files skipped" in proc.stdout
-    assert read_table(tmp_path / "o" / "results").num_rows == 2
+    assert "6 images listed (6 new, 0 changed" in proc.stdout, proc.stdout
+    assert "2 annotated, 0 errors" in proc.stdout and "Skipped non-image files: 1 .json" in proc.stdout
+    assert read_results(tmp_path / "o").num_rows == 2
 
 
 def test_help_lists_the_arch_choices() -> None:

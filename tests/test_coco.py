@@ -6,15 +6,13 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
 
 from models.errors import LakelensError
 from pipelines.coco import evaluate, export
-from pipelines.schema import file_metadata, results_schema
 from pipelines.synth import CATEGORIES, write_lake
+from tests.helpers import commit_rows
 from tests.test_cli import _one_line_error, lakelens
 
 
@@ -42,12 +40,7 @@ def _rows_from_gt(gt_path: Path, shift: float = 0.0) -> list[dict]:
 
 
 def _write(directory: Path, rows: list[dict]) -> Path:
-    schema = results_schema(8)
-    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-        file_metadata("results", "r"))
-    (directory / "results").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, directory / "results" / "part-r.parquet")
-    return directory
+    return commit_rows(directory, rows)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.annotate import run
 from pipelines.config import AnnotateConfig
-from tests.helpers import TRAIN_IMAGE_SIZE, box_iou, read_table, shapes_scene, train_tiny_detector
+from tests.helpers import TRAIN_IMAGE_SIZE, box_iou, read_results, shapes_scene, train_tiny_detector
 from tests.zoo import EXIF_ORIENTATION
 
 N_SCENES = 6
@@ -62,7 +62,7 @@ def test_detections_land_on_the_objects_in_original_pixels(ray_local, detector: 
                          batch_size=4)
     summary = run(cfg)
     assert summary.annotated == len(expected) and summary.errors == 0
-    results = read_table(tmp_path / "out" / "results")
+    results = read_results(tmp_path / "out")
     assert results.column("models").to_pylist()[0][0]["arch"] == "fasterrcnn_tiny"
     matched = total = 0
     for row in results.to_pylist():

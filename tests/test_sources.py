@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pipelines.sources import image_id, list_sources, read_bytes
 
 from models.errors import LakelensError
-from pipelines.sources import image_id, list_sources, read_bytes
 
 
 @pytest.fixture

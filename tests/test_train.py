@@ -22,7 +22,7 @@ from pipelines.config import AnnotateConfig
 from pipelines.indexing import IndexBuildConfig, build
 from pipelines.synth import CATEGORIES, write_dataset
 from pipelines.train import TrainConfig, run
-from tests.helpers import read_table
+from tests.helpers import read_results
 from tests.test_cli import _one_line_error, lakelens
 
 LABELS = ["__background__", *CATEGORIES]
@@ -74,7 +74,7 @@ def test_detector_checkpoint_round_trips_into_annotate(detector_run, data: Path,
         weights={"detect": summary.model}, score_threshold=0.0, batch_size=4))
     assert (result.annotated, result.errors) == (16, 0)
     assert result.models[0]["arch"] == "fasterrcnn_tiny"
-    table = read_table(tmp_path / "ann" / "results")
+    table = read_results(tmp_path / "ann")
     names = {d["label_name"] for row in table.column("detections").to_pylist() for d in row}
     assert names and names <= set(CATEGORIES)
 

@@ -1,0 +1,73 @@
+"""Faults on a multi-node local cluster (ray.cluster_utils.Cluster): a node removed
+mid-run, and a poison image that kills every worker that reads it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from pipelines.annotate import run
+from pipelines.config import AnnotateConfig
+from tests.helpers import read_current
+from tests.test_nightly import EMBED, assert_one_current_row_each, table_version, write_images
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        workers = [c.add_node(num_cpus=1) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, logging_level="WARNING",
+                 runtime_env={"env_vars": {"LAKELENS_FAULT_KILL_ON": "poison.png"}})
+        try:
+            yield c, workers
+        finally:
+            ray.shutdown()
+            c.shutdown()
+
+
+def test_removing_a_node_mid_run_accounts_for_every_image(cluster, tmp_path: Path) -> None:
+    c, workers = cluster
+    paths = write_images(tmp_path / "lake", 150, size=(96, 72))
+    out = tmp_path / "out"
+    cfg = AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
+                         batch_size=4, **EMBED)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
+    thread.start()
+    deadline = time.time() + 120
+    while thread.is_alive() and table_version(out) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert thread.is_alive(), "the run ended before a node could be removed"
+    c.remove_node(workers[1])  # its processes die with it, holding whatever blocks they had
+    thread.join(timeout=420)
+    assert not thread.is_alive()
+    summary = result["summary"]
+    assert summary.annotated + summary.errors == 150
+    assert_one_current_row_each(out, [str(p) for p in paths])
+    assert len(DeltaTable(str(out / "table")).to_pandas()) == 150
+
+
+def test_a_poison_image_is_isolated_as_worker_crashed(cluster, tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "lake", 30)
+    poison = paths[7].rename(paths[7].with_name("poison.png"))
+    paths[7] = poison
+    out = tmp_path / "out"
+    summary = run(AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
+                                 batch_size=4, **EMBED))
+    assert (summary.annotated, summary.errors, summary.crashed) == (29, 1, 1)
+    assert_one_current_row_each(out, [str(p) for p in paths])
+    errors = read_current(out, "error").to_pylist()
+    assert [(e["uri"], e["error_stage"], e["error_type"]) for e in errors] == [
+        (str(poison), "crash", "WorkerCrashed")]
+    assert errors[0]["error_retryable"] is True

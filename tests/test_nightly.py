@@ -1,0 +1,248 @@
+"""The nightly job on a real local Ray and real Delta tables: incremental runs, crashes of
+the driver and of workers, the lock, the index kept in step, readers with no lakelens."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import psutil
+import pytest
+from deltalake import DeltaTable
+from PIL import Image
+from pipelines.lake.lock import acquire
+
+from index.store import open_index
+from pipelines.annotate import run
+from pipelines.config import AnnotateConfig
+from tests.helpers import read_current
+from tests.test_cli import _one_line_error, lakelens
+
+REPO = Path(__file__).resolve().parent.parent
+EMBED = {"tasks": ("embed",), "weights": {"embed": "random"}, "archs": {"embed": "tiny"}}
+
+
+def write_images(folder: Path, n: int, *, start: int = 0, size: tuple[int, int] = (64, 48),
+                 seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + start)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"{i:05d}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def assert_one_current_row_each(out: Path, uris: list[str]) -> None:
+    current = read_current(out)
+    got = current.column("uri").to_pylist()
+    assert len(got) == len(set(got)), "an image has two current rows"
+    assert sorted(got) == sorted(uris)
+
+
+def table_version(out: Path) -> int:
+    try:
+        return DeltaTable(str(out / "table")).version()
+    except Exception:
+        return -1
+
+
+@pytest.fixture(scope="module")
+def nightly(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """Night one over 40 images, with the index kept in step."""
+    root = tmp_path_factory.mktemp("nightly")
+    paths = write_images(root / "lake", 40)
+    cfg = AnnotateConfig(sources=(str(root / "lake"),), out=str(root / "out"),
+                         index=str(root / "index"), chunk_size=16, **EMBED)
+    first = run(cfg)
+    return root, paths, cfg, first
+
+
+def test_night_one_annotates_everything_and_builds_the_index(nightly) -> None:
+    root, paths, _, first = nightly
+    assert (first.listed, first.new, first.annotated, first.errors) == (40, 40, 40, 0)
+    assert first.index["summary"].startswith("built, 40 vectors")
+    assert_one_current_row_each(root / "out", [str(p) for p in paths])
+    assert len(open_index(root / "index")) == 40
+
+
+def test_unchanged_lake_then_three_changed_and_five_new(nightly) -> None:
+    root, paths, cfg, first = nightly
+    started = time.perf_counter()
+    same = run(cfg)
+    assert (same.unchanged, same.annotated, same.errors, same.new, same.changed) == (40, 0, 0, 0, 0)
+    assert same.index == {}  # nothing changed: the index is left alone
+    assert time.perf_counter() - started < 20
+    before = open_index(root / "index")
+    old_vectors = {i: before.index.reconstruct(before.row_of[i]) for i in list(before.row_of)[:3]}
+    # Change three images' bytes (same names) and add five.
+    changed = paths[:3]
+    for n, p in enumerate(changed):
+        Image.new("RGB", (64, 48), (255, 40 * n, 0)).save(p)
+    added = write_images(root / "lake", 5, start=100, seed=7)
+    night = run(cfg)
+    assert (night.new, night.changed, night.unchanged, night.annotated) == (5, 3, 37, 8)
+    assert_one_current_row_each(root / "out", [str(p) for p in paths + added])
+    history = DeltaTable(str(root / "out" / "table")).to_pandas()
+    closed = history[~history["is_current"]]
+    assert sorted(closed["uri"]) == sorted(str(p) for p in changed)
+    assert set(closed["close_reason"]) == {"changed"} and closed["closed_in"].notna().all()
+    # The index follows: new images find themselves, changed ones are found by their new
+    # vector only; the replaced vectors never come back.
+    idx = open_index(root / "index")
+    assert len(idx) == 45 and idx.manifest["table_version"] == night.table_version
+    found = idx.search_images([str(p) for p in added + changed], 1)
+    assert [u[0] for u in found.uris] == [str(p) for p in added + changed]
+    for old in old_vectors.values():
+        hits = idx.search(old, 45)
+        assert len(hits.image_ids[0]) == 45  # every live image, no dead row among them
+    assert idx.index.ntotal == 48  # 3 dead rows kept, excluded by the ID selector
+
+
+def test_readers_need_only_a_filter(nightly) -> None:
+    root, _, _, _ = nightly
+    table = str(root / "out" / "table")
+    df = DeltaTable(table).to_pandas(filters=[("is_current", "=", True)])
+    assert len(df) == df["image_id"].nunique() >= 40
+    ds = DeltaTable(table).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
+    n, distinct = duckdb.sql("SELECT count(*), count(DISTINCT image_id) FROM ds WHERE is_current").fetchone()
+    assert n == distinct == len(df)
+    proc = lakelens("results", str(root / "out"), "--sql",
+                    "SELECT status, count(*) AS n FROM results GROUP BY status")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ok" in proc.stdout and str(len(df)) in proc.stdout
+    summary = lakelens("results", str(root / "out"))
+    assert summary.returncode == 0 and f"{len(df)} images" in summary.stdout
+    proc = lakelens("results", str(root / "out"), "--out", str(root / "current.parquet"))
+    assert proc.returncode == 0 and (root / "current.parquet").stat().st_size > 0
+    bad = lakelens("results", str(root / "out"), "--sql", "SELECT nope FROM results")
+    _one_line_error(bad, "--sql failed")
+
+
+def test_compact_keeps_the_current_view(nightly) -> None:
+    root, _, _, _ = nightly
+    before = read_current(root / "out").sort_by("image_id")
+    files_before = len(DeltaTable(str(root / "out" / "table")).file_uris())
+    proc = lakelens("results", str(root / "out"), "--compact", "--retention-hours", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = read_current(root / "out").sort_by("image_id")
+    assert after.column("image_id").equals(before.column("image_id"))
+    assert len(DeltaTable(str(root / "out" / "table")).file_uris()) < files_before
+
+
+def test_a_second_run_on_a_locked_dir_refuses_with_the_owner(nightly) -> None:
+    root, _, cfg, _ = nightly
+    with acquire(cfg.out, "night-in-progress"):
+        proc = lakelens("annotate", str(root / "lake"), "--out", cfg.out, "--tasks", "embed",
+                        "--weights", "random", "--arch", "embed=tiny", "--num-cpus", "1")
+    _one_line_error(proc, "night-in-progress")
+
+
+def test_an_error_rate_run_exits_non_zero_with_one_line(ray_local, tmp_path: Path) -> None:
+    manifest = tmp_path / "missing.txt"
+    manifest.write_text("".join(f"/nowhere/{i}.jpg\n" for i in range(120)))
+    address = ray_local.get_runtime_context().gcs_address
+    proc = lakelens("annotate", str(manifest), "--out", str(tmp_path / "o"), "--tasks", "embed",
+                    "--weights", "random", "--arch", "embed=tiny", "--address", address)
+    _one_line_error(proc, "120 of 120 images failed")
+    assert "read/FileNotFoundError x120" in proc.stderr
+    assert "0 annotated, 120 errors" in proc.stdout  # committed, and counted
+    assert read_current(tmp_path / "o", "error").num_rows == 120
+
+
+def test_sigkill_of_the_driver_then_rerun_resumes(ray_local, tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "lake", 120, size=(96, 72))
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "annotate", str(tmp_path / "lake"), "--out", str(out),
+         "--tasks", "embed", "--weights", "random", "--arch", "embed=tiny", "--chunk-size", "8",
+         "--batch-size", "4", "--address", address],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while table_version(out) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run, after at least one chunk committed
+    proc.wait()
+    committed = read_current(out).num_rows
+    assert 8 <= committed < 120, committed
+    rerun = run(AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), **EMBED))
+    assert (rerun.unchanged, rerun.new, rerun.annotated) == (committed, 120 - committed,
+                                                            120 - committed)
+    assert_one_current_row_each(out, [str(p) for p in paths])
+    history = DeltaTable(str(out / "table")).to_pandas()
+    assert len(history) == 120  # nothing was annotated twice
+
+
+def _ray_workers(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::") and marker in cmd:
+            found.append(p)
+    return found
+
+
+def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "lake", 160, size=(96, 72))
+    out = tmp_path / "out"
+    cfg = AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
+                         batch_size=4, **EMBED)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(summary=run(cfg)))
+    worker.start()
+    killed = []
+    deadline = time.time() + 120
+    while worker.is_alive() and time.time() < deadline and len(killed) < 2:
+        if table_version(out) >= 2:
+            for marker in ("ModelStage", "read_decode"):
+                procs = [p for p in _ray_workers(marker) if p.pid not in killed]
+                if procs and marker not in {m for m, _ in killed}:
+                    os.kill(procs[0].pid, signal.SIGKILL)
+                    killed.append((marker, procs[0].pid))
+        time.sleep(0.02)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert killed, "no worker was found to kill"
+    summary = result["summary"]
+    assert summary.annotated + summary.errors == 160
+    assert_one_current_row_each(out, [str(p) for p in paths])
+    assert len(DeltaTable(str(out / "table")).to_pandas()) == 160
+
+
+def test_a_run_record_per_run(nightly) -> None:
+    root, _, _, _ = nightly
+    records = [json.loads(p.read_text()) for p in (root / "out" / "runs").glob("*.json")]
+    assert len(records) >= 3
+    for r in records:
+        assert set(r["counts"]) >= {"listed", "new", "changed", "unchanged", "vanished",
+                                    "annotated", "errors", "retried"}
+        assert r["wall_s"] > 0
+
+
+def test_prune_closes_vanished_images(nightly) -> None:
+    root, paths, cfg, _ = nightly
+    gone = paths[-2:]
+    for p in gone:
+        p.unlink()
+    kept = run(cfg)
+    assert kept.vanished == 2
+    still = set(read_current(root / "out").column("uri").to_pylist())
+    assert {str(p) for p in gone} <= still  # without --prune their rows stay current
+    pruned = run(dataclasses.replace(cfg, prune=True))
+    assert pruned.vanished == 2
+    current = set(read_current(root / "out").column("uri").to_pylist())
+    assert not current & {str(p) for p in gone}
+    idx = open_index(root / "index")
+    assert not set(idx.search(np.ones(idx.dim, np.float32), 100).uris[0]) & {str(p) for p in gone}

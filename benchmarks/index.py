@@ -1,7 +1,7 @@
 """Similarity index: the `auto` choice against exact `Flat` search on N clustered vectors.
 
 Writes N seeded clustered unit vectors (default 1,000,000 x 256; families of ~100 near
-neighbours, as images of one object are) as a lakelens results table, then builds two
+neighbours, as images of one object are) as a lakelens lake table, then builds two
 indexes with `pipelines.indexing.build`, each in a fresh process so that its peak RSS is
 its own: `auto` and `Flat`. Both are then searched with 1,000 held-out queries at k=10.
 
@@ -29,9 +29,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines.schema import file_metadata, results_schema  # noqa: E402
+from pipelines.schema import TABLE_SCHEMA  # noqa: E402
 
 CHUNK = 100_000
 QUERIES = 1_000
@@ -49,24 +48,32 @@ def vectors(n: int, dim: int, seed: int, family: int, spread: float, start: int 
         yield lo, x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_results(path: Path, n: int, dim: int, args: argparse.Namespace) -> None:
-    schema = results_schema(dim)
+def write_results(out: Path, n: int, dim: int, args: argparse.Namespace) -> None:
+    """A lake table (one commit per CHUNK rows) holding the vectors as current results."""
+    from pipelines.lake.sources import bucket_of
+    from pipelines.lake.table import create_or_open, save_meta
+
+    table = create_or_open(str(out))
+    table.meta["embedding_dim"] = dim
+    table.meta["models"] = {"embed": {"arch": "bench", "weights_id": "random:seed0",
+                                      "spec": "random", "embedding_dim": dim}}
+    save_meta(table)
     models = [{"task": "embed", "arch": "bench", "weights": "random:seed0"}]
-    schema = schema.with_metadata(file_metadata("results", "bench", {"models": models}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, schema) as writer:
-        for lo, x in vectors(n, dim, args.seed, args.family, args.spread):
-            m = len(x)
-            ids = [f"{i:09d}" for i in range(lo, lo + m)]
-            cols = {f.name: pa.nulls(m, f.type) for f in schema}
-            cols.update({
-                "image_id": pa.array(ids), "uri": pa.array([f"s3://lake/{i}.jpg" for i in ids]),
-                "content_hash": pa.array(ids),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
-                "models": pa.array([models] * m, type=schema.field("models").type),
-                "annotated_at": pa.array([0] * m, type=pa.int64()).cast(schema.field("annotated_at").type),
-            })
-            writer.write_table(pa.table(cols, schema=schema), row_group_size=16_384)
+    for seq, (lo, x) in enumerate(vectors(n, dim, args.seed, args.family, args.spread), start=1):
+        m = len(x)
+        ids = [f"{i:09d}" for i in range(lo, lo + m)]
+        cols = {f.name: pa.nulls(m, f.type) for f in TABLE_SCHEMA}
+        cols.update({
+            "image_id": pa.array(ids), "uri": pa.array([f"s3://lake/{i}.jpg" for i in ids]),
+            "bucket": pa.array([bucket_of(i, table.buckets) for i in ids], pa.int32()),
+            "content_hash": pa.array(ids), "status": pa.array(["ok"] * m),
+            "is_current": pa.array(np.ones(m, bool)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(
+                TABLE_SCHEMA.field("embedding").type),
+            "models": pa.array([models] * m, type=TABLE_SCHEMA.field("models").type),
+            "annotated_at": pa.array([0] * m, type=pa.int64()).cast(TABLE_SCHEMA.field("annotated_at").type),
+        })
+        table.commit(pa.table(cols, schema=TABLE_SCHEMA), None, run_id="bench", seq=seq, epoch=1)
 
 
 def child_build(results: str, out: str, factory: str) -> None:
@@ -94,7 +101,7 @@ def qps(index_dir: Path, queries: np.ndarray, k: int = 10) -> tuple[float, list]
     idx.search(queries[:10], k)  # warm
     t = time.perf_counter()
     found = idx.search(queries, k)
-    return len(queries) / (time.perf_counter() - t), found.rows
+    return len(queries) / (time.perf_counter() - t), found.image_ids
 
 
 def main() -> None:
@@ -107,12 +114,15 @@ def main() -> None:
     p.add_argument("--family", type=int, default=100, help="vectors per cluster")
     p.add_argument("--spread", type=float, default=0.5, help="noise around a cluster centre")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="CI size: 20,000 x 64")
     args = p.parse_args()
+    if args.quick:
+        args.n, args.dim = 20_000, 64
     raw = args.n * args.dim * 4
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        write_results(tmp / "res" / "results" / "part-0.parquet", args.n, args.dim, args)
+        write_results(tmp / "res", args.n, args.dim, args)
         print(f"wrote {args.n} x {args.dim} vectors in {time.perf_counter() - t:.1f} s", flush=True)
         # Held-out queries: the same clusters, vectors the index has not seen.
         queries = next(vectors(args.n + QUERIES, args.dim, args.seed, args.family, args.spread,
@@ -125,7 +135,7 @@ def main() -> None:
               flush=True)
         auto_qps, auto_rows = qps(tmp / "auto", queries)
         flat_qps, flat_rows = qps(tmp / "flat", queries)
-    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(auto_rows, flat_rows, strict=True))
+    hits = sum(len(set(a) & set(b)) for a, b in zip(auto_rows, flat_rows, strict=True))
     recall = hits / (10 * len(queries))
     print(f"QPS at k=10: auto {auto_qps:.0f}, Flat (exact) {flat_qps:.0f}, ratio "
           f"{auto_qps / flat_qps:.1f}; recall@10 of auto vs exact {recall:.3f}")

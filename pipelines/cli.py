@@ -432,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for pkg in ("pipelines", "models", "index"):
         logging.getLogger(pkg).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # lakelens reports its own progress; Ray Data's pages of it are for -v
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         commands = {"annotate": _annotate, "results": _results, "index": _index, "query": _query,
                     "eval": _eval, "export": _export, "render": _render, "synth": _synth,

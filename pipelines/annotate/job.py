@@ -124,6 +124,9 @@ def _embedding_dim(infos: list[ModelInfo]) -> int:
 
 def connect(cfg: AnnotateConfig) -> None:
     """Join `--address` (or RAY_ADDRESS, or the job's cluster); else start a local Ray."""
+    if not logger.isEnabledFor(logging.DEBUG):  # lakelens logs its own progress per chunk
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -274,7 +277,7 @@ def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
     worker that died on it every time) is set aside, not fatal: find_missing finds it."""
     ctx = ray.data.DataContext.get_current()
     saved = ctx.max_errored_blocks
-    ctx.max_errored_blocks = -1
+    ctx.max_errored_blocks = -1  # Ray Data logs each block it sets aside
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
             committer.add(batch)
@@ -333,7 +336,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
             todo = todo.limit(cfg.limit)
         rows = min(DECODE_BATCH, cfg.batch_size)
         _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows), committer)
-        crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
+        if committer.annotated + committer.errors < counts.todo:
+            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
     if cfg.prune and counts.vanished:
         gone = D.read_bucket_files(staging, "vanished")
         if gone is not None:

@@ -220,9 +220,9 @@ def _diff_bucket(batch: pa.Table, *, table_uri: str, version: int, staging: str,
     in_list = pc.is_valid(joined.column("uri"))
     in_table = pc.is_valid(joined.column("t_status"))
     fp, t_fp = joined.column("fingerprint"), joined.column("t_fingerprint")
-    same = pc.fill_null(pc.equal(fp, t_fp), False) | (pc.is_null(fp) & pc.is_null(t_fp))
-    retryable = pc.fill_null(joined.column("t_retryable"), False) & pc.equal(
-        joined.column("t_status"), "error")
+    same = pc.or_(pc.fill_null(pc.equal(fp, t_fp), False), pc.and_(pc.is_null(fp), pc.is_null(t_fp)))
+    retryable = pc.and_(pc.fill_null(joined.column("t_retryable"), False),
+                        pc.equal(joined.column("t_status"), "error"))
     both = pc.and_(in_list, in_table)
     kinds = {
         "new": pc.and_(in_list, pc.invert(in_table)),

@@ -115,7 +115,7 @@ def test_readers_need_only_a_filter(nightly) -> None:
     df = DeltaTable(table).to_pandas(filters=[("is_current", "=", True)])
     assert len(df) == df["image_id"].nunique() >= 40
     ds = DeltaTable(table).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
-    n, distinct = duckdb.sql("SELECT count(*), count(DISTINCT image_id) FROM ds WHERE is_current").fetchone()
+    n, distinct = duckdb.sql("SELECT count(*), count(DISTINCT image_id) FROM ds WHERE is_current").fetchall()[0]
     assert n == distinct == len(df)
     proc = lakelens("results", str(root / "out"), "--sql",
                     "SELECT status, count(*) AS n FROM results GROUP BY status")

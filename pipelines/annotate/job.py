@@ -19,11 +19,13 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 from models import weights as W
 from models.detection import input_sizes
@@ -44,8 +46,12 @@ from pipelines.schema import TASK_COLUMNS, TASK_TYPES
 logger = logging.getLogger(__name__)
 
 DECODE_BATCH = 16
-TASK_RETRIES = 2  # a read/decode task or model call is retried this often, then its block is set aside
-ACTOR_RESTARTS = 2  # per model actor
+# Ray Data retries a task whose worker died forever by default, so one image that kills
+# its worker would hang the run. Bounded here: a read/decode task or a model call is
+# retried TASK_RETRIES times, then its block is set aside and isolated (_recover_lost).
+# Model actors keep Ray Data's restart policy (restarted as often as they die); their
+# deaths are bounded by the task retries of the blocks that kill them.
+TASK_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ def connect(cfg: AnnotateConfig) -> None:
     if not logger.isEnabledFor(logging.DEBUG):  # lakelens logs its own progress per chunk
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -257,18 +264,21 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
     # Small blocks: each decoded block feeds one model call, so the stages work on
     # different blocks at the same time, and a lost block costs few images.
     ds = todo.repartition(target_num_rows_per_block=rows_per_block)
-    ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
-                        fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
-                        max_retries=TASK_RETRIES)
-    tcfgs = task_configs(cfg, infos, plan)
-    for n, tcfg in enumerate(tcfgs):
-        ds = ds.map_batches(
-            ModelStage, batch_size=cfg.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"cfg": tcfg, "column_type": TASK_TYPES[TASK_COLUMNS[tcfg.task]],
-                                   "drop_pixels": n == len(tcfgs) - 1},
-            compute=ray.data.ActorPoolStrategy(size=plan.size),
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for task retries; its ray_remote_args still take them.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
+                            fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
+                            max_retries=TASK_RETRIES)
+        tcfgs = task_configs(cfg, infos, plan)
+        for n, tcfg in enumerate(tcfgs):
+            ds = ds.map_batches(
+                ModelStage, batch_size=cfg.batch_size, batch_format="pyarrow",
+                fn_constructor_kwargs={"cfg": tcfg,
+                                       "column_type": TASK_TYPES[TASK_COLUMNS[tcfg.task]],
+                                       "drop_pixels": n == len(tcfgs) - 1},
+                compute=ray.data.ActorPoolStrategy(size=plan.size),
+                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_task_retries=TASK_RETRIES)
     return ds
 
 

@@ -39,7 +39,7 @@ def query(out: str, sql: str | None, *, history: bool = False) -> pa.Table:
     con = connect(out)
     sql = sql or ("SELECT * FROM history" if history else DEFAULT_SQL)
     try:
-        return con.execute(sql).fetch_arrow_table()
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0][:300]
         raise LakelensError(f"--sql failed: {first}") from e
@@ -87,11 +87,11 @@ def summary(out: str) -> str:
         lines += [f"    {stage}/{etype}{' (retried next run)' if retry else ''}: {n}"
                   for stage, etype, retry, n in errors]
     runs = con.execute(
-        "SELECT run_id, count(*) AS n, min(annotated_at) FROM history GROUP BY run_id "
-        "ORDER BY 3 DESC LIMIT 5").fetchall()
+        "SELECT run_id, count(*) AS n, strftime(min(annotated_at), '%Y-%m-%d %H:%M:%S') AS first_at "
+        "FROM history GROUP BY run_id ORDER BY first_at DESC LIMIT 5").fetchall()
     if runs:
-        lines.append("  latest runs (rows written):")
-        lines += [f"    {run} {n}" for run, n, _ in runs]
+        lines.append("  latest runs (rows written, first commit UTC):")
+        lines += [f"    {run} {n} {at}" for run, n, at in runs]
     return "\n".join(lines)
 
 

@@ -166,6 +166,11 @@ def test_pools_leave_cpus_for_read_and_write_tasks(pools: int, cpus: float, gpus
         assert plan.num_gpus > 0
 
 
+def test_no_actor_asks_for_more_cpus_than_a_node_has() -> None:
+    plan = plan_pools(1, 3, 0, node_cpus=1)  # three 1-CPU nodes
+    assert plan.num_cpus <= 0.75 and plan.size * plan.num_cpus <= 2  # room for a read task on each
+
+
 def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None:
     """The real default archs (ResNet-50 R-CNNs, ResNet-50 embedder), random weights."""
     from PIL import Image

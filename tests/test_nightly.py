@@ -19,11 +19,11 @@ import psutil
 import pytest
 from deltalake import DeltaTable
 from PIL import Image
-from pipelines.lake.lock import acquire
 
 from index.store import open_index
 from pipelines.annotate import run
 from pipelines.config import AnnotateConfig
+from pipelines.lake.lock import acquire
 from tests.helpers import read_current
 from tests.test_cli import _one_line_error, lakelens
 
@@ -115,7 +115,8 @@ def test_readers_need_only_a_filter(nightly) -> None:
     df = DeltaTable(table).to_pandas(filters=[("is_current", "=", True)])
     assert len(df) == df["image_id"].nunique() >= 40
     ds = DeltaTable(table).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
-    n, distinct = duckdb.sql("SELECT count(*), count(DISTINCT image_id) FROM ds WHERE is_current").fetchall()[0]
+    sql = "SELECT count(*), count(DISTINCT image_id) FROM ds WHERE is_current"
+    n, distinct = duckdb.sql(sql).fetchall()[0]
     assert n == distinct == len(df)
     proc = lakelens("results", str(root / "out"), "--sql",
                     "SELECT status, count(*) AS n FROM results GROUP BY status")

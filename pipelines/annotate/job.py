@@ -13,8 +13,10 @@ error, through task retries, worker deaths, driver crashes and reruns:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -52,6 +54,7 @@ DECODE_BATCH = 16
 # Model actors keep Ray Data's restart policy (restarted as often as they die); their
 # deaths are bounded by the task retries of the blocks that kill them.
 TASK_RETRIES = 2
+READ_CPUS = 0.25  # a read/decode task's CPU request: short bursts, always schedulable
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,22 @@ class PoolPlan:
     torch_threads: int
 
 
-def plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
+def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None = None) -> PoolPlan:
     """Share the cluster between the model pools, leaving CPUs for read/decode/write tasks
-    (actor pools holding every CPU starve those tasks and the job hangs)."""
+    (actor pools holding every CPU starve those tasks and the job hangs). No actor asks
+    for more CPUs than the largest node has (`node_cpus`), or it could never be placed."""
+    plan = _plan_pools(n_pools, cpus, gpus)
+    # Leave READ_CPUS free on every node whatever actors land (or restart) there, so that
+    # read/decode tasks can always be scheduled: an actor never takes a whole node.
+    cap = node_cpus - READ_CPUS if node_cpus else None
+    if cap is not None and cap > 0 and plan.num_cpus > cap:
+        total = plan.size * plan.num_cpus
+        size = math.ceil(total / cap)
+        plan = PoolPlan(size, total / size, plan.num_gpus, max(1, min(plan.torch_threads, int(node_cpus))))
+    return plan
+
+
+def _plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
     if gpus >= 1:
         share = gpus / n_pools
         size, num_gpus = (int(share), 1.0) if share >= 1 else (1, share)
@@ -79,6 +95,14 @@ def plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
     threads = max(1, min(4, int(cpus // n_pools)))
     size = max(1, int(per_pool // threads))
     return PoolPlan(size, per_pool / size, 0.0, threads)
+
+
+def current_plan(n_pools: int) -> PoolPlan:
+    """plan_pools for the cluster as it is now (nodes come and go between passes)."""
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    cpus = sum(r.get("CPU", 0.0) for r in alive) or 1.0
+    gpus = sum(r.get("GPU", 0.0) for r in alive)
+    return plan_pools(n_pools, cpus, gpus, max((r.get("CPU", 0.0) for r in alive), default=None))
 
 
 def new_run_id() -> str:
@@ -261,15 +285,15 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
                   plan: PoolPlan, *, rows_per_block: int) -> ray.data.Dataset:
     """The lazy pipeline over the rows to annotate; nothing runs until it is consumed."""
     short, long = decode_sizes(cfg, infos)
-    # Small blocks: each decoded block feeds one model call, so the stages work on
-    # different blocks at the same time, and a lost block costs few images.
-    ds = todo.repartition(target_num_rows_per_block=rows_per_block)
+    # Blocks of todo rows (diff.TODO_GROUP) are decoded rows_per_block images per batch; a
+    # read task's output streams on in blocks of Ray Data's target size.
+    ds = todo
     with warnings.catch_warnings():
         # Ray 2.60 names no parameter for task retries; its ray_remote_args still take them.
         warnings.simplefilter("ignore", RayDeprecationWarning)
         ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
                             fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
-                            max_retries=TASK_RETRIES)
+                            num_cpus=READ_CPUS, max_retries=TASK_RETRIES)
         tcfgs = task_configs(cfg, infos, plan)
         for n, tcfg in enumerate(tcfgs):
             ds = ds.map_batches(
@@ -282,17 +306,24 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
     return ds
 
 
-def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
-    """Stream the pipeline's rows into the committer. A block whose tasks kept failing (a
-    worker that died on it every time) is set aside, not fatal: find_missing finds it."""
+@contextlib.contextmanager
+def _tolerating_lost_blocks():
+    """Datasets created inside: a block whose tasks kept failing (a worker that died on it
+    every time, a node that left) is set aside, not fatal; find_missing finds its images.
+    (A Dataset keeps the DataContext of its creation, so this wraps building it.)"""
     ctx = ray.data.DataContext.get_current()
     saved = ctx.max_errored_blocks
-    ctx.max_errored_blocks = -1  # Ray Data logs each block it sets aside
+    ctx.max_errored_blocks = -1
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-            committer.add(batch)
+        yield
     finally:
         ctx.max_errored_blocks = saved
+
+
+def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
+    """Stream the pipeline's rows into the committer, a chunk per commit."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        committer.add(batch)
     committer.flush()
 
 
@@ -336,16 +367,16 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
     crashed = 0
     if counts.todo:
-        res = ray.cluster_resources()
-        plan = plan_pools(len(infos), res.get("CPU", 1.0), res.get("GPU", 0.0))
+        plan = current_plan(len(infos))
         logger.info("run %s: annotating %d images, tasks %s, %d actor(s) per task (%.2f CPU, "
                     "%.2f GPU each)", run_id, min(counts.todo, cfg.limit or counts.todo),
                     ",".join(cfg.tasks), plan.size, plan.num_cpus, plan.num_gpus)
-        todo = ray.data.read_parquet(f"{staging}/todo")
-        if cfg.limit:
-            todo = todo.limit(cfg.limit)
         rows = min(DECODE_BATCH, cfg.batch_size)
-        _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows), committer)
+        with _tolerating_lost_blocks():
+            todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
+            if cfg.limit:
+                todo = todo.limit(cfg.limit)
+            _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows), committer)
         if committer.annotated + committer.errors < counts.todo:
             crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
     if cfg.prune and counts.vanished:
@@ -391,8 +422,10 @@ def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: s
     if not lost:
         return 0
     logger.warning("%d images were lost to failed workers; trying them again one at a time", lost)
-    again = ray.data.read_parquet(f"{staging}/lost")
-    _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1), committer)
+    plan = current_plan(len(infos))
+    with _tolerating_lost_blocks():
+        again = D.todo_dataset(staging, "lost", num_cpus=READ_CPUS)
+        _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1), committer)
     table.refresh()
     still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
                            dest="crashed")

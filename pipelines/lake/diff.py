@@ -38,6 +38,8 @@ TODO_SCHEMA = pa.schema([("image_id", pa.string()), ("bucket", pa.int32()), ("ur
                          ("size", pa.int64()), ("fingerprint", pa.string()), ("kind", pa.string())])
 KINDS = ("new", "changed", "retry", "full")  # what to annotate; the rest: unchanged, vanished
 GLOB_BATCH = 50_000
+TODO_GROUP = 256  # images per block entering the annotate pipeline (and lost with a dead task)
+MAX_BLOCKS = 100_000
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def _diff_bucket(batch: pa.Table, *, table_uri: str, version: int, staging: str,
     fs.create_dir(f"{root}/todo", recursive=True)
     if todo.num_rows:
         pq.write_table(todo.cast(TODO_SCHEMA), f"{root}/todo/{b}.parquet", filesystem=fs,
-                       row_group_size=4096)
+                       row_group_size=TODO_GROUP)
     if prune and counts["vanished"]:
         fs.create_dir(f"{root}/vanished", recursive=True)
         gone = joined.filter(vanished).select(["image_id"])
@@ -262,6 +264,29 @@ def _first_per_id(listed: pa.Table) -> pa.Table:
     ids = listed.column("image_id").to_numpy(zero_copy_only=False)
     keep = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, bool)
     return listed.filter(pa.array(keep))
+
+
+# -- what to annotate, as a dataset ---------------------------------------------------------
+
+def todo_dataset(staging: str, sub: str, *, num_cpus: float) -> ray.data.Dataset:
+    """The rows of STAGING/sub/*.parquet as a Ray dataset of one block per row group
+    (TODO_GROUP rows; 1 for images being isolated), read by small tasks: Ray Data's own
+    read and repartition tasks ask a whole CPU each, which model actors may hold."""
+    fs, root = output_fs(staging)
+    items = []
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{sub}", allow_not_found=True)):
+        if info.path.endswith(".parquet"):
+            groups = pq.ParquetFile(info.path, filesystem=fs).metadata.num_row_groups
+            items += [{"path": info.path, "group": g} for g in range(groups)]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS))) \
+        .map_batches(_read_group, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                     fn_kwargs={"staging": staging})
+
+
+def _read_group(batch: pa.Table, *, staging: str) -> pa.Table:
+    fs, _ = output_fs(staging)
+    path, group = batch.column("path")[0].as_py(), int(batch.column("group")[0].as_py())
+    return pq.ParquetFile(path, filesystem=fs).read_row_group(group).cast(TODO_SCHEMA)
 
 
 # -- after a pass: what did not land --------------------------------------------------------
@@ -291,5 +316,5 @@ def _missing_bucket(batch: pa.Table, *, table_uri: str, staging: str, run_id: st
     if left.num_rows:
         fs.create_dir(f"{root}/{dest}", recursive=True)
         pq.write_table(left.select(TODO_SCHEMA.names).cast(TODO_SCHEMA), f"{root}/{dest}/{b}.parquet",
-                       filesystem=fs)
+                       filesystem=fs, row_group_size=1)  # one image per block: isolated
     return pa.table({"missing": [left.num_rows]})

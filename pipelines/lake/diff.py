@@ -101,8 +101,8 @@ def _file_rows(batch: pa.Table) -> pa.Table:
 
 
 def _expand_globs(globs: list[str], staging: str) -> list[str]:
-    """Glob matches streamed into staging Parquet manifests (GLOB_BATCH paths per file);
-    their non-images are counted here and not written."""
+    """Glob matches streamed into staging Parquet manifests (GLOB_BATCH paths per file),
+    with an is_image column: unlike a manifest's entries, a glob's non-images are skipped."""
     from models.errors import LakelensError
 
     out = []
@@ -114,7 +114,8 @@ def _expand_globs(globs: list[str], staging: str) -> list[str]:
 
         def flush(batch: list[str]) -> None:
             path = f"{root}/globs/{uuid.uuid4().hex}.parquet"
-            pq.write_table(pa.table({"uri": batch}), path, filesystem=fs)
+            pq.write_table(pa.table({"uri": batch, "is_image": [S.is_image_name(u) for u in batch]}),
+                           path, filesystem=fs)
             out.append(path)
 
         for match in globlib.iglob(pattern, recursive=True):

@@ -340,8 +340,11 @@ def parquet_manifest_rows(batch: pa.Table, base: str) -> pa.Table:
         values = values.to_pylist()
         return [values[i] for i in keep]
 
-    return stat_uris(resolved, col("size"), col("mtime_ns", "last_modified_date", "last_modified"),
+    rows = stat_uris(resolved, col("size"), col("mtime_ns", "last_modified_date", "last_modified"),
                      col("etag", "e_tag"))
+    if "is_image" in names:  # a glob's matches (pipelines.lake.diff): non-images are skipped
+        rows = rows.set_column(4, "is_image", pa.array(col("is_image"), pa.bool_()))
+    return rows
 
 
 def list_local_images(path: str) -> list[str]:

@@ -3,8 +3,6 @@ mid-run, and a poison image that kills every worker that reads it."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from deltalake import DeltaTable
 from pipelines.annotate import run
 from pipelines.config import AnnotateConfig
 from tests.helpers import read_current
-from tests.test_nightly import EMBED, assert_one_current_row_each, table_version, write_images
+from tests.test_nightly import EMBED, assert_one_current_row_each, start_run, wait_for_commits, write_images
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +40,8 @@ def test_removing_a_node_mid_run_accounts_for_every_image(cluster, tmp_path: Pat
     out = tmp_path / "out"
     cfg = AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
                          batch_size=4, **EMBED)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
-    thread.start()
-    deadline = time.time() + 120
-    while thread.is_alive() and table_version(out) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    assert thread.is_alive(), "the run ended before a node could be removed"
+    thread, result = start_run(cfg)
+    wait_for_commits(thread, out)
     import ray
 
     driver = ray._private.worker.global_worker.node._raylet_socket_name

@@ -186,6 +186,21 @@ def test_sigkill_of_the_driver_then_rerun_resumes(ray_local, tmp_path: Path) -> 
     assert len(history) == 120  # nothing was annotated twice
 
 
+def start_run(cfg: AnnotateConfig) -> tuple[threading.Thread, dict]:
+    """annotate in a thread of this driver; its summary lands in the dict."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
+    thread.start()
+    return thread, result
+
+
+def wait_for_commits(thread: threading.Thread, out: Path, version: int = 2) -> None:
+    deadline = time.time() + 120
+    while thread.is_alive() and table_version(out) < version and time.time() < deadline:
+        time.sleep(0.02)
+    assert thread.is_alive(), "the run ended before the fault could be injected"
+
+
 def _ray_workers(marker: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
@@ -200,22 +215,20 @@ def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_
     out = tmp_path / "out"
     cfg = AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
                          batch_size=4, **EMBED)
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(summary=run(cfg)))
-    worker.start()
-    killed = []
-    deadline = time.time() + 120
+    worker, result = start_run(cfg)
+    wait_for_commits(worker, out)
+    killed: dict[str, int] = {}  # a model actor and a read/decode worker, each while busy
+    deadline = time.time() + 60
     while worker.is_alive() and time.time() < deadline and len(killed) < 2:
-        if table_version(out) >= 2:
-            for marker in ("ModelStage", "read_decode"):
-                procs = [p for p in _ray_workers(marker) if p.pid not in killed]
-                if procs and marker not in {m for m, _ in killed}:
-                    os.kill(procs[0].pid, signal.SIGKILL)
-                    killed.append((marker, procs[0].pid))
+        for marker in ("ModelStage", "read_decode"):
+            procs = _ray_workers(marker)
+            if procs and marker not in killed:
+                os.kill(procs[0].pid, signal.SIGKILL)
+                killed[marker] = procs[0].pid
         time.sleep(0.02)
     worker.join(timeout=300)
     assert not worker.is_alive()
-    assert killed, "no worker was found to kill"
+    assert "ModelStage" in killed, killed
     summary = result["summary"]
     assert summary.annotated + summary.errors == 160
     assert_one_current_row_each(out, [str(p) for p in paths])
@@ -247,3 +260,20 @@ def test_prune_closes_vanished_images(nightly) -> None:
     assert not current & {str(p) for p in gone}
     idx = open_index(root / "index")
     assert not set(idx.search(np.ones(idx.dim, np.float32), 100).uris[0]) & {str(p) for p in gone}
+
+
+def test_transient_and_permanent_errors_are_told_apart() -> None:
+    from pipelines.annotate.commit import retryable
+    from pipelines.annotate.stages import is_transient
+
+    assert is_transient(TimeoutError("read timed out"))
+    assert is_transient(ConnectionResetError("connection reset by peer"))
+    assert is_transient(OSError("AWS Error SLOW_DOWN during GetObject: reduce your request rate"))
+    assert is_transient(OSError("HTTP 503 Service Unavailable"))
+    assert not is_transient(FileNotFoundError("no such file"))
+    assert not is_transient(ValueError("cannot identify image file"))
+    assert retryable("read", "TimeoutError", "timed out") is True
+    assert retryable("read", "FileNotFoundError", "gone") is False
+    assert retryable("decode", "TruncatedImageError", "truncated") is False
+    assert retryable("crash", "WorkerCrashed", "died") is True
+    assert retryable(None, None, None) is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models import weights as W
 from models.errors import LakelensError
 
 TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
@@ -68,4 +67,6 @@ def ensure_default_weights(task: str, arch: str, *, flag: str) -> None:
     if published is None:
         raise LakelensError(f"{task} arch {arch!r} has no published weights; use {flag}random or "
                             f"{flag}/path/to/checkpoint.pt")
+    from models import weights as W  # imports torch: only where weights are checked
+
     W.ensure_default_available(published.url, what=f"{task} ({arch})")

@@ -50,6 +50,9 @@ def _weights(values: list[str] | None, tasks: Sequence[str]) -> dict[str, str]:
 
 
 def _arch_help() -> str:
+    """The arch choices per task, for --help only (listing them imports torchvision)."""
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        return "see --help"
     from models.registry import arch_choices
 
     return "; ".join(f"{t}: {', '.join(arch_choices(t))} (default {DEFAULT_ARCHS[t]})"

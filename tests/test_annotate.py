@@ -171,6 +171,7 @@ def test_no_actor_asks_for_more_cpus_than_a_node_has() -> None:
     assert plan.num_cpus <= 0.75 and plan.size * plan.num_cpus <= 2  # room for a read task on each
 
 
+@pytest.mark.slow  # ResNet-50 R-CNNs on CPU: ~45 s
 def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None:
     """The real default archs (ResNet-50 R-CNNs, ResNet-50 embedder), random weights."""
     from PIL import Image

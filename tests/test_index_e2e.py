@@ -86,6 +86,6 @@ def test_index_command_mistakes_are_one_line(indexed: tuple[Path, Path], tmp_pat
     _, index_dir = indexed
     _one_line_error(lakelens("query", str(tmp_path / "none"), "--id", "x"), "does not exist")
     _one_line_error(lakelens("index", "build", str(tmp_path / "none"), "--out", str(tmp_path / "i")),
-                    "do not exist")
+                    "does not exist")
     _one_line_error(lakelens("index", "build", str(index_dir), "--out", str(tmp_path / "i")),
-                    "not a lakelens results file")
+                    "holds no lakelens table")

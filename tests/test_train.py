@@ -73,8 +73,8 @@ def test_detector_checkpoint_round_trips_into_annotate(detector_run, data: Path,
         sources=(str(data / "val" / "images"),), out=str(tmp_path / "ann"), tasks=("detect",),
         weights={"detect": summary.model}, score_threshold=0.0, batch_size=4))
     assert (result.annotated, result.errors) == (16, 0)
-    assert result.models[0]["arch"] == "fasterrcnn_tiny"
     table = read_results(tmp_path / "ann")
+    assert table.column("models").to_pylist()[0][0]["arch"] == "fasterrcnn_tiny"
     names = {d["label_name"] for row in table.column("detections").to_pylist() for d in row}
     assert names and names <= set(CATEGORIES)
 

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.registry import ModelInfo
-from pipelines.annotate.stages import is_transient
 from pipelines.lake.table import LakeTable
 from pipelines.schema import TABLE_SCHEMA, TASK_COLUMNS
 
@@ -169,5 +168,3 @@ def _first_per_id(batch: pa.Table) -> pa.Table:
     logger.warning("dropped %d duplicate rows from a chunk", len(keep) - sum(keep))
     return batch.filter(pa.array(keep))
 
-
-__all__ = ["Committer", "is_transient", "retryable"]

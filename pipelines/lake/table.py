@@ -233,6 +233,9 @@ def open_table(out: str) -> LakeTable:
     if out.rstrip("/").endswith("/" + TABLE_DIR):
         out = out.rstrip("/")[: -len(TABLE_DIR) - 1]
     fs, root = output_fs(out)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        raise LakelensError(f"{out!r} does not exist; create a table with "
+                            "`lakelens annotate SOURCE --out DIR`")
     meta = read_json(fs, f"{root}/{META_FILE}")
     try:
         dt = DeltaTable(location(out, TABLE_DIR))

@@ -13,7 +13,6 @@ from pipelines.config import AnnotateConfig
 from tests.helpers import read_current
 from tests.test_nightly import EMBED, assert_one_current_row_each, start_run, wait_for_commits, write_images
 
-
 pytestmark = pytest.mark.slow  # a three-node cluster on 2 cores: ~80 s; `make test-all` runs it
 
 

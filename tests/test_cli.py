@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.helpers import read_results
 
+TINY = ["--tasks", "embed", "--arch", "embed=tiny", "--weights", "random"]
+
 
 def lakelens(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -52,11 +54,11 @@ def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
      "--weights segment"),
     (["annotate", "{lake}", "--out", "{tmp}/o", "--arch", "detect=yolo"], "unknown detect arch"),
     (["annotate", "{lake}", "--out", "{tmp}/o", "--arch", "detect"], "TASK=VALUE"),
-    (["annotate", "{lake}", "--out", "/proc/lakelens-out"], "not writable"),
+    (["annotate", "{lake}", "--out", "/proc/lakelens-out", *TINY], "not writable"),
     (["annotate", "{lake}", "--out", "{tmp}/o", "--batch-size", "0"], "--batch-size"),
     (["annotate", "{lake}", "--out", "{tmp}/o", "--image-size", "abc"], "invalid int"),
     (["annotate", "{lake}"], "--out"),
-    (["annotate", "{tmp}/empty", "--out", "{tmp}/o"], "no images found"),
+    (["annotate", "{tmp}/empty", "--out", "{tmp}/o", *TINY], "no images found"),
     (["annotate", "{lake}", "--out", "{tmp}/o", "--tasks", "detect",
       "--arch", "detect=fasterrcnn_tiny", "--weights", "detect=default"],
      "no published weights"),
@@ -72,7 +74,8 @@ def test_user_mistakes_are_one_line(args: list[str], needle: str, lake: Path,
 def test_loose_results_of_an_older_lakelens_are_refused(lake: Path, tmp_path: Path) -> None:
     (tmp_path / "o" / "results").mkdir(parents=True)
     (tmp_path / "o" / "results" / "part-x.parquet").write_bytes(b"PAR1")
-    _one_line_error(lakelens("annotate", str(lake), "--out", str(tmp_path / "o")), "older lakelens")
+    _one_line_error(lakelens("annotate", str(lake), "--out", str(tmp_path / "o"), *TINY),
+                    "older lakelens")
     _one_line_error(lakelens("results", str(tmp_path / "o")), "holds no lakelens table")
     _one_line_error(lakelens("index", "build", str(tmp_path / "o"), "--out", str(tmp_path / "i")),
                     "holds no lakelens table")

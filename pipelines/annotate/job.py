@@ -333,6 +333,9 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     run_id = new_run_id()
     plan_src = plan_sources(cfg.sources)
     table = create_or_open(cfg.out, buckets=cfg.buckets)
+    # Weights are checked in the driver before anything starts: a bad checkpoint or missing
+    # default weights is one line, not an actor failure.
+    infos = resolve_models(cfg)
     with acquire(cfg.out, run_id) as lock:
         connect(cfg)
         fs, root = output_fs(cfg.out)
@@ -341,7 +344,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
             fs.delete_dir(old.path)  # left by a crashed run; under the lock nobody uses them
         staging = location(cfg.out, "_lakelens", "staging", run_id)
         try:
-            summary = _run_locked(cfg, run_id, table, lock.epoch, plan_src, staging, started)
+            summary = _run_locked(cfg, run_id, table, lock.epoch, infos, plan_src, staging, started)
         finally:
             try:
                 fs.delete_dir(f"{staging_root}/{run_id}")
@@ -350,8 +353,8 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     return summary
 
 
-def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int, plan_src,
-                staging: str, started: float) -> RunSummary:
+def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
+                infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
     base_version = table.version
     skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, table.buckets)
     counts = D.diff(table.uri, base_version, staging, table.buckets, full=cfg.full, prune=cfg.prune)
@@ -359,9 +362,6 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int, 
         kinds = ", ".join(f"{n} {e}" for e, n in sorted(skipped.items())) or "none"
         raise LakelensError(f"no images found in {', '.join(cfg.sources)} (non-image files "
                             f"skipped: {kinds})")
-    # Weights are checked here, before any model is built on a worker: a bad checkpoint or
-    # missing default weights is one line, not an actor failure.
-    infos = resolve_models(cfg)
     record_models(table, infos, cfg.full)
     logger.info("run %s: %d listed: %d new, %d changed, %d earlier errors to retry, %d unchanged, "
                 "%d vanished", run_id, counts.listed, counts.new, counts.changed, counts.retry,

@@ -31,7 +31,8 @@ MAX_MESSAGE = 500
 READ_ATTEMPTS = 3
 READ_BACKOFF_S = 0.5  # doubled after each failed attempt
 TRANSIENT_HINTS = ("timed out", "timeout", "connection reset", "connection aborted", "throttl",
-                   "slowdown", "slow down", "too many requests", "service unavailable",
+                   "slowdown", "slow down", "slow_down", "reduce your request rate",
+                   "too many requests", "service unavailable",
                    "internal error", " 500", " 502", " 503", " 504", "temporarily")
 
 

@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/annotate.py
 	$(PY) benchmarks/index.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/nightly.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

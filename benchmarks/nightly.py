@@ -172,6 +172,13 @@ def run_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _round(x: float, ndigits: int = 0) -> float | int | None:
+    """Rounded figure; a part not run (--part) is null, not NaN (which is not JSON)."""
+    if x != x:
+        return None
+    return round(x, ndigits) if ndigits else round(x)
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         {"incremental": child_incremental, "diff": child_diff,
@@ -217,18 +224,17 @@ def main() -> None:
                                                 for m in (args.objects // 10, args.objects))
     figures = {
         "bench": "nightly", "images": args.images, "objects": args.objects, "cpus": args.cpus,
-        "full_s": round(full["wall_s"], 2), "incremental_s": round(inc["wall_s"], 2),
-        "incremental_ratio": round(inc["wall_s"] / full["wall_s"], 4),
+        "full_s": _round(full["wall_s"], 2), "incremental_s": _round(inc["wall_s"], 2),
+        "incremental_ratio": _round(inc["wall_s"] / full["wall_s"], 4),
         "incremental_annotated": inc["annotated"],
-        "diff_objects_per_s": round(args.objects / large["wall_s"]),
-        "diff_driver_peak_rss_mib": round(large["peak_rss"] / 2**20, 1),
-        "diff_driver_rss_ratio_10x": round(large["peak_rss"] / small["peak_rss"], 3),
-        "baseline_objects_per_s": round(args.objects / base_large["wall_s"]),
-        "baseline_peak_rss_mib": round(base_large["peak_rss"] / 2**20, 1),
-        "baseline_rss_ratio_10x": round(base_large["peak_rss"] / base_small["peak_rss"], 3),
+        "diff_objects_per_s": _round(args.objects / large["wall_s"]),
+        "diff_driver_peak_rss_mib": _round(large["peak_rss"] / 2**20, 1),
+        "diff_driver_rss_ratio_10x": _round(large["peak_rss"] / small["peak_rss"], 3),
+        "baseline_objects_per_s": _round(args.objects / base_large["wall_s"]),
+        "baseline_peak_rss_mib": _round(base_large["peak_rss"] / 2**20, 1),
+        "baseline_rss_ratio_10x": _round(base_large["peak_rss"] / base_small["peak_rss"], 3),
     }
-    # a part not run (--part) is null, not NaN (which is not JSON)
-    print(json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in figures.items()}))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

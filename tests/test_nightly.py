@@ -267,7 +267,7 @@ def test_prune_closes_vanished_images(nightly) -> None:
 
 def test_transient_and_permanent_errors_are_told_apart() -> None:
     from pipelines.annotate.commit import retryable
-    from pipelines.annotate.stages import is_transient
+    from pipelines.annotate.read import is_transient
 
     assert is_transient(TimeoutError("read timed out"))
     assert is_transient(ConnectionResetError("connection reset by peer"))

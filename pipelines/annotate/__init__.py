@@ -1,12 +1,15 @@
-"""The annotate job: Ray Data plan, stages, the commit loop, run summary."""
+"""The annotate job: Ray Data plan, stages, the commit loop, run summary.
 
-from pipelines.annotate.job import (
-    RunSummary,
-    connect,
-    decode_sizes,
-    plan_pools,
-    resolve_models,
-    run,
-)
+Names are loaded on first use: a Ray worker that unpickles the read stage
+(pipelines.annotate.read) must not import the job, and with it torch.
+"""
+
+from importlib import import_module
 
 __all__ = ["RunSummary", "connect", "decode_sizes", "plan_pools", "resolve_models", "run"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(import_module("pipelines.annotate.job"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,8 @@ from models.errors import LakelensError
 from models.registry import ModelInfo, ensure_default_weights
 from pipelines import version
 from pipelines.annotate.commit import Committer
-from pipelines.annotate.stages import ModelStage, read_decode
+from pipelines.annotate.read import read_decode
+from pipelines.annotate.stages import ModelStage
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire

@@ -24,7 +24,7 @@ from index import store
 from index.source import BATCH_ROWS, COLUMNS, EmbeddingSource
 from models.errors import LakelensError
 from pipelines import version
-from pipelines.lake.table import LakeTable, open_table
+from pipelines.lake.table import LakeTable, col, open_table
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def table_source(table: LakeTable, where: pc.Expression | None = None) -> Embedd
     flt = pc.field("embedding").is_valid()
     if where is not None:
         flt = flt & where
-    count = table.dataset().count_rows(filter=pc.field("is_current") & (pc.field("status") == "ok") & flt)
+    count = table.dataset().count_rows(filter=pc.field("is_current") & (col("status") == "ok") & flt)
 
     def scan(batch_rows: int):
         return table.current(COLUMNS, where=flt, batch_rows=batch_rows)

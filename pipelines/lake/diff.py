@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.lake import sources as S
-from pipelines.lake.table import output_fs
+from pipelines.lake.table import col, output_fs
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def _missing_bucket(batch: pa.Table, *, table_uri: str, staging: str, run_id: st
     if fs.get_file_info(path).type != pafs.FileType.File:
         return pa.table({"missing": [0]})
     todo = pq.read_table(path, filesystem=fs)
-    done = current_rows(table_uri, b, ["image_id"], where=pc.field("run_id") == run_id)
+    done = current_rows(table_uri, b, ["image_id"], where=col("run_id") == run_id)
     left = todo.join(done, keys="image_id", join_type="left anti", use_threads=False)
     if left.num_rows:
         fs.create_dir(f"{root}/{dest}", recursive=True)

@@ -1,7 +1,8 @@
 """`lakelens results`: what a table holds, SQL over it with DuckDB, and its upkeep.
 
-DuckDB reads deltalake's pyarrow dataset directly (no DuckDB extension to download):
-`results` is the current view (`is_current`), `history` every row ever committed.
+DuckDB reads the table version's Parquet files (local tables) or deltalake's pyarrow
+dataset (object stores), with no DuckDB extension to download: `results` is the current
+view (`is_current`), `history` every row ever committed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 from models.errors import LakelensError
 from pipelines.lake.lock import acquire
 from pipelines.lake.table import open_table
+from pipelines.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,17 @@ def connect(out: str) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with `results` (current view) and `history` (every row)."""
     table = open_table(out)
     con = duckdb.connect()
-    dataset = table.dataset()
-    con.register("history", dataset)
+    files = table.dt.file_uris()
+    if files and all(os.path.isabs(f) for f in files):
+        # DuckDB reads the table version's Parquet files itself. Going through pyarrow's
+        # dataset instead, a string filter fails on the files delta-rs rewrote in Arrow
+        # string_view (delta-io/delta-rs#4579).
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        columns = ", ".join(f'"{f.name}"' for f in TABLE_SCHEMA)
+        con.execute(f"CREATE VIEW history AS SELECT {columns} FROM read_parquet([{listed}], "
+                    "hive_partitioning = true, hive_types = {'bucket': INTEGER}, union_by_name = true)")
+    else:  # an empty table, or one on an object store (pyarrow's filesystems reach it)
+        con.register("history", table.dataset())
     con.execute("CREATE VIEW results AS SELECT * FROM history WHERE is_current")
     return con
 

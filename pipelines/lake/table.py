@@ -122,7 +122,7 @@ class LakeTable:
         """Record batches of the current view (one row per image), streamed."""
         flt = pc.field("is_current")
         if status is not None:
-            flt = flt & (pc.field("status") == status)
+            flt = flt & (col("status") == status)
         if where is not None:
             flt = flt & where
         scanner = self.dataset().scanner(columns=columns, filter=flt, batch_size=batch_rows,
@@ -226,6 +226,14 @@ class LakeTable:
 def _with(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     i = table.schema.get_field_index(name)
     return table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
+
+
+def col(name: str) -> pc.Expression:
+    """A filter's reference to a table column. String columns are cast to string: files that
+    delta-rs rewrote (merge, optimize) carry Arrow `string_view`, and pyarrow's scanner cannot
+    compare those with a string literal (delta-io/delta-rs#4579)."""
+    typ = TABLE_SCHEMA.field(name).type
+    return pc.field(name).cast(typ) if pa.types.is_string(typ) else pc.field(name)
 
 
 def open_table(out: str) -> LakeTable:

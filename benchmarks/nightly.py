@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--quick", action="store_true", help="CI sizes: 1,000 images, 100,000 objects")
     p.add_argument("--part", default="all", choices=["all", "incremental", "diff"])
-    p.add_argument("--arch", default="tiny", choices=["tiny", "resnet18", "resnet50"],
+    p.add_argument("--arch", default="resnet18", choices=["tiny", "resnet18", "resnet50"],
                    help="embedder for (a): tiny is nearly free per image, so (a) then measures "
                         "the night's fixed cost; resnet18/50 cost what real models cost")
     args = p.parse_args()

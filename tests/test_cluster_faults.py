@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.annotate import run
 from pipelines.config import AnnotateConfig
 from tests.helpers import read_current
 from tests.test_nightly import EMBED, assert_one_current_row_each, start_run, wait_for_commits, write_images
@@ -62,8 +61,13 @@ def test_a_poison_image_is_isolated_as_worker_crashed(cluster, tmp_path: Path) -
     poison = paths[7].rename(paths[7].with_name("poison.png"))
     paths[7] = poison
     out = tmp_path / "out"
-    summary = run(AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), chunk_size=8,
-                                 batch_size=4, **EMBED))
+    thread, result = start_run(AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out),
+                                              chunk_size=8, batch_size=4, **EMBED))
+    thread.join(timeout=240)
+    import ray
+
+    assert not thread.is_alive(), f"hung; resources now {ray.available_resources()}"
+    summary = result["summary"]
     assert (summary.annotated, summary.errors, summary.crashed) == (29, 1, 1)
     assert_one_current_row_each(out, [str(p) for p in paths])
     errors = read_current(out, "error").to_pylist()

@@ -198,7 +198,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes(ray_local, tmp_path: Path) -> 
 def start_run(cfg: AnnotateConfig) -> tuple[threading.Thread, dict]:
     """annotate in a thread of this driver; its summary lands in the dict."""
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)))
+    thread = threading.Thread(target=lambda: result.update(summary=run(cfg)), daemon=True)
     thread.start()
     return thread, result
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-error-rate", type=float, default=0.5, metavar="F",
                    help="exit non-zero when more than this share of the tried images failed "
                         "(once at least 100 were tried, or all of them failed; default 0.5)")
+    a.add_argument("--max-gpus", type=int, metavar="N",
+                   help="on an autoscaling cluster: let the GPU actors (one per GPU) grow to N "
+                        "(default: the GPUs the cluster has at start)")
     a.add_argument("--index", metavar="INDEX_DIR",
                    help="bring this similarity index up to date after the run (built if missing)")
 
@@ -262,7 +265,7 @@ def _annotate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, address=args.address, limit=args.limit,
         full=args.full, prune=args.prune, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         chunk_size=args.chunk_size, max_error_rate=args.max_error_rate, index=args.index,
-        num_cpus=args.num_cpus)
+        num_cpus=args.num_cpus, max_gpus=args.max_gpus)
     summary = run(cfg)
     print(summary.describe())
     if summary.error_rate_exceeded:

@@ -36,6 +36,7 @@ class AnnotateConfig:
     image_size: int | None = None
     score_threshold: float = 0.5
     batch_size: int = 8
+    max_gpus: int | None = None  # GPU actors may grow to this on an autoscaling cluster
     address: str | None = None
     limit: int | None = None
     full: bool = False  # re-annotate every listed image, not only new and changed ones
@@ -65,6 +66,8 @@ class AnnotateConfig:
         for name in ("batch_size", "chunk_size", "max_pixels", "buckets"):
             if getattr(self, name) < 1:
                 raise LakelensError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_gpus is not None and self.max_gpus < 1:
+            raise LakelensError(f"--max-gpus must be >= 1, got {self.max_gpus}")
         if self.image_size is not None and not 16 <= self.image_size <= 4096:
             raise LakelensError(f"--image-size must be in 16..4096, got {self.image_size}")
         if not 0.0 <= self.score_threshold <= 1.0:

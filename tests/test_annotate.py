@@ -158,13 +158,23 @@ def test_a_malformed_row_fails_alone_in_a_model_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("pools", "cpus", "gpus"), [(4, 2, 0), (1, 2, 0), (4, 16, 0),
-                                                     (4, 8, 1), (2, 32, 8)])
+                                                     (4, 8, 1), (2, 32, 8), (4, 2, 3)])
 def test_pools_leave_cpus_for_read_and_write_tasks(pools: int, cpus: float, gpus: float) -> None:
     plan = plan_pools(pools, cpus, gpus)
-    assert plan.size * pools * plan.num_cpus <= cpus - 1
-    assert plan.size * pools * plan.num_gpus <= max(gpus, 0)
-    if gpus:
-        assert plan.num_gpus > 0
+    n_pools = 1 if plan.fused else pools
+    assert plan.size * n_pools * plan.num_cpus <= cpus - 1
+    assert plan.size * n_pools * plan.num_gpus <= max(gpus, 0)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 7])
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4])
+def test_every_gpu_gets_one_whole_gpu_actor_running_every_task(gpus: int, tasks: int) -> None:
+    """No fractional GPUs (they pack into one GPU and cannot all run): one fused actor per
+    GPU, so the actors sum to the GPUs there are, whatever the number of tasks."""
+    plan = plan_pools(tasks, cpus=2 * gpus, gpus=gpus, node_cpus=2, max_gpus=2 * gpus)
+    assert plan.fused and plan.num_gpus == 1.0 and plan.size == gpus
+    assert plan.max_size == 2 * gpus  # grows with an autoscaling cluster
+    assert plan.num_cpus <= 2 - 0.25  # room for a read task on its node
 
 
 def test_no_actor_asks_for_more_cpus_than_a_node_has() -> None:

@@ -229,7 +229,7 @@ def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_
     killed: dict[str, int] = {}  # a model actor and a read/decode worker, each while busy
     deadline = time.time() + 60
     while worker.is_alive() and time.time() < deadline and len(killed) < 2:
-        for marker in ("ModelStage", "read_decode"):
+        for marker in ("FusedStage", "read_decode"):
             procs = _ray_workers(marker)
             if procs and marker not in killed:
                 os.kill(procs[0].pid, signal.SIGKILL)
@@ -237,7 +237,7 @@ def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_
         time.sleep(0.02)
     worker.join(timeout=300)
     assert not worker.is_alive()
-    assert "ModelStage" in killed, killed
+    assert "FusedStage" in killed, killed
     summary = result["summary"]
     assert summary.annotated + summary.errors == 160
     assert_one_current_row_each(out, [str(p) for p in paths])
@@ -252,6 +252,10 @@ def test_a_run_record_per_run(nightly) -> None:
         assert set(r["counts"]) >= {"listed", "new", "changed", "unchanged", "vanished",
                                     "annotated", "errors", "retried"}
         assert r["wall_s"] > 0
+        # what each model actor did: every image it saw, with its busy time
+        seen = sum(a["tasks"]["embed"]["images"] for a in r["actors"])
+        assert seen == (r["counts"]["annotated"] + r["counts"]["errors"] if r["counts"]["annotated"] else 0)
+        assert all(a["tasks"]["embed"]["busy_s"] > 0 for a in r["actors"])
 
 
 def test_prune_closes_vanished_images(nightly) -> None:

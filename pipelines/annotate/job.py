@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from models.registry import ModelInfo, ensure_default_weights
 from pipelines import version
 from pipelines.annotate.commit import Committer
 from pipelines.annotate.read import read_decode
-from pipelines.annotate.stages import ModelStage
+from pipelines.annotate.stages import FusedStage
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire
@@ -60,35 +61,50 @@ READ_CPUS = 0.25  # a read/decode task's CPU request: short bursts, always sched
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """Resources of each model task's actor pool."""
+    """Resources of the model actors. On GPUs (`fused`): one pool of actors, one per GPU
+    (a whole GPU each), each running every asked model on the same decoded batch; the pool
+    grows from `size` to `max_size` as an autoscaling cluster adds GPUs. On CPUs: one pool
+    per task of `size` actors."""
 
     size: int
     num_cpus: float
     num_gpus: float
     torch_threads: int
+    fused: bool = False
+    max_size: int | None = None  # None: == size
+
+    @property
+    def pools(self) -> str:
+        kind = "fused actor(s), every task in each" if self.fused else "actor(s) per task"
+        grow = f" (up to {self.max_size})" if self.max_size and self.max_size > self.size else ""
+        return f"{self.size}{grow} {kind}"
 
 
-def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None = None) -> PoolPlan:
-    """Share the cluster between the model pools, leaving CPUs for read/decode/write tasks
+def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None = None,
+               max_gpus: int | None = None) -> PoolPlan:
+    """Share the cluster between the model actors, leaving CPUs for read/decode/write tasks
     (actor pools holding every CPU starve those tasks and the job hangs). No actor asks
     for more CPUs than the largest node has (`node_cpus`), or it could never be placed."""
-    plan = _plan_pools(n_pools, cpus, gpus)
+    if gpus >= 1:
+        # Whole GPUs only: fractional requests pack into one GPU (four 0.75-GPU actors on
+        # three GPUs cannot all run), so every GPU gets one actor that runs every model.
+        size = int(gpus)
+        spare = max(cpus - size * READ_CPUS - 1, 0.0) / size
+        num_cpus = min(1.0, spare, max((node_cpus or 1.0) - READ_CPUS, 0.0))
+        return PoolPlan(size, round(num_cpus, 3), 1.0, max(1, int(spare)), fused=True,
+                        max_size=max(size, max_gpus or 0))
+    plan = _plan_cpu_pools(n_pools, cpus)
     # Leave READ_CPUS free on every node whatever actors land (or restart) there, so that
     # read/decode tasks can always be scheduled: an actor never takes a whole node.
     cap = node_cpus - READ_CPUS if node_cpus else None
     if cap is not None and cap > 0 and plan.num_cpus > cap:
         total = plan.size * plan.num_cpus
         size = math.ceil(total / cap)
-        plan = PoolPlan(size, total / size, plan.num_gpus, max(1, min(plan.torch_threads, int(node_cpus))))
+        plan = PoolPlan(size, total / size, 0.0, max(1, min(plan.torch_threads, int(node_cpus))))
     return plan
 
 
-def _plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
-    if gpus >= 1:
-        share = gpus / n_pools
-        size, num_gpus = (int(share), 1.0) if share >= 1 else (1, share)
-        spare = max(cpus - 2, 0.0) / (size * n_pools)
-        return PoolPlan(size, min(1.0, spare) if spare else 0.0, num_gpus, max(1, int(spare)))
+def _plan_cpu_pools(n_pools: int, cpus: float) -> PoolPlan:
     reserve = max(1.0, cpus // 4)
     per_pool = max(cpus - reserve, 0.25) / n_pools
     # Ray's CPU counts are for scheduling only: decode and write tasks come in short bursts,
@@ -98,12 +114,36 @@ def _plan_pools(n_pools: int, cpus: float, gpus: float) -> PoolPlan:
     return PoolPlan(size, per_pool / size, 0.0, threads)
 
 
-def current_plan(n_pools: int) -> PoolPlan:
+ROLE_LABEL = "lakelens/role"  # nodes labelled model (GPU work) or decode (read/decode tasks)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    cpus: float
+    gpus: float
+    node_cpus: float | None
+    roles: frozenset[str]  # the ROLE_LABEL values some alive node carries
+
+
+def cluster_view() -> ClusterView:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    res = [n["Resources"] for n in alive]
+    return ClusterView(cpus=sum(r.get("CPU", 0.0) for r in res) or 1.0,
+                       gpus=sum(r.get("GPU", 0.0) for r in res),
+                       node_cpus=max((r.get("CPU", 0.0) for r in res), default=None),
+                       roles=frozenset(n.get("Labels", {}).get(ROLE_LABEL) for n in alive) - {None})
+
+
+def role_selector(view: ClusterView, role: str) -> dict[str, str] | None:
+    """A label selector for `role`, only when some node carries it: on a cluster without
+    role labels (or a laptop) a selector would leave the stage unschedulable."""
+    return {ROLE_LABEL: role} if role in view.roles else None
+
+
+def current_plan(n_pools: int, max_gpus: int | None = None) -> PoolPlan:
     """plan_pools for the cluster as it is now (nodes come and go between passes)."""
-    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    cpus = sum(r.get("CPU", 0.0) for r in alive) or 1.0
-    gpus = sum(r.get("GPU", 0.0) for r in alive)
-    return plan_pools(n_pools, cpus, gpus, max((r.get("CPU", 0.0) for r in alive), default=None))
+    view = cluster_view()
+    return plan_pools(n_pools, view.cpus, view.gpus, view.node_cpus, max_gpus)
 
 
 def new_run_id() -> str:
@@ -283,9 +323,13 @@ class RunSummary:
 
 
 def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[ModelInfo],
-                  plan: PoolPlan, *, rows_per_block: int) -> ray.data.Dataset:
-    """The lazy pipeline over the rows to annotate; nothing runs until it is consumed."""
+                  plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None,
+                  view: ClusterView | None = None) -> ray.data.Dataset:
+    """The lazy pipeline over the rows to annotate; nothing runs until it is consumed.
+    Model actors write what they did under `stats_dir` (see ActorStats); with role labels
+    on the cluster (`view.roles`), decode runs on `decode` nodes and models on `model` nodes."""
     short, long = decode_sizes(cfg, infos)
+    view = view or cluster_view()
     # Blocks of todo rows (diff.TODO_GROUP) are decoded rows_per_block images per batch; a
     # read task's output streams on in blocks of Ray Data's target size.
     ds = todo
@@ -294,17 +338,33 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
         warnings.simplefilter("ignore", RayDeprecationWarning)
         ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
                             fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
-                            num_cpus=READ_CPUS, max_retries=TASK_RETRIES)
+                            num_cpus=READ_CPUS, max_retries=TASK_RETRIES,
+                            label_selector=role_selector(view, "decode"))
         tcfgs = task_configs(cfg, infos, plan)
-        for n, tcfg in enumerate(tcfgs):
+        # Fused (GPUs): one pool, every task in each actor. CPUs: a pool per task.
+        groups = [tcfgs] if plan.fused else [[t] for t in tcfgs]
+        for n, group in enumerate(groups):
             ds = ds.map_batches(
-                ModelStage, batch_size=cfg.batch_size, batch_format="pyarrow",
-                fn_constructor_kwargs={"cfg": tcfg,
-                                       "column_type": TASK_TYPES[TASK_COLUMNS[tcfg.task]],
-                                       "drop_pixels": n == len(tcfgs) - 1},
-                compute=ray.data.ActorPoolStrategy(size=plan.size),
-                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_task_retries=TASK_RETRIES)
+                FusedStage, batch_size=cfg.batch_size, batch_format="pyarrow",
+                fn_constructor_kwargs={
+                    "cfgs": group, "column_types": [TASK_TYPES[TASK_COLUMNS[t.task]] for t in group],
+                    "drop_pixels": n == len(groups) - 1, "stats_dir": stats_dir},
+                compute=ray.data.ActorPoolStrategy(min_size=plan.size,
+                                                   max_size=plan.max_size or plan.size),
+                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_task_retries=TASK_RETRIES,
+                label_selector=role_selector(view, "model"))
     return ds
+
+
+def actor_stats(stats_dir: str) -> list[dict]:
+    """The ActorStats records the model actors of a pass wrote."""
+    fs, root = output_fs(stats_dir)
+    records = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                records.append(json.loads(f.read()))
+    return records
 
 
 @contextlib.contextmanager
@@ -370,16 +430,17 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
     crashed = 0
     if counts.todo:
-        plan = current_plan(len(infos))
-        logger.info("run %s: annotating %d images, tasks %s, %d actor(s) per task (%.2f CPU, "
-                    "%.2f GPU each)", run_id, min(counts.todo, cfg.limit or counts.todo),
-                    ",".join(cfg.tasks), plan.size, plan.num_cpus, plan.num_gpus)
+        plan = current_plan(len(infos), cfg.max_gpus)
+        logger.info("run %s: annotating %d images, tasks %s, %s (%.2f CPU, %.2f GPU each)",
+                    run_id, min(counts.todo, cfg.limit or counts.todo), ",".join(cfg.tasks),
+                    plan.pools, plan.num_cpus, plan.num_gpus)
         rows = min(DECODE_BATCH, cfg.batch_size)
         with _tolerating_lost_blocks():
             todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
             if cfg.limit:
                 todo = todo.limit(cfg.limit)
-            _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows), committer)
+            _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
+                                   stats_dir=f"{staging}/actors"), committer)
         if committer.annotated + committer.errors < counts.todo:
             crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
     if cfg.prune and counts.vanished:
@@ -387,6 +448,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         if gone is not None:
             committer.close_vanished(gone)
     wall = time.perf_counter() - started
+    actors = actor_stats(f"{staging}/actors") if counts.todo else []
+    _log_actors(run_id, actors, wall)
     tried = committer.annotated + committer.errors
     exceeded = bool(committer.errors) and committer.errors / max(tried, 1) > cfg.max_error_rate and (
         tried >= 100 or committer.errors == tried)
@@ -405,12 +468,19 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
               "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
               "counts": summary.counts(), "skipped": skipped, "top_errors": summary.top_errors,
               "table_version_before": base_version, "table_version": summary.table_version,
-              "chunks": committer.seq, "wall_s": round(wall, 3),
+              "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors,
               "images_per_s": round(summary.images_per_s, 3), "index": summary.index,
               "finished_at": datetime.now(UTC).isoformat()}
     fs, root = output_fs(cfg.out)
     write_json(fs, f"{root}/runs/{run_id}.json", record)
     return summary
+
+
+def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
+    for a in actors:
+        busy = ", ".join(f"{t} {v['busy_s']:.1f} s/{v['images']} images" for t, v in a["tasks"].items())
+        logger.info("run %s: actor pid %s on node %s%s: %s (of %.1f s)", run_id, a["pid"], a["node"],
+                    f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall)
 
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,
@@ -425,10 +495,11 @@ def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: s
     if not lost:
         return 0
     logger.warning("%d images were lost to failed workers; trying them again one at a time", lost)
-    plan = current_plan(len(infos))
+    plan = current_plan(len(infos), cfg.max_gpus)
     with _tolerating_lost_blocks():
         again = D.todo_dataset(staging, "lost", num_cpus=READ_CPUS)
-        _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1), committer)
+        _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1,
+                               stats_dir=f"{staging}/actors-isolation"), committer)
     table.refresh()
     still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
                            dest="crashed")

@@ -8,7 +8,11 @@ later stages and ends in the errors table.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -81,3 +85,54 @@ class ModelStage:
         for name, col in zip(ERROR_COLUMNS, (stage, etype, emsg), strict=True):
             out_table = out_table.append_column(name, pa.array(col, type=pa.string()))
         return out_table
+
+
+class ActorStats:
+    """What one model actor did: busy seconds and images per task, where it ran (host,
+    raylet pid = node, the GPUs Ray gave it). Written as JSON to `stats_dir` after every
+    batch, so the driver can report it after the pass; nothing is written without one."""
+
+    def __init__(self, stats_dir: str | None, tasks: list[str]):
+        self.path = None
+        if stats_dir:
+            import pyarrow.fs as pafs
+
+            self.fs, root = pafs.FileSystem.from_uri(stats_dir) if "://" in stats_dir else (
+                pafs.LocalFileSystem(), stats_dir)
+            self.fs.create_dir(root, recursive=True)
+            self.path = f"{root}/{socket.gethostname()}-{os.getpid()}.json"
+        self.record = {
+            "host": socket.gethostname(), "node": os.environ.get("RAY_RAYLET_PID"),
+            "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "tasks": {t: {"busy_s": 0.0, "images": 0, "batches": 0} for t in tasks}}
+
+    def add(self, task: str, seconds: float, images: int) -> None:
+        t = self.record["tasks"][task]
+        t["busy_s"] += seconds
+        t["images"] += images
+        t["batches"] += 1
+
+    def flush(self) -> None:
+        if self.path:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(json.dumps(self.record).encode())
+
+
+class FusedStage:
+    """Model tasks in one actor, run one after another on the same decoded batch: on a GPU
+    one such actor holds the whole GPU and every asked model (no pixels copied between
+    pools, no fractional GPUs). Also the CPU pools' stage, with one task each."""
+
+    def __init__(self, cfgs: list[TaskConfig], column_types: list[pa.DataType],
+                 drop_pixels: bool = True, stats_dir: str | None = None):
+        self.stages = [ModelStage(cfg, typ, drop_pixels=drop_pixels and n == len(cfgs) - 1)
+                       for n, (cfg, typ) in enumerate(zip(cfgs, column_types, strict=True))]
+        self.stats = ActorStats(stats_dir, [c.task for c in cfgs])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            started = time.perf_counter()
+            batch = stage(batch)
+            self.stats.add(stage.task, time.perf_counter() - started, batch.num_rows)
+        self.stats.flush()
+        return batch

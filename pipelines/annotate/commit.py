@@ -52,6 +52,7 @@ class Committer:
     errors: int = 0
     read_retries: int = 0
     error_kinds: Counter = field(default_factory=Counter)  # (stage, error_type) -> n
+    decode_nodes: Counter = field(default_factory=Counter)  # node (raylet pid) -> images decoded
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _started: float = field(default_factory=time.perf_counter)
@@ -114,6 +115,8 @@ class Committer:
                                     failed.column("error_type").to_pylist(), strict=True))
         self.annotated += ok
         self.errors += rows.num_rows - ok
+        if "decoded_on" in batch.column_names:
+            self.decode_nodes.update(batch.column("decoded_on").to_pylist())
         if "read_retries" in batch.column_names:
             self.read_retries += int(pc.sum(batch.column("read_retries")).as_py() or 0)
         done = self.annotated + self.errors

@@ -81,16 +81,19 @@ class PoolPlan:
 
 
 def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None = None,
-               max_gpus: int | None = None) -> PoolPlan:
+               max_gpus: int | None = None, gpu_actor_cpus: float | None = None) -> PoolPlan:
     """Share the cluster between the model actors, leaving CPUs for read/decode/write tasks
     (actor pools holding every CPU starve those tasks and the job hangs). No actor asks
-    for more CPUs than the largest node has (`node_cpus`), or it could never be placed."""
+    for more CPUs than the largest node has (`node_cpus`), or it could never be placed; a
+    GPU actor asks no more than `gpu_actor_cpus`, what every GPU node can give each of its
+    GPUs (so a node's GPUs all get an actor)."""
     if gpus >= 1:
         # Whole GPUs only: fractional requests pack into one GPU (four 0.75-GPU actors on
         # three GPUs cannot all run), so every GPU gets one actor that runs every model.
         size = int(gpus)
         spare = max(cpus - size * READ_CPUS - 1, 0.0) / size
-        num_cpus = min(1.0, spare, max((node_cpus or 1.0) - READ_CPUS, 0.0))
+        fits = gpu_actor_cpus if gpu_actor_cpus is not None else (node_cpus or 1.0) - READ_CPUS
+        num_cpus = max(min(1.0, spare, fits), 0.0)
         return PoolPlan(size, round(num_cpus, 3), 1.0, max(1, int(spare)), fused=True,
                         max_size=max(size, max_gpus or 0))
     plan = _plan_cpu_pools(n_pools, cpus)
@@ -122,15 +125,19 @@ class ClusterView:
     cpus: float
     gpus: float
     node_cpus: float | None
+    gpu_actor_cpus: float | None  # CPUs each GPU of the tightest GPU node can give its actor
     roles: frozenset[str]  # the ROLE_LABEL values some alive node carries
 
 
 def cluster_view() -> ClusterView:
     alive = [n for n in ray.nodes() if n["Alive"]]
     res = [n["Resources"] for n in alive]
+    per_gpu = [(r.get("CPU", 0.0) - READ_CPUS) / math.floor(r["GPU"])
+               for r in res if r.get("GPU", 0.0) >= 1]
     return ClusterView(cpus=sum(r.get("CPU", 0.0) for r in res) or 1.0,
-                       gpus=sum(r.get("GPU", 0.0) for r in res),
+                       gpus=sum(math.floor(r.get("GPU", 0.0)) for r in res),
                        node_cpus=max((r.get("CPU", 0.0) for r in res), default=None),
+                       gpu_actor_cpus=max(min(per_gpu), 0.0) if per_gpu else None,
                        roles=frozenset(n.get("Labels", {}).get(ROLE_LABEL) for n in alive) - {None})
 
 
@@ -143,7 +150,7 @@ def role_selector(view: ClusterView, role: str) -> dict[str, str] | None:
 def current_plan(n_pools: int, max_gpus: int | None = None) -> PoolPlan:
     """plan_pools for the cluster as it is now (nodes come and go between passes)."""
     view = cluster_view()
-    return plan_pools(n_pools, view.cpus, view.gpus, view.node_cpus, max_gpus)
+    return plan_pools(n_pools, view.cpus, view.gpus, view.node_cpus, max_gpus, view.gpu_actor_cpus)
 
 
 def new_run_id() -> str:
@@ -469,6 +476,7 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
               "counts": summary.counts(), "skipped": skipped, "top_errors": summary.top_errors,
               "table_version_before": base_version, "table_version": summary.table_version,
               "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors,
+              "decode_nodes": dict(committer.decode_nodes),
               "images_per_s": round(summary.images_per_s, 3), "index": summary.index,
               "finished_at": datetime.now(UTC).isoformat()}
     fs, root = output_fs(cfg.out)

@@ -96,4 +96,6 @@ def read_decode(batch: pa.Table, *, max_pixels: int, short: int | None,
     out = batch
     for name, values in cols.items():
         out = out.append_column(name, pa.array(values, type=types.get(name, pa.string())))
-    return out.append_column("read_retries", pa.array(retries, pa.int32()))
+    out = out.append_column("read_retries", pa.array(retries, pa.int32()))
+    # The node that decoded (its raylet's pid, as ActorStats names nodes): placement checks.
+    return out.append_column("decoded_on", pa.array([os.environ.get("RAY_RAYLET_PID")] * n, pa.string()))

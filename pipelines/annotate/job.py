@@ -57,6 +57,7 @@ DECODE_BATCH = 16
 # deaths are bounded by the task retries of the blocks that kill them.
 TASK_RETRIES = 2
 READ_CPUS = 0.25  # a read/decode task's CPU request: short bursts, always schedulable
+ACTOR_START_S = 600  # model actors that cannot all start by then: a plan the cluster cannot place
 
 
 @dataclass(frozen=True)
@@ -378,20 +379,28 @@ def actor_stats(stats_dir: str) -> list[dict]:
 def _tolerating_lost_blocks():
     """Datasets created inside: a block whose tasks kept failing (a worker that died on it
     every time, a node that left) is set aside, not fatal; find_missing finds its images.
+    Model actors all start before work flows (every GPU gets its actor), and a plan the
+    cluster cannot place fails after ACTOR_START_S instead of waiting for ever.
     (A Dataset keeps the DataContext of its creation, so this wraps building it.)"""
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.max_errored_blocks
-    ctx.max_errored_blocks = -1
+    saved = ctx.max_errored_blocks, ctx.wait_for_min_actors_s
+    ctx.max_errored_blocks, ctx.wait_for_min_actors_s = -1, ACTOR_START_S
     try:
         yield
     finally:
-        ctx.max_errored_blocks = saved
+        ctx.max_errored_blocks, ctx.wait_for_min_actors_s = saved
 
 
 def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
     """Stream the pipeline's rows into the committer, a chunk per commit."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        committer.add(batch)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+            committer.add(batch)
+    except ray.exceptions.GetTimeoutError as e:
+        raise LakelensError(
+            f"the model actors did not all start within {ACTOR_START_S} s: the cluster has not "
+            f"the resources they ask (available now: {ray.available_resources()}); what was "
+            "committed stays committed") from e
     committer.flush()
 
 

@@ -128,6 +128,7 @@ class FusedStage:
         self.stages = [ModelStage(cfg, typ, drop_pixels=drop_pixels and n == len(cfgs) - 1)
                        for n, (cfg, typ) in enumerate(zip(cfgs, column_types, strict=True))]
         self.stats = ActorStats(stats_dir, [c.task for c in cfgs])
+        self.stats.flush()  # an actor that never gets a batch is still on the record
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:

@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/index.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/nightly.py
+	$(PY) benchmarks/placement.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

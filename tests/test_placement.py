@@ -94,7 +94,7 @@ def test_three_gpus_on_two_nodes_four_tasks(cluster_of, tmp_path: Path) -> None:
     run_and_check(cluster_of(3), tmp_path, gpus=3, n_tasks=4)
 
 
-@pytest.mark.slow  # four clusters, sixteen runs: ~6 min on 2 cores
+@pytest.mark.slow  # three clusters, twelve runs: ~3.5 min on 2 cores
 @pytest.mark.parametrize("gpus", [1, 2, 7])
 def test_placement_matrix(cluster_of, tmp_path: Path, gpus: int) -> None:
     cluster = cluster_of(gpus)

@@ -207,6 +207,8 @@ def connect(cfg: AnnotateConfig) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        # A small run gives the model pool fewer blocks than actors: normal, not a problem.
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

@@ -218,7 +218,10 @@ def connect(cfg: AnnotateConfig) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new instance even when `ray start` runs on this machine (joining
+            # that one takes --address)
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
 
@@ -498,8 +501,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
 def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
     for a in actors:
         busy = ", ".join(f"{t} {v['busy_s']:.1f} s/{v['images']} images" for t, v in a["tasks"].items())
-        logger.info("run %s: actor pid %s on node %s%s: %s (of %.1f s)", run_id, a["pid"], a["node"],
-                    f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall)
+        logger.info("run %s: model actor pid %s on %s (raylet %s)%s: %s (run %.1f s)", run_id, a["pid"],
+                    a["host"], a["node"], f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall)
 
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,

@@ -336,13 +336,13 @@ class RunSummary:
 
 
 def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[ModelInfo],
-                  plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None,
-                  view: ClusterView | None = None) -> ray.data.Dataset:
+                  plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None
+                  ) -> ray.data.Dataset:
     """The lazy pipeline over the rows to annotate; nothing runs until it is consumed.
     Model actors write what they did under `stats_dir` (see ActorStats); with role labels
-    on the cluster (`view.roles`), decode runs on `decode` nodes and models on `model` nodes."""
+    on the cluster, decode runs on `decode` nodes and models on `model` nodes."""
     short, long = decode_sizes(cfg, infos)
-    view = view or cluster_view()
+    view = cluster_view()
     # Blocks of todo rows (diff.TODO_GROUP) are decoded rows_per_block images per batch; a
     # read task's output streams on in blocks of Ray Data's target size.
     ds = todo
@@ -521,7 +521,7 @@ def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: s
     with _tolerating_lost_blocks():
         again = D.todo_dataset(staging, "lost", num_cpus=READ_CPUS)
         _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1,
-                               stats_dir=f"{staging}/actors-isolation"), committer)
+                               stats_dir=f"{staging}/actors"), committer)
     table.refresh()
     still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
                            dest="crashed")

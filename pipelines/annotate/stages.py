@@ -22,6 +22,7 @@ from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
 from pipelines.annotate.encode import ENCODERS
 from pipelines.annotate.read import ERROR_COLUMNS, PIXEL_COLUMNS, error_message
 from pipelines.config import TaskConfig
+from pipelines.lake.table import output_fs
 from pipelines.schema import TASK_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -93,16 +94,13 @@ class ActorStats:
     batch, so the driver can report it after the pass; nothing is written without one."""
 
     def __init__(self, stats_dir: str | None, tasks: list[str]):
-        self.path = None
+        host, self.path = socket.gethostname(), None
         if stats_dir:
-            import pyarrow.fs as pafs
-
-            self.fs, root = pafs.FileSystem.from_uri(stats_dir) if "://" in stats_dir else (
-                pafs.LocalFileSystem(), stats_dir)
+            self.fs, root = output_fs(stats_dir)
             self.fs.create_dir(root, recursive=True)
-            self.path = f"{root}/{socket.gethostname()}-{os.getpid()}.json"
+            self.path = f"{root}/{host}-{os.getpid()}.json"
         self.record = {
-            "host": socket.gethostname(), "node": os.environ.get("RAY_RAYLET_PID"),
+            "host": host, "node": os.environ.get("RAY_RAYLET_PID"),
             "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "tasks": {t: {"busy_s": 0.0, "images": 0, "batches": 0} for t in tasks}}
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import torch
 from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
 from pipelines import annotate
+from pipelines.cluster.local import start_local_ray
 from pipelines.config import AnnotateConfig
 from pipelines.synth import write_lake
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bare     : {bare_n} images in {bare_s:.2f} s = {bare_n / bare_s:.2f} images/s "
               f"({args.num_cpus} torch threads, {device})", flush=True)
 
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        start_local_ray(args.num_cpus)
         res = ray.cluster_resources()
         plan = annotate.plan_pools(1, res.get("CPU", 1.0), res.get("GPU", 0.0))
         start = time.perf_counter()

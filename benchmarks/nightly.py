@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -127,11 +126,12 @@ def child_diff(root: str, cpus: str) -> None:
     """lakelens's listing + diff, as annotate runs them, with the driver's peak RSS."""
     import ray
 
+    from pipelines.cluster.local import start_local_ray
     from pipelines.lake import diff as D
     from pipelines.lake.sources import plan_sources
     from pipelines.lake.table import location, open_table
 
-    ray.init(num_cpus=int(cpus), include_dashboard=False, logging_level=logging.WARNING)
+    start_local_ray(int(cpus))
     table = open_table(f"{root}/out")
     staging = location(f"{root}/out", "_lakelens", "staging", "bench")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -168,7 +168,7 @@ def child_baseline(root: str) -> None:
 
 
 def run_child(*args: str) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
                           text=True, env=env, check=False)
     if proc.returncode:

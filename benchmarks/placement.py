@@ -51,7 +51,9 @@ def start_cluster(gpus: int):
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only simulated cluster
+    from pipelines.cluster.local import ensure_token
+
+    ensure_token()  # token auth on, as lakelens runs everywhere
     os.environ.pop("RAY_ADDRESS", None)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for i in range(0, gpus, 2):

@@ -38,6 +38,7 @@ import torch
 
 from models.detection import build_for_training
 from pipelines import train
+from pipelines.cluster.local import start_local_ray
 from pipelines.datasets import DetectionDataset, split_paths
 from pipelines.synth import write_dataset
 
@@ -88,7 +89,6 @@ def pipeline(data: Path, out: Path, args: argparse.Namespace) -> tuple[float, fl
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_dataset(data, images=args.images, seed=0, val_fraction=0.1,
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         bare_ips = bare(data, args)
         print(f"bare loop ({args.num_cpus} threads, images in memory): {bare_ips:.2f} images/s",
               flush=True)
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+        start_local_ray(args.num_cpus)
         try:
             pipe_ips, wall = pipeline(data, Path(tmp) / "run", args)
         finally:

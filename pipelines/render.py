@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +62,17 @@ def render_row(row: dict, image: np.ndarray) -> Image.Image:
     return out
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def file_name(image_id: str) -> str:
+    """OUT/<image_id>.png, or a hash of the id when it is not a plain file name: a table's
+    ids never steer a write outside --out (`../x`, `/etc/x`, NUL, separators)."""
+    if SAFE_NAME.fullmatch(image_id):
+        return f"{image_id}.png"
+    return f"id-{hashlib.sha256(image_id.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}.png"
+
+
 def render(results: str, out: str, *, limit: int | None = None) -> tuple[int, int]:
     """Write OUT/<image_id>.png for the first `limit` rows; returns (written, unreadable)."""
     table: pa.Table = read_results(results, extra=["image_id"], limit=limit)
@@ -72,7 +85,7 @@ def render(results: str, out: str, *, limit: int | None = None) -> tuple[int, in
             logger.warning("cannot render %s: %s", row["uri"], e)
             failed += 1
             continue
-        path = os.path.join(out, f"{row['image_id']}.png")
+        path = os.path.join(out, file_name(str(row["image_id"])))
         tmp = f"{path}.tmp.png"
         render_row(row, image).save(tmp)
         os.replace(tmp, path)

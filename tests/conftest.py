@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 
 TINY_ARCHS = {"detect": "fasterrcnn_tiny", "segment": "maskrcnn_tiny",
               "pose": "keypointrcnn_tiny", "embed": "tiny"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ray token auth ON for every Ray the tests start, with a token of the test run's own.
+
+    Set before any test module imports Ray (Ray reads RAY_AUTH_MODE at import): no test
+    depends on, or writes, a token in the home directory.
+    """
+    token_dir = tempfile.mkdtemp(prefix="lakelens-test-token-")
+    path = os.path.join(token_dir, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.pop("RAY_ADDRESS", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -21,21 +42,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray with 2 CPUs, shared by a module (ray.init takes ~5 s).
-
-    Token auth is disabled for this loopback-only test cluster so that no test depends
-    on (or writes) a token in the home directory.
-    """
+    """A real local Ray with 2 CPUs, shared by a module (ray.init takes ~5 s): lakelens's
+    own local start, so on loopback with token auth on."""
     import ray
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    from pipelines.cluster.local import start_local_ray
+
+    start_local_ray(2)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture

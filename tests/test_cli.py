@@ -17,7 +17,7 @@ TINY = ["--tasks", "embed", "--arch", "embed=tiny", "--weights", "random"]
 
 
 def lakelens(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)  # token auth on: conftest gives the run its own token
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=cwd)

@@ -21,7 +21,6 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         workers = [c.add_node(num_cpus=1) for _ in range(2)]

@@ -33,7 +33,6 @@ def cluster_of():
 
     def start(gpus: int):
         mp = pytest.MonkeyPatch()
-        mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         started.append((c, mp))

@@ -40,6 +40,7 @@ from pipelines import version
 from pipelines.annotate.commit import Committer
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.stages import FusedStage
+from pipelines.cluster.local import start_local_ray
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire
@@ -218,10 +219,9 @@ def connect(cfg: AnnotateConfig) -> None:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            # "local": a new instance even when `ray start` runs on this machine (joining
-            # that one takes --address)
-            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING)
+            # a new instance even when `ray start` runs on this machine (joining that one
+            # takes --address), bound to loopback, token auth on
+            start_local_ray(cfg.num_cpus)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
 

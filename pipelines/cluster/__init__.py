@@ -1,0 +1,1 @@
+"""Running on Ray: a local Ray on loopback, job submission to a cluster, the jobs it ran."""

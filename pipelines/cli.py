@@ -249,7 +249,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, metavar="N")
     d.add_argument("--gpu", action="store_true")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke run)")
+
+    sb = sub.add_parser(
+        "submit", help="run a lakelens command as a job on a Ray cluster (the Jobs API)",
+        description="Uploads this lakelens project as the job's working_dir (no .venv, .git, "
+                    "outputs, caches or secret-looking files; at most 100 MiB), runs `lakelens "
+                    "COMMAND ARGS` on the cluster, streams its logs and exits with its final state "
+                    "(0 succeeded, 1 failed, 130 stopped). Reach a remote cluster through `ray "
+                    "dashboard cluster.yaml` (then the default address works) or an https proxy.",
+        usage="lakelens submit [--address URL] [--no-wait] [options] -- COMMAND [ARGS ...]")
+    _jobs_address(sb)
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sb.add_argument("--working-dir", metavar="DIR",
+                    help="upload DIR instead of the lakelens project this command runs from")
+    sb.add_argument("--submission-id", metavar="ID", help="the job's id (default: Ray picks one)")
+    sb.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                    help="the lakelens command the job runs, e.g. -- annotate s3://b/lake --out s3://b/out")
+
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    jb.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    _jobs_address(jb)
     return parser
+
+
+def _jobs_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", metavar="URL",
+                   help="the Jobs API (default: RAY_API_SERVER_ADDRESS, an http(s) RAY_ADDRESS, "
+                        "else http://127.0.0.1:8265)")
+    p.add_argument("--allow-insecure-http", action="store_true",
+                   help="allow plain http:// to a host other than this machine (the token travels "
+                        "in clear)")
 
 
 def _annotate(args: argparse.Namespace) -> int:
@@ -272,6 +303,23 @@ def _annotate(args: argparse.Namespace) -> int:
         print(f"lakelens: error: {summary.error_line()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines.cluster.submit import SubmitConfig, resolve_address, submit
+
+    job = tuple(args.job[1:] if args.job[:1] == ["--"] else args.job)
+    cfg = SubmitConfig(args=job, address=resolve_address(args.address), wait=not args.no_wait,
+                       working_dir=args.working_dir, allow_insecure_http=args.allow_insecure_http,
+                       submission_id=args.submission_id)
+    return submit(cfg)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from pipelines.cluster.submit import jobs_command, resolve_address
+
+    return jobs_command(args.action, args.job_id, address=resolve_address(args.address),
+                        follow_logs=args.follow, allow_insecure_http=args.allow_insecure_http)
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -443,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"annotate": _annotate, "results": _results, "index": _index, "query": _query,
                     "eval": _eval, "export": _export, "render": _render, "synth": _synth,
-                    "train": _train, "demo": _demo}
+                    "train": _train, "demo": _demo, "submit": _submit, "jobs": _jobs}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ from models import weights as W
 from models.decode import DEFAULT_MAX_PIXELS
 from models.errors import LakelensError
 from models.registry import DEFAULT_ARCHS, TASKS, check_arch, check_task
+from pipelines.lake.sources import canonical
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class AnnotateConfig:
     def __post_init__(self) -> None:
         if not self.sources:
             raise LakelensError("no SOURCE given; pass a directory, glob, manifest or URI")
+        # Local paths made absolute here, on the driver: a task on another worker (or a
+        # job's other working directory) must not resolve them against its own cwd.
+        object.__setattr__(self, "sources", tuple(canonical(s) for s in self.sources))
+        object.__setattr__(self, "out", canonical(self.out))
+        if self.index is not None:
+            object.__setattr__(self, "index", canonical(self.index))
         if not self.tasks:
             raise LakelensError(f"no task given; choose from {', '.join(TASKS)}")
         for task in self.tasks:

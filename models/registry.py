@@ -52,10 +52,8 @@ def check_arch(task: str, arch: str) -> None:
         raise LakelensError(f"unknown {task} arch {arch!r}; choose from {', '.join(choices)}")
 
 
-def ensure_default_weights(task: str, arch: str, *, flag: str) -> None:
-    """Check, in the driver, that `default` weights exist for this arch and are in the
-    torch cache (downloading when possible); else one line naming what to pass instead.
-    flag: how the user names weights, e.g. "--weights detect=" or "--init "."""
+def published_url(task: str, arch: str) -> str | None:
+    """The URL of torchvision's published weights for this arch (None: it has none)."""
     if task == "embed":
         from models.embedding import EMBED_ARCHS
 
@@ -64,9 +62,18 @@ def ensure_default_weights(task: str, arch: str, *, flag: str) -> None:
         from models.detection import DETECTION_ARCHS
 
         published = DETECTION_ARCHS[arch].published
-    if published is None:
+    return None if published is None else published.url
+
+
+def ensure_default_weights(task: str, arch: str, *, flag: str) -> str:
+    """Check, in the driver, that `default` weights exist for this arch and are in the
+    torch cache (downloading when possible); else one line naming what to pass instead.
+    flag: how the user names weights, e.g. "--weights detect=" or "--init "."""
+    url = published_url(task, arch)
+    if url is None:
         raise LakelensError(f"{task} arch {arch!r} has no published weights; use {flag}random or "
                             f"{flag}/path/to/checkpoint.pt")
     from models import weights as W  # imports torch: only where weights are checked
 
-    W.ensure_default_available(published.url, what=f"{task} ({arch})")
+    W.ensure_default_available(url, what=f"{task} ({arch})")
+    return url

@@ -154,8 +154,30 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     os.replace(tmp, path)
 
 
-def _cache_file(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+def cache_path(name: str) -> Path:
+    """Where torch keeps (and torchvision looks for) a published weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def cache_file(url: str) -> Path:
+    return cache_path(os.path.basename(urlparse(url).path))
+
+
+def install_cached(name: str, data: bytes) -> Path:
+    """Put published weights a driver shipped into this machine's torch cache, so a worker
+    node loads `default` with no internet. torchvision still checks the sha256 prefix in
+    the file name when it loads them."""
+    if os.path.basename(name) != name or not name.endswith((".pth", ".pt")):
+        raise ValueError(f"not a torch cache file name: {name!r}")
+    path = cache_path(name)
+    if path.is_file() and path.stat().st_size == len(data):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    logger.info("installed shipped weights %s (%.1f MiB)", path, len(data) / 2**20)
+    return path
 
 
 def ensure_default_available(url: str, *, what: str) -> None:
@@ -163,7 +185,7 @@ def ensure_default_available(url: str, *, what: str) -> None:
 
     Downloads them when the machine can; otherwise raises one clear LakelensError.
     """
-    cached = _cache_file(url)
+    cached = cache_file(url)
     if cached.is_file():
         return
     logger.info("downloading %s weights from %s", what, url)

@@ -227,3 +227,28 @@ def test_cli_joins_an_existing_cluster_with_address(ray_local, tmp_path: Path) -
                    "--address", "127.0.0.1:1")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "cannot connect to Ray at 127.0.0.1:1" in bad.stderr
+
+
+def test_shipped_default_weights_land_in_a_worker_cache_that_lacks_them(ray_local, tmp_path: Path) -> None:
+    """A worker node without internet gets `default` weights from the driver: the bytes
+    come through the object store into that node's own torch cache (here a worker whose
+    TORCH_HOME is empty stands for the other node)."""
+    import hashlib
+    import os
+
+    data = os.urandom(1 << 20)
+    name = "resnet18-f37072fd.pth"
+    node_b = tmp_path / "node-b-torch"
+
+    @ray_local.remote(num_cpus=1, runtime_env={"env_vars": {"TORCH_HOME": str(node_b)}})
+    def on_other_node(files: dict) -> tuple[str, str]:
+        from models import weights as W
+        from pipelines.annotate.stages import install_shipped
+
+        install_shipped(files)
+        path = W.cache_path(name)
+        return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+    path, digest = ray_local.get(on_other_node.remote({name: ray_local.put(data)}))
+    assert path == str(node_b / "hub" / "checkpoints" / name)
+    assert digest == hashlib.sha256(data).hexdigest()

@@ -178,6 +178,29 @@ def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
     return infos
 
 
+def ship_default_weights(cfg: AnnotateConfig, infos: list[ModelInfo]) -> dict[str, ray.ObjectRef] | None:
+    """torchvision's published weights the driver resolved, put in the object store once
+    for actors on other machines (their nodes need no internet, nor a shared cache).
+    None on one machine, where every actor reads the driver's torch cache."""
+    from models.registry import published_url
+
+    urls = {published_url(i.task, i.arch) for i in infos if cfg.weights_for(i.task) == W.DEFAULT}
+    urls.discard(None)
+    if not urls or len([n for n in ray.nodes() if n["Alive"]]) < 2 and not _joined_cluster(cfg):
+        return None
+    shipped = {}
+    for url in sorted(urls):
+        path = W.cache_file(url)
+        shipped[path.name] = ray.put(path.read_bytes())
+        logger.info("shipping %s (%.1f MiB) to the model actors", path.name, path.stat().st_size / 2**20)
+    return shipped
+
+
+def _joined_cluster(cfg: AnnotateConfig) -> bool:
+    """Joined a cluster (which may add nodes later) rather than started a local Ray."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def decode_sizes(cfg: AnnotateConfig, infos: list[ModelInfo]) -> tuple[int | None, int | None]:
     """The largest (shorter, longer) side any model needs; decode no larger than that."""
     shorts, longs = [], []
@@ -336,8 +359,8 @@ class RunSummary:
 
 
 def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[ModelInfo],
-                  plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None
-                  ) -> ray.data.Dataset:
+                  plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None,
+                  weights_files: dict[str, ray.ObjectRef] | None = None) -> ray.data.Dataset:
     """The lazy pipeline over the rows to annotate; nothing runs until it is consumed.
     Model actors write what they did under `stats_dir` (see ActorStats); with role labels
     on the cluster, decode runs on `decode` nodes and models on `model` nodes."""
@@ -361,7 +384,8 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
                 FusedStage, batch_size=cfg.batch_size, batch_format="pyarrow",
                 fn_constructor_kwargs={
                     "cfgs": group, "column_types": [TASK_TYPES[TASK_COLUMNS[t.task]] for t in group],
-                    "drop_pixels": n == len(groups) - 1, "stats_dir": stats_dir},
+                    "drop_pixels": n == len(groups) - 1, "stats_dir": stats_dir,
+                    "weights_files": weights_files},
                 compute=ray.data.ActorPoolStrategy(min_size=plan.size,
                                                    max_size=plan.max_size or plan.size),
                 num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_task_retries=TASK_RETRIES,
@@ -456,14 +480,15 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                     run_id, min(counts.todo, cfg.limit or counts.todo), ",".join(cfg.tasks),
                     plan.pools, plan.num_cpus, plan.num_gpus)
         rows = min(DECODE_BATCH, cfg.batch_size)
+        shipped = ship_default_weights(cfg, infos)
         with _tolerating_lost_blocks():
             todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
             if cfg.limit:
                 todo = todo.limit(cfg.limit)
             _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
-                                   stats_dir=f"{staging}/actors"), committer)
+                                   stats_dir=f"{staging}/actors", weights_files=shipped), committer)
         if committer.annotated + committer.errors < counts.todo:
-            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer)
+            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped)
     if cfg.prune and counts.vanished:
         gone = D.read_bucket_files(staging, "vanished")
         if gone is not None:
@@ -506,7 +531,8 @@ def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
 
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,
-                  infos: list[ModelInfo], plan: PoolPlan, committer: Committer) -> int:
+                  infos: list[ModelInfo], plan: PoolPlan, committer: Committer,
+                  shipped: dict[str, ray.ObjectRef] | None = None) -> int:
     """Images the pass did not commit (their blocks failed every retry): once more, one
     image per block; what is still missing then crashed its worker every time."""
     if cfg.limit:
@@ -521,7 +547,7 @@ def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: s
     with _tolerating_lost_blocks():
         again = D.todo_dataset(staging, "lost", num_cpus=READ_CPUS)
         _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1,
-                               stats_dir=f"{staging}/actors"), committer)
+                               stats_dir=f"{staging}/actors", weights_files=shipped), committer)
     table.refresh()
     still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
                            dest="crashed")

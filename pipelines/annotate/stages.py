@@ -116,13 +116,29 @@ class ActorStats:
                 f.write(json.dumps(self.record).encode())
 
 
+def install_shipped(weights_files: dict | None) -> None:
+    """Published weights the driver shipped ({torch cache file name: ObjectRef of its
+    bytes}) into this node's torch cache, fetched only where the cache lacks them."""
+    if not weights_files:
+        return
+    import ray
+
+    from models import weights as W
+
+    for name, ref in weights_files.items():
+        if not W.cache_path(name).is_file():
+            W.install_cached(name, ray.get(ref))
+
+
 class FusedStage:
     """Model tasks in one actor, run one after another on the same decoded batch: on a GPU
     one such actor holds the whole GPU and every asked model (no pixels copied between
     pools, no fractional GPUs). Also the CPU pools' stage, with one task each."""
 
     def __init__(self, cfgs: list[TaskConfig], column_types: list[pa.DataType],
-                 drop_pixels: bool = True, stats_dir: str | None = None):
+                 drop_pixels: bool = True, stats_dir: str | None = None,
+                 weights_files: dict | None = None):
+        install_shipped(weights_files)
         self.stages = [ModelStage(cfg, typ, drop_pixels=drop_pixels and n == len(cfgs) - 1)
                        for n, (cfg, typ) in enumerate(zip(cfgs, column_types, strict=True))]
         self.stats = ActorStats(stats_dir, [c.task for c in cfgs])

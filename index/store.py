@@ -10,13 +10,22 @@ A new version is written whole beside the live one, then CURRENT is replaced: a 
 mid-update leaves the previous version live and whole, and a reader opens one version,
 never a mix. The previous version is kept (a reader may still have it open); older ones
 are removed.
+
+INDEX_DIR may be a URI (s3://, gs://; pyarrow's filesystems, credentials from the
+environment). A version is built locally and uploaded whole before CURRENT (one object,
+written last) names it; a reader downloads the version CURRENT names once into a local
+cache (LAKELENS_CACHE, default ~/.cache/lakelens) and opens it from there, since FAISS
+reads local files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from index.build import reconstruct, set_search_params
@@ -49,9 +59,92 @@ def _replace_into(path: Path, write) -> None:
 KEEP_VERSIONS = 2
 
 
+def is_remote(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _remote(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri.rstrip("/"))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LakelensError(f"cannot open index {uri!r}: {e}") from e
+
+
+def _remote_current(uri: str) -> str:
+    fs, root = _remote(uri)
+    try:
+        with fs.open_input_stream(f"{root}/CURRENT") as f:
+            name = f.read().decode().strip()
+    except FileNotFoundError as e:
+        raise LakelensError(f"{uri} is not a lakelens index: no CURRENT (build one with "
+                            "`lakelens index build`)") from e
+    if not name.startswith("v") or not name[1:].isdigit():
+        raise LakelensError(f"{uri}/CURRENT names {name!r}, which is not a version of this index")
+    return name
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LAKELENS_CACHE") or Path.home() / ".cache" / "lakelens")
+
+
+def materialize(uri: str) -> Path:
+    """The live version of a remote INDEX_DIR as a local directory (downloaded once)."""
+    name = _remote_current(uri)
+    base = cache_root() / "index" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    local = base / name
+    if (local / "manifest.json").is_file():
+        return local
+    fs, root = _remote(uri)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.mkdir()
+        pafs.copy_files(f"{root}/{name}", str(tmp), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, local)
+    except FileNotFoundError as e:
+        raise LakelensError(f"{uri}/CURRENT names {name}, which is missing") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("downloaded index %s/%s to %s", uri, name, local)
+    for old in sorted((p for p in base.glob("v*") if p.name[1:].isdigit()),
+                      key=lambda p: int(p.name[1:]))[:-KEEP_VERSIONS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return local
+
+
+def _save_remote(uri: str, index: faiss.Index, ids: pa.Table, manifest: dict) -> str:
+    fs, root = _remote(uri)
+    fs.create_dir(root, recursive=True)
+    listed = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    versions = sorted(int(i.base_name[1:]) for i in listed
+                      if i.type == pafs.FileType.Directory and i.base_name[1:].isdigit()
+                      and i.base_name.startswith("v"))
+    name = f"v{(versions[-1] if versions else 0) + 1}"
+    with tempfile.TemporaryDirectory(prefix="lakelens-index-") as tmp:
+        _write_version(Path(tmp) / name, index, ids, manifest, name)
+        pafs.copy_files(str(Path(tmp) / name), f"{root}/{name}",
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    with fs.open_output_stream(f"{root}/CURRENT") as f:  # one PUT: the switch
+        f.write(f"{name}\n".encode())
+    for old in versions[: max(0, len(versions) + 1 - KEEP_VERSIONS)]:
+        fs.delete_dir(f"{root}/v{old}")
+    return name
+
+
+def exists(path: str | Path) -> bool:
+    """Whether INDEX_DIR holds an index (a CURRENT pointer)."""
+    if is_remote(path):
+        fs, root = _remote(str(path))
+        return fs.get_file_info(f"{root}/CURRENT").type == pafs.FileType.File
+    return (Path(str(path).removeprefix("file://")) / "CURRENT").is_file()
+
+
 def current_dir(path: str | Path) -> Path:
-    """The live version's directory of INDEX_DIR."""
-    path = Path(path)
+    """The live version's directory of INDEX_DIR (a local copy for a remote one)."""
+    if is_remote(path):
+        return materialize(str(path))
+    path = Path(str(path).removeprefix("file://"))
     if not path.is_dir():
         raise LakelensError(f"index {str(path)!r} does not exist (build one with `lakelens index build`)")
     try:
@@ -67,25 +160,31 @@ def _versions(path: Path) -> list[int]:
     return sorted(int(p.name[1:]) for p in path.glob("v*") if p.name[1:].isdigit())
 
 
-def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> Path:
-    """Write a new version (index, ids, then manifest), then switch CURRENT to it with one
-    atomic rename. Returns the new version's directory."""
-    import shutil
+def _write_version(directory: Path, index: faiss.Index, ids: pa.Table, manifest: dict,
+                   name: str) -> None:
+    directory.mkdir(parents=True)
+    faiss.write_index(index, str(directory / "index.faiss"))
+    pq.write_table(ids.cast(IDS_SCHEMA), directory / "ids.parquet")
+    text = json.dumps({**manifest, "version": name, "format_version": FORMAT_VERSION},
+                      indent=2) + "\n"
+    (directory / "manifest.json").write_text(text)
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+
+def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> str:
+    """Write a new version (index, ids, then manifest), then switch CURRENT to it with one
+    atomic rename (on an object store: one PUT, after the version is uploaded whole).
+    Returns the new version's name ("v<N>")."""
     if index.ntotal != ids.num_rows:
         raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
+    if is_remote(path):
+        return _save_remote(str(path), index, ids, manifest)
+    path = Path(str(path).removeprefix("file://"))
+    path.mkdir(parents=True, exist_ok=True)
     versions = _versions(path)
     name = f"v{(versions[-1] if versions else 0) + 1}"
     tmp_dir = path / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_dir.mkdir()
     try:
-        faiss.write_index(index, str(tmp_dir / "index.faiss"))
-        pq.write_table(ids.cast(IDS_SCHEMA), tmp_dir / "ids.parquet")
-        text = json.dumps({**manifest, "version": name, "format_version": FORMAT_VERSION},
-                          indent=2) + "\n"
-        (tmp_dir / "manifest.json").write_text(text)
+        _write_version(tmp_dir, index, ids, manifest, name)
         os.replace(tmp_dir, path / name)
     finally:
         if tmp_dir.exists():
@@ -93,11 +192,13 @@ def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) ->
     _replace_into(path / "CURRENT", lambda tmp: Path(tmp).write_text(name + "\n"))
     for old in _versions(path)[:-KEEP_VERSIONS]:
         shutil.rmtree(path / f"v{old}", ignore_errors=True)
-    return path / name
+    return name
 
 
 def load_manifest(path: str | Path) -> dict:
     """The live version's manifest of INDEX_DIR (or of a version directory)."""
+    if is_remote(path):
+        path = current_dir(path)
     path = Path(path)
     if not (path / "manifest.json").exists():
         path = current_dir(path)
@@ -132,8 +233,8 @@ class SimilarityIndex:
     """An index opened from disk: search by vectors, image files or image ids."""
 
     def __init__(self, path: str | Path):
-        self.root = Path(path)
-        self.path = current_dir(self.root)
+        self.root = path if is_remote(path) else Path(path)
+        self.path = current_dir(path)
         self.manifest = load_manifest(self.path)
         try:
             self.index = faiss.read_index(str(self.path / "index.faiss"))

@@ -400,17 +400,12 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-    import os
-
     from pipelines.coco import evaluate
+    from pipelines.lake.table import save_json
 
     report = evaluate(args.results, args.gt)
-    out = args.out or os.path.join(args.results, "eval.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, out)
+    out = args.out or f"{args.results.rstrip('/')}/eval.json"
+    save_json(out, report)
     for iou_type, result in report["tasks"].items():
         print(f"{iou_type}:\n{result['summary']}")
     print(f"{report['images']} images evaluated ({report['unmatched_images']} not in the ground "

@@ -20,6 +20,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from models.errors import LakelensError
+from pipelines.lake.sources import is_remote, read_bytes
+from pipelines.lake.table import save_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +68,27 @@ def read_results(path: str, extra: list[str] | None = None, *,
 
 
 def load_gt(path: str) -> COCO:
+    """Ground truth from a local file or a URI (s3://...)."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            return COCO(path)
+            if not is_remote(path):
+                return COCO(path)
+            coco = COCO()
+            coco.dataset = json.loads(read_bytes(path))
+            coco.createIndex()
+            return coco
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LakelensError(f"cannot read ground truth {path!r} as COCO JSON: {e}") from e
 
 
 def _image_lookup(gt: COCO, gt_path: str) -> tuple[dict[str, int], dict[str, int]]:
-    root = os.path.dirname(os.path.abspath(gt_path))
-    by_path = {os.path.abspath(os.path.join(root, im["file_name"])): im["id"]
-               for im in gt.dataset["images"]}
+    if is_remote(gt_path):  # images named relative to the JSON's own prefix
+        root = gt_path.rsplit("/", 1)[0]
+        by_path = {f"{root}/{im['file_name']}": im["id"] for im in gt.dataset["images"]}
+    else:
+        root = os.path.dirname(os.path.abspath(gt_path))
+        by_path = {os.path.abspath(os.path.join(root, im["file_name"])): im["id"]
+                   for im in gt.dataset["images"]}
     names = Counter(os.path.basename(im["file_name"]) for im in gt.dataset["images"])
     by_name = {os.path.basename(im["file_name"]): im["id"] for im in gt.dataset["images"]
                if names[os.path.basename(im["file_name"])] == 1}
@@ -192,11 +204,7 @@ def export(results: str, out: str, *, gt_path: str | None = None,
     stem, ext = os.path.splitext(out)
     paths = {t: out if len(types) == 1 else f"{stem}.{t}{ext or '.json'}" for t in types}
     for t, path in paths.items():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(preds.by_type[t], f)
-        os.replace(tmp, path)
+        save_json(path, preds.by_type[t], indent=None)
     if preds.unmatched_images:
         logger.warning("%d images are not in the ground truth and were left out",
                        preds.unmatched_images)

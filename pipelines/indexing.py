@@ -128,7 +128,7 @@ def build(cfg: IndexBuildConfig) -> dict:
     ids = _ids_table(*(pa.chunked_array(meta[c], pa.string()) for c in meta),
                      pa.array(np.ones(index.ntotal, bool)))
     saved = store.save(cfg.out, index, ids, manifest)
-    return {**manifest, "version": saved.name}
+    return {**manifest, "version": saved}
 
 
 def _default_train(index) -> int:
@@ -219,7 +219,7 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
                                 "seconds": round(time.perf_counter() - started, 3),
                                 "table_version": table.version, "from_table_version": seen}}
     saved = store.save(index_dir, index, _ids_table(image_ids, uris, hashes, live), manifest)
-    return {**manifest, "version": saved.name}
+    return {**manifest, "version": saved}
 
 
 def describe_update(m: dict) -> str:
@@ -235,7 +235,7 @@ def describe_update(m: dict) -> str:
 
 def sync(index_dir: str, results: str) -> dict:
     """annotate --index: update INDEX_DIR, or build it when there is none yet."""
-    if os.path.exists(os.path.join(index_dir, "CURRENT")):
+    if store.exists(index_dir):
         m = update(index_dir, results)
         return {"path": index_dir, "summary": describe_update(m), "version": m.get("version")}
     m = build(IndexBuildConfig(results=results, out=index_dir))

@@ -57,9 +57,20 @@ def location(out: str, *parts: str) -> str:
     return "/".join([base, *parts])
 
 
-def write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
+def save_json(target: str, obj, *, indent: int | None = 2) -> None:
+    """A JSON file at a local path or a URI: renamed into place locally, one PUT remotely."""
+    if is_remote(target):
+        fs, path = pafs.FileSystem.from_uri(target)
+        with fs.open_output_stream(path) as f:
+            f.write((json.dumps(obj, indent=indent, default=str) + "\n").encode())
+        return
+    write_json(pafs.LocalFileSystem(), os.path.abspath(target.removeprefix("file://")), obj,
+               indent=indent)
+
+
+def write_json(fs: pafs.FileSystem, path: str, obj, *, indent: int | None = 2) -> None:
     """Write under a temporary name, then rename into place."""
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    data = (json.dumps(obj, indent=indent, default=str) + "\n").encode()
     head, tail = path.rsplit("/", 1)
     tmp = f"{head}/.{tail}.{uuid.uuid4().hex[:8]}.tmp"
     fs.create_dir(head, recursive=True)

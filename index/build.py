@@ -20,6 +20,8 @@ from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 10.0
+
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 FLAT_MAX_ROWS = 100_000  # exact search stays fast enough below this
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes the index may take in RAM
@@ -110,6 +112,7 @@ def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
     ivf = _plain_ivf(work) if presize is not None and not on_gpu else None
     assignments = _presize_lists(ivf, presize) if ivf is not None else None
     started, added = time.perf_counter(), 0
+    last_log = started
     for block in blocks:
         x = np.ascontiguousarray(block, dtype=np.float32)
         if assignments is not None:
@@ -118,7 +121,11 @@ def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
         else:
             work.add(x)
         added += len(x)
-        logger.info("added %d vectors (%.0f/s)", added, added / max(time.perf_counter() - started, 1e-9))
+        now = time.perf_counter()
+        if now - last_log >= PROGRESS_EVERY_S:  # progress on long adds, not a line per block
+            logger.info("added %d vectors (%.0f/s)", added, added / max(now - started, 1e-9))
+            last_log = now
+    logger.info("added %d vectors in %.1f s", added, time.perf_counter() - started)
     return faiss.index_gpu_to_cpu(work) if on_gpu else work
 
 

@@ -50,11 +50,22 @@ def _setup(config: dict) -> tuple[TrainConfig, torch.device, int, int]:
     for pkg in ("pipelines", "models", "index"):
         logging.getLogger(pkg).setLevel(logging.INFO)
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    _quiet_ray_train()
     cfg = TrainConfig(**config)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank, size = world()
     torch.manual_seed(cfg.seed * 1000 + rank)
     return cfg, ray.train.torch.get_device(), rank, size
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train logs a "Reporting training result ..." line per rank per report at INFO,
+    under a logger named by its file's path; lakelens prints its own epoch lines."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class _Stepper:

@@ -48,7 +48,7 @@ def ray_local():
 
     from pipelines.cluster.local import start_local_ray
 
-    start_local_ray(2)
+    start_local_ray(2, dashboard=False)  # the dashboard only serves people and Ray Train's cleaner
     try:
         yield ray
     finally:

@@ -40,7 +40,7 @@ from pipelines import version
 from pipelines.annotate.commit import Committer
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.stages import FusedStage
-from pipelines.cluster.local import start_local_ray
+from pipelines.cluster.local import filter_worker_logs, start_local_ray
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire
@@ -247,6 +247,8 @@ def connect(cfg: AnnotateConfig) -> None:
             start_local_ray(cfg.num_cpus)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
+    if not logger.isEnabledFor(logging.DEBUG):
+        filter_worker_logs()
 
 
 def _check_reachable(address: str) -> None:

@@ -77,11 +77,67 @@ def bind_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
 
 
-def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
-    """A new local Ray instance on loopback with token auth (a `ray start` here is left alone)."""
+def start_local_ray(num_cpus: int | None = None, *, dashboard: bool = True, **kwargs) -> None:
+    """A new local Ray instance on loopback with token auth (a `ray start` here is left alone).
+
+    With `dashboard` (on 127.0.0.1, 8265 or the next free port) Ray's State API works, and
+    the cluster's address is recorded where Ray's own processes look for it: Ray Train's
+    placement-group cleaner asks the State API about its controller every few seconds
+    and, without both, fills the terminal with "Failed to query ..." warnings.
+    """
     import ray
 
     bind_loopback()
     ensure_token()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
              logging_level=logging.WARNING, **kwargs)
+    if dashboard:
+        _record_address(ray.get_runtime_context().gcs_address)
+
+
+def _record_address(gcs_address: str) -> None:
+    """Ray's "current cluster" file (as `ray start` writes it), removed again at exit
+    when it still names this instance."""
+    import atexit
+
+    from ray._private import utils
+
+    utils.write_ray_address(gcs_address)
+
+    def forget() -> None:
+        try:
+            if utils.read_ray_address() == gcs_address:
+                os.remove(utils.get_ray_address_file(None))
+        except OSError:
+            pass
+
+    atexit.register(forget)
+
+
+# Lines Ray's own actors print to every driver that are about Ray, not the user's run.
+RAY_NOISE = (
+    "Actor with class name: 'PreemptionWatcher'",  # Ray Train's internal actor, each run
+)
+
+
+def filter_worker_logs(noise: tuple[str, ...] = RAY_NOISE) -> None:
+    """Drop known Ray-internal lines from the worker output Ray forwards to this terminal
+    (everything else still comes through; `-v` keeps them all)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+    for name, handle in handlers:
+        if name != "ray_print_logs" or getattr(handle, "lakelens_filtered", False):
+            continue
+
+        def filtered(data: dict, handle=handle) -> None:
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in noise)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        filtered.lakelens_filtered = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)

@@ -22,6 +22,7 @@ from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
 from pipelines.annotate.encode import ENCODERS
 from pipelines.annotate.read import ERROR_COLUMNS, PIXEL_COLUMNS, error_message
 from pipelines.config import TaskConfig
+from pipelines.lake.sources import is_remote
 from pipelines.lake.table import output_fs
 from pipelines.schema import TASK_COLUMNS
 
@@ -88,6 +89,9 @@ class ModelStage:
         return out_table
 
 
+REMOTE_FLUSH_S = 5.0
+
+
 class ActorStats:
     """What one model actor did: busy seconds and images per task, where it ran (host,
     raylet pid = node, the GPUs Ray gave it). Written as JSON to `stats_dir` after every
@@ -95,6 +99,7 @@ class ActorStats:
 
     def __init__(self, stats_dir: str | None, tasks: list[str]):
         host, self.path = socket.gethostname(), None
+        self.remote, self.written_at = bool(stats_dir) and is_remote(stats_dir), None
         if stats_dir:
             self.fs, root = output_fs(stats_dir)
             self.fs.create_dir(root, recursive=True)
@@ -111,9 +116,18 @@ class ActorStats:
         t["batches"] += 1
 
     def flush(self) -> None:
-        if self.path:
-            with self.fs.open_output_stream(self.path) as f:
-                f.write(json.dumps(self.record).encode())
+        """After a batch: at once on a local disk; on an object store at most every
+        REMOTE_FLUSH_S (one PUT per batch per actor adds up on a big cluster), so the
+        record may lag the actor's last seconds of work there."""
+        if not self.path:
+            return
+        now = time.monotonic()
+        if self.remote and self.written_at is not None and now - self.written_at < REMOTE_FLUSH_S:
+            return
+        self.record["as_of"] = time.time()
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(self.record).encode())
+        self.written_at = now
 
 
 def install_shipped(weights_files: dict | None) -> None:

@@ -58,26 +58,30 @@ class DiffCounts:
         return self.new + self.changed + self.retry + self.full
 
 
+LIST_CPUS = 0.5  # listing and staging wait on the store (LIST calls, small writes) more than they compute
+
+
 def listing_dataset(plan: S.SourcePlan, staging: str) -> ray.data.Dataset:
     """Every listed object as a row of pipelines.lake.sources.LISTING_SCHEMA."""
     parts: list[ray.data.Dataset] = []
     if plan.dirs:
         items = [{"root": d, "recursive": r} for d, r in plan.dirs]
         parts.append(ray.data.from_items(items, override_num_blocks=min(len(items), 256))
-                     .map_batches(_list_dirs, batch_size=1, batch_format="pyarrow"))
+                     .map_batches(_list_dirs, batch_size=1, batch_format="pyarrow",
+                                  num_cpus=LIST_CPUS))
     for path in plan.text_manifests:
         base = path.rsplit("/", 1)[0]
         parts.append(ray.data.read_text(path).map_batches(
-            _text_rows, batch_format="pyarrow", fn_kwargs={"base": base}))
+            _text_rows, batch_format="pyarrow", fn_kwargs={"base": base}, num_cpus=LIST_CPUS))
     parquet = plan.parquet_manifests + _expand_globs(plan.globs, staging)
     for path in parquet:
         base = path.rsplit("/", 1)[0]
         parts.append(ray.data.read_parquet(path).map_batches(
             _parquet_rows, batch_format="pyarrow", batch_size=S.LIST_BATCH,
-            fn_kwargs={"base": base}))
+            fn_kwargs={"base": base}, num_cpus=LIST_CPUS))
     if plan.files:
         parts.append(ray.data.from_items([{"uri": f} for f in plan.files]).map_batches(
-            _file_rows, batch_format="pyarrow"))
+            _file_rows, batch_format="pyarrow", num_cpus=LIST_CPUS))
     ds = parts[0]
     return ds.union(*parts[1:]) if len(parts) > 1 else ds
 
@@ -137,7 +141,7 @@ def stage_listing(ds: ray.data.Dataset, staging: str, buckets: int) -> dict[str,
     """Write the listing into per-bucket staging files; returns non-images by extension."""
     skipped: Counter = Counter()
     stats = ds.map_batches(_stage_batch, batch_format="pyarrow", batch_size=S.LIST_BATCH,
-                           fn_kwargs={"staging": staging, "buckets": buckets})
+                           fn_kwargs={"staging": staging, "buckets": buckets}, num_cpus=LIST_CPUS)
     for row in stats.iter_rows():
         skipped.update(json.loads(row["skipped"]))
     return dict(skipped)

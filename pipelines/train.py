@@ -164,12 +164,14 @@ def _prepare_run_dir(cfg: TrainConfig) -> None:
         raise LakelensError(f"--out {cfg.out} is not writable: {e}") from e
 
 
-def _check_init(cfg: TrainConfig) -> None:
-    """Fail in the driver, with one line, when the initial weights cannot be had."""
+def _check_init(cfg: TrainConfig) -> str | None:
+    """Fail in the driver, with one line, when the initial weights cannot be had; the URL
+    of `default` weights (the driver's cache has them now)."""
     if cfg.init == W.DEFAULT:
-        ensure_default_weights(cfg.task, cfg.model_arch, flag="--init ")
-    elif W.is_path_spec(cfg.init):
+        return ensure_default_weights(cfg.task, cfg.model_arch, flag="--init ")
+    if W.is_path_spec(cfg.init):
         W.read_for(cfg.init, task=cfg.task, arch=cfg.model_arch)
+    return None
 
 
 def _check_resources(cfg: TrainConfig) -> None:
@@ -191,17 +193,22 @@ def run(cfg: TrainConfig) -> TrainSummary:
     from ray.train.torch import TorchTrainer
 
     from pipelines.annotate import connect
+    from pipelines.cluster.weights import joined_cluster, ship_published
     from pipelines.datasets import split_paths
     from pipelines.train_loops import detector_loop, embedder_loop
 
     started = time.perf_counter()
     split_paths(cfg.data, cfg.task)
-    _check_init(cfg)
+    url = _check_init(cfg)
     _prepare_run_dir(cfg)
     connect(cfg)
     _check_resources(cfg)
     out = Path(cfg.out).absolute()
     config = dataclasses.asdict(cfg) | {"data": str(Path(cfg.data).absolute()), "out": str(out)}
+    # workers on other nodes get `default` weights from the driver, not from the internet
+    shipped = ship_published({url} if url else set(), joined=joined_cluster(cfg.address))
+    if shipped:
+        config["weights_files"] = shipped
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
     trainer = TorchTrainer(
         detector_loop if cfg.kind == "detector" else embedder_loop,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from models.device import autocast
 from models.errors import LakelensError
 from pipelines import version
+from pipelines.cluster.weights import install_shipped
 from pipelines.datasets import (
     DetectionDataset,
     EmbedDataset,
@@ -51,6 +52,8 @@ def _setup(config: dict) -> tuple[TrainConfig, torch.device, int, int]:
         logging.getLogger(pkg).setLevel(logging.INFO)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     _quiet_ray_train()
+    config = dict(config)
+    install_shipped(config.pop("weights_files", None))
     cfg = TrainConfig(**config)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank, size = world()

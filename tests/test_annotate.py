@@ -243,7 +243,7 @@ def test_shipped_default_weights_land_in_a_worker_cache_that_lacks_them(ray_loca
     @ray_local.remote(num_cpus=1, runtime_env={"env_vars": {"TORCH_HOME": str(node_b)}})
     def on_other_node(files: dict) -> tuple[str, str]:
         from models import weights as W
-        from pipelines.annotate.stages import install_shipped
+        from pipelines.cluster.weights import install_shipped
 
         install_shipped(files)
         path = W.cache_path(name)

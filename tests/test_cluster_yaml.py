@@ -5,7 +5,6 @@ cluster (roles, loopback dashboard, token auth, extras and pins)."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import fnmatch
 import importlib.metadata
@@ -156,11 +155,9 @@ def test_rays_aws_defaults_do_not_leak_in(prepared: dict) -> None:
 
 
 def test_role_label_is_the_one_lakelens_schedules_by() -> None:
-    tree = ast.parse((ROOT / "pipelines" / "annotate" / "job.py").read_text())
-    values = [node.value.value for node in tree.body
-              if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-              and any(isinstance(t, ast.Name) and t.id == "ROLE_LABEL" for t in node.targets)]
-    assert values == [ROLE]
+    from pipelines.cluster.placement import ROLE_LABEL
+
+    assert ROLE_LABEL == ROLE
 
 
 def test_head_has_no_gpu_and_no_worker_role(raw: dict) -> None:

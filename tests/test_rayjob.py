@@ -58,7 +58,7 @@ AUTOSCALER_V2_ENV = "RAY_enable_autoscaler_v2"
 GATED = {"networkPolicy": "RayClusterNetworkPolicy", "tlsOptions": "RayClusterMTLS",
          "historyServerOptions": "RayClusterHistoryServer"}
 
-ROLE_LABEL = "lakelens/role"  # pipelines/annotate/job.py ROLE_LABEL
+ROLE_LABEL = "lakelens/role"  # pipelines/cluster/placement.py ROLE_LABEL
 GPU = "nvidia.com/gpu"
 SECRET_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY)", re.IGNORECASE)
 

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -41,6 +40,14 @@ from pipelines.annotate.commit import Committer
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.stages import FusedStage
 from pipelines.cluster.local import filter_worker_logs, start_local_ray
+from pipelines.cluster.placement import (
+    READ_CPUS,
+    PoolPlan,
+    cluster_view,
+    current_plan,
+    role_selector,
+)
+from pipelines.cluster.weights import joined_cluster, ship_published
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire
@@ -57,102 +64,7 @@ DECODE_BATCH = 16
 # Model actors keep Ray Data's restart policy (restarted as often as they die); their
 # deaths are bounded by the task retries of the blocks that kill them.
 TASK_RETRIES = 2
-READ_CPUS = 0.25  # a read/decode task's CPU request: short bursts, always schedulable
 ACTOR_START_S = 600  # model actors that cannot all start by then: a plan the cluster cannot place
-
-
-@dataclass(frozen=True)
-class PoolPlan:
-    """Resources of the model actors. On GPUs (`fused`): one pool of actors, one per GPU
-    (a whole GPU each), each running every asked model on the same decoded batch; the pool
-    grows from `size` to `max_size` as an autoscaling cluster adds GPUs. On CPUs: one pool
-    per task of `size` actors."""
-
-    size: int
-    num_cpus: float
-    num_gpus: float
-    torch_threads: int
-    fused: bool = False
-    max_size: int | None = None  # None: == size
-
-    @property
-    def pools(self) -> str:
-        kind = "fused actor(s), every task in each" if self.fused else "actor(s) per task"
-        grow = f" (up to {self.max_size})" if self.max_size and self.max_size > self.size else ""
-        return f"{self.size}{grow} {kind}"
-
-
-def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None = None,
-               max_gpus: int | None = None, gpu_actor_cpus: float | None = None) -> PoolPlan:
-    """Share the cluster between the model actors, leaving CPUs for read/decode/write tasks
-    (actor pools holding every CPU starve those tasks and the job hangs). No actor asks
-    for more CPUs than the largest node has (`node_cpus`), or it could never be placed; a
-    GPU actor asks no more than `gpu_actor_cpus`, what every GPU node can give each of its
-    GPUs (so a node's GPUs all get an actor)."""
-    if gpus >= 1:
-        # Whole GPUs only: fractional requests pack into one GPU (four 0.75-GPU actors on
-        # three GPUs cannot all run), so every GPU gets one actor that runs every model.
-        size = int(gpus)
-        spare = max(cpus - size * READ_CPUS - 1, 0.0) / size
-        fits = gpu_actor_cpus if gpu_actor_cpus is not None else (node_cpus or 1.0) - READ_CPUS
-        num_cpus = max(min(1.0, spare, fits), 0.0)
-        return PoolPlan(size, round(num_cpus, 3), 1.0, max(1, int(spare)), fused=True,
-                        max_size=max(size, max_gpus or 0))
-    plan = _plan_cpu_pools(n_pools, cpus)
-    # Leave READ_CPUS free on every node whatever actors land (or restart) there, so that
-    # read/decode tasks can always be scheduled: an actor never takes a whole node.
-    cap = node_cpus - READ_CPUS if node_cpus else None
-    if cap is not None and cap > 0 and plan.num_cpus > cap:
-        total = plan.size * plan.num_cpus
-        size = math.ceil(total / cap)
-        plan = PoolPlan(size, total / size, 0.0, max(1, min(plan.torch_threads, int(node_cpus))))
-    return plan
-
-
-def _plan_cpu_pools(n_pools: int, cpus: float) -> PoolPlan:
-    reserve = max(1.0, cpus // 4)
-    per_pool = max(cpus - reserve, 0.25) / n_pools
-    # Ray's CPU counts are for scheduling only: decode and write tasks come in short bursts,
-    # so a model may run as many threads as its share of the cores, reserve included.
-    threads = max(1, min(4, int(cpus // n_pools)))
-    size = max(1, int(per_pool // threads))
-    return PoolPlan(size, per_pool / size, 0.0, threads)
-
-
-ROLE_LABEL = "lakelens/role"  # nodes labelled model (GPU work) or decode (read/decode tasks)
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    cpus: float
-    gpus: float
-    node_cpus: float | None
-    gpu_actor_cpus: float | None  # CPUs each GPU of the tightest GPU node can give its actor
-    roles: frozenset[str]  # the ROLE_LABEL values some alive node carries
-
-
-def cluster_view() -> ClusterView:
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    res = [n["Resources"] for n in alive]
-    per_gpu = [(r.get("CPU", 0.0) - READ_CPUS) / math.floor(r["GPU"])
-               for r in res if r.get("GPU", 0.0) >= 1]
-    return ClusterView(cpus=sum(r.get("CPU", 0.0) for r in res) or 1.0,
-                       gpus=sum(math.floor(r.get("GPU", 0.0)) for r in res),
-                       node_cpus=max((r.get("CPU", 0.0) for r in res), default=None),
-                       gpu_actor_cpus=max(min(per_gpu), 0.0) if per_gpu else None,
-                       roles=frozenset(n.get("Labels", {}).get(ROLE_LABEL) for n in alive) - {None})
-
-
-def role_selector(view: ClusterView, role: str) -> dict[str, str] | None:
-    """A label selector for `role`, only when some node carries it: on a cluster without
-    role labels (or a laptop) a selector would leave the stage unschedulable."""
-    return {ROLE_LABEL: role} if role in view.roles else None
-
-
-def current_plan(n_pools: int, max_gpus: int | None = None) -> PoolPlan:
-    """plan_pools for the cluster as it is now (nodes come and go between passes)."""
-    view = cluster_view()
-    return plan_pools(n_pools, view.cpus, view.gpus, view.node_cpus, max_gpus, view.gpu_actor_cpus)
 
 
 def new_run_id() -> str:
@@ -179,26 +91,13 @@ def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
 
 
 def ship_default_weights(cfg: AnnotateConfig, infos: list[ModelInfo]) -> dict[str, ray.ObjectRef] | None:
-    """torchvision's published weights the driver resolved, put in the object store once
-    for actors on other machines (their nodes need no internet, nor a shared cache).
-    None on one machine, where every actor reads the driver's torch cache."""
+    """torchvision's published weights the driver resolved, for model actors on other
+    machines (their nodes need no internet, nor a shared cache)."""
     from models.registry import published_url
 
     urls = {published_url(i.task, i.arch) for i in infos if cfg.weights_for(i.task) == W.DEFAULT}
     urls.discard(None)
-    if not urls or len([n for n in ray.nodes() if n["Alive"]]) < 2 and not _joined_cluster(cfg):
-        return None
-    shipped = {}
-    for url in sorted(urls):
-        path = W.cache_file(url)
-        shipped[path.name] = ray.put(path.read_bytes())
-        logger.info("shipping %s (%.1f MiB) to the model actors", path.name, path.stat().st_size / 2**20)
-    return shipped
-
-
-def _joined_cluster(cfg: AnnotateConfig) -> bool:
-    """Joined a cluster (which may add nodes later) rather than started a local Ray."""
-    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+    return ship_published(urls, joined=joined_cluster(cfg.address))
 
 
 def decode_sizes(cfg: AnnotateConfig, infos: list[ModelInfo]) -> tuple[int | None, int | None]:

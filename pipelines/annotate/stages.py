@@ -21,6 +21,7 @@ import torch
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
 from pipelines.annotate.encode import ENCODERS
 from pipelines.annotate.read import ERROR_COLUMNS, PIXEL_COLUMNS, error_message
+from pipelines.cluster.weights import install_shipped
 from pipelines.config import TaskConfig
 from pipelines.lake.sources import is_remote
 from pipelines.lake.table import output_fs
@@ -128,20 +129,6 @@ class ActorStats:
         with self.fs.open_output_stream(self.path) as f:
             f.write(json.dumps(self.record).encode())
         self.written_at = now
-
-
-def install_shipped(weights_files: dict | None) -> None:
-    """Published weights the driver shipped ({torch cache file name: ObjectRef of its
-    bytes}) into this node's torch cache, fetched only where the cache lacks them."""
-    if not weights_files:
-        return
-    import ray
-
-    from models import weights as W
-
-    for name, ref in weights_files.items():
-        if not W.cache_path(name).is_file():
-            W.install_cached(name, ray.get(ref))
 
 
 class FusedStage:

@@ -39,6 +39,7 @@ from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
 from pipelines import annotate
 from pipelines.cluster.local import start_local_ray
+from pipelines.cluster.placement import plan_pools
 from pipelines.config import AnnotateConfig
 from pipelines.synth import write_lake
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_local_ray(args.num_cpus)
         res = ray.cluster_resources()
-        plan = annotate.plan_pools(1, res.get("CPU", 1.0), res.get("GPU", 0.0))
+        plan = plan_pools(1, res.get("CPU", 1.0), res.get("GPU", 0.0))
         start = time.perf_counter()
         summary = annotate.run(cfg)
         pipe_s = time.perf_counter() - start

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 
 from models.masks import rle_to_mask
-from pipelines.annotate import plan_pools, run
+from pipelines.annotate import run
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.stages import ModelStage
+from pipelines.cluster.placement import plan_pools
 from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake.sources import image_id
 from pipelines.schema import SCHEMA_VERSION, TABLE_SCHEMA, TASK_TYPES

@@ -160,3 +160,22 @@ def test_the_package_leaves_out_secrets_outputs_and_venvs(tmp_path: Path) -> Non
         f.truncate(101 * 2**20)
     with pytest.raises(Exception, match=r"101 MiB.*largest pipelines \(101 MiB\)"):
         check_package(tmp_path)
+
+
+def test_relative_data_paths_are_refused_before_anything_is_sent() -> None:
+    from pipelines.cluster.submit import SubmitConfig
+
+    with pytest.raises(Exception, match="--out 'out' is relative"):
+        SubmitConfig(args=("annotate", "s3://b/lake", "--out", "out"))
+    SubmitConfig(args=("annotate", "s3://b/lake", "--out", "s3://b/out"))  # fine
+    SubmitConfig(args=("annotate", "/data/lake", "--out", "/data/out"))  # fine
+
+
+def test_annotate_config_paths_are_absolute_on_the_driver(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.config import AnnotateConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = AnnotateConfig(sources=("lake", "s3://b/lake"), out="out", index="ix")
+    assert cfg.sources == (str(tmp_path / "lake"), "s3://b/lake")
+    assert (cfg.out, cfg.index) == (str(tmp_path / "out"), str(tmp_path / "ix"))

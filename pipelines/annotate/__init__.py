@@ -6,7 +6,7 @@ Names are loaded on first use: a Ray worker that unpickles the read stage
 
 from importlib import import_module
 
-__all__ = ["RunSummary", "connect", "decode_sizes", "plan_pools", "resolve_models", "run"]
+__all__ = ["RunSummary", "connect", "decode_sizes", "resolve_models", "run"]
 
 
 def __getattr__(name: str):

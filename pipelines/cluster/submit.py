@@ -45,6 +45,7 @@ EXCLUDES = (
     "_delta_log", "node_modules",
 )
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PATH_FLAGS = ("--out", "--index", "--gt", "--data")  # where a job writes or reads data
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class SubmitConfig:
         if self.args[0] not in SUBMITTABLE:
             raise LakelensError(f"submit: {self.args[0]!r} is not a command a job runs; choose from "
                                 f"{', '.join(SUBMITTABLE)}")
+        for flag, value in zip(self.args, self.args[1:], strict=False):
+            if flag in PATH_FLAGS and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+                raise LakelensError(
+                    f"submit: {flag} {value!r} is relative: on the cluster it would land in the job's "
+                    "temporary working_dir. Give an absolute path on storage the cluster sees, or a URI")
 
 
 def resolve_address(address: str | None) -> str:

@@ -1,37 +1,39 @@
-"""Annotate throughput: a bare single-process torch loop vs the lakelens Ray pipeline.
+"""Annotate throughput: lakelens vs the pipeline a user writes from Ray's docs vs a bare loop.
 
-Both sides get the same synthetic JPEGs (pipelines.synth), the same model (arch, seeded
-"random" weights, image size, score threshold, batch size) and the same decode sizes
-(pipelines.annotate.decode_sizes).
+Per task (a detector, Mask R-CNN, the embedder), on the same synthetic JPEGs and the same
+model (the arch built by lakelens's builder with seeded "random" weights, the same image
+size, score threshold and batch size), in one run:
 
-(a) bare: one process, torch.set_num_threads(--num-cpus); for each file: read the bytes,
-    decode_image, collect --batch-size images, call the predictor. Timed: that loop only
-    (read + decode + inference); the model is built before the clock starts.
-(b) pipeline: pipelines.annotate.run() on a local Ray started with ray.init(num_cpus=...)
-    before the clock starts (Ray start-up excluded). Timed around run(), so it includes
-    listing, the weights check (a model build) in the driver, actor start-up and model
-    build in the actors, read/decode tasks, inference and the Parquet writes.
+(a) bare: one process, torch threads = --num-cpus; for each file: read, decode
+    (lakelens's decode_image at the sizes the model needs), batch, predict. The model is
+    built before the clock starts.
+(b) docs: the pattern of Ray Data's batch-inference docs, written plainly here:
+    `ray.data.read_images` -> `map_batches(Predictor, compute=ActorPoolStrategy(size=CPUs),
+    num_cpus=0.5, batch_size=B)` with one torch thread per actor (masks RLE-encoded with
+    pycocotools, embeddings as lists) -> `write_parquet`.
+(c) lakelens: `pipelines.annotate.run()` into a new table.
 
-ratio = pipeline_images_per_s / bare_images_per_s. Above 1: the pipeline beats one process
-(decode overlapping inference, several actors). Below 1: its fixed costs and the CPUs it
-keeps for read/decode/write tasks (plan_pools) cost more than they return. With few images
-the fixed costs dominate; raise --images for a steadier view.
+(b) and (c) share one local Ray started before the clocks (Ray start-up excluded from
+both). "e2e" is images / wall time of the whole job (listing, actor start-up, model builds,
+writes included); "steady" is the rate between the 10th and 90th percentile of the times
+rows came out (the model actors' output in (b), the driver's commit in (c), batch ends in (a)).
 
-Usage: python benchmarks/annotate.py [--images 64] [--task detect] ...
+Usage: python benchmarks/annotate.py [--tasks detect,segment,embed] [--images 800] [--quick]
 The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -39,109 +41,185 @@ from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
 from pipelines import annotate
 from pipelines.cluster.local import start_local_ray
-from pipelines.cluster.placement import plan_pools
 from pipelines.config import AnnotateConfig
 from pipelines.synth import write_lake
 
-DEFAULT_ARCHS = {"detect": "fasterrcnn_mobilenet_v3_large_320_fpn", "segment": "maskrcnn_tiny",
-                 "pose": "keypointrcnn_tiny", "embed": "resnet18"}
-BARE_INCLUDES = "read+decode+inference; not model build"
-PIPELINE_INCLUDES = ("listing, output prep, driver weights check (model build), actor start-up "
-                     "and model build, read+decode+hash, inference, Parquet writes; "
-                     "not Ray start-up")
+ARCHS = {"detect": "fasterrcnn_mobilenet_v3_large_320_fpn", "segment": "maskrcnn_tiny",
+         "embed": "resnet18"}
+SCORE_THRESHOLD = 0.0  # every image carries the model's full quota of boxes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--task", choices=sorted(DEFAULT_ARCHS), default="detect")
-    p.add_argument("--arch", default=None, help="default: a small arch for the task")
+    p.add_argument("--tasks", default="detect,segment,embed")
+    p.add_argument("--images", type=int, default=800, help="per task (default 800; --quick 96)")
+    p.add_argument("--quick", action="store_true", help="CI sizes: 96 images")
     p.add_argument("--image-size", type=int, default=320, help="detectors' shorter side")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--bare-threads", type=int, default=None,
-                   help="torch threads of the bare loop (default: --num-cpus)")
-    p.add_argument("--width", type=int, default=640, help="synthetic image width")
-    p.add_argument("--height", type=int, default=480, help="synthetic image height")
-    p.add_argument("--keep", default=None, help="write images and results here, and keep them")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    for name in ("images", "batch_size", "num_cpus", "width", "height"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.quick:
+        args.images = 96
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in args.tasks:
+        if t not in ARCHS:
+            p.error(f"--tasks: unknown task {t!r}; choose from {', '.join(ARCHS)}")
     return args
 
 
-def bare_loop(files: list[Path], cfg: AnnotateConfig,
-              threads: int) -> tuple[float, int, tuple[int | None, int | None]]:
-    """(seconds, images predicted, (short, long) decode sizes) of the single-process loop."""
-    torch.set_num_threads(threads)
-    task = cfg.tasks[0]
-    arch, weights = cfg.arch_for(task), cfg.weights_for(task)
-    predictor: DetectionPredictor | EmbeddingPredictor
+def steady_rate(stamps: list[float]) -> float:
+    """Rows per second between the 10th and 90th percentile of output times."""
+    t = np.sort(np.asarray(stamps, dtype=np.float64))
+    if len(t) < 10:
+        return float("nan")
+    lo, hi = int(0.1 * len(t)), int(0.9 * len(t))
+    return (hi - lo) / max(t[hi] - t[lo], 1e-9)
+
+
+def predictor_for(task: str, cfg: AnnotateConfig):
+    arch = cfg.arch_for(task)
     if task == "embed":
-        predictor = EmbeddingPredictor(arch, weights=weights, max_batch=cfg.batch_size)
-    else:
-        predictor = DetectionPredictor(arch, weights=weights, image_size=cfg.image_size,
-                                       score_threshold=cfg.score_threshold,
-                                       max_batch=cfg.batch_size)
+        return EmbeddingPredictor(arch, weights="random", max_batch=cfg.batch_size)
+    return DetectionPredictor(arch, weights="random", image_size=cfg.image_size,
+                              score_threshold=cfg.score_threshold, max_batch=cfg.batch_size)
+
+
+def bare(files: list[Path], task: str, cfg: AnnotateConfig, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    predictor = predictor_for(task, cfg)
     short, long = annotate.decode_sizes(cfg, [predictor.info])
-    done, batch = 0, []
+    stamps, batch = [], []
     start = time.perf_counter()
     for path in files:
-        dec = decode_image(path.read_bytes(), max_pixels=cfg.max_pixels, short=short, long=long)
-        batch.append(dec.pixels)
+        batch.append(decode_image(path.read_bytes(), max_pixels=cfg.max_pixels, short=short,
+                                  long=long).pixels)
         if len(batch) == cfg.batch_size:
-            done, batch = done + len(predictor(batch)), []
+            predictor(batch)
+            stamps += [time.perf_counter()] * len(batch)
+            batch = []
     if batch:
-        done += len(predictor(batch))
-    return time.perf_counter() - start, done, (short, long)
+        predictor(batch)
+        stamps += [time.perf_counter()] * len(batch)
+    wall = time.perf_counter() - start
+    return {"images": len(stamps), "wall_s": round(wall, 3), "e2e": round(len(stamps) / wall, 3),
+            "steady": round(steady_rate(stamps), 3), "decode": [short, long]}
+
+
+class DocsPredictor:
+    """The docs' callable class: build the model once, predict a batch of decoded images."""
+
+    def __init__(self, task: str, arch: str, image_size: int, score_threshold: float):
+        torch.set_num_threads(1)
+        self.task = task
+        if task == "embed":
+            from torchvision.transforms import v2
+
+            from models.embedding import build_embedder
+
+            self.model = build_embedder(arch, weights="random")[0].eval()
+            self.transform = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                                         v2.ToDtype(torch.float32, scale=True),
+                                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        else:
+            from models.detection import build_detector
+
+            self.model = build_detector(arch, weights="random", image_size=image_size)[0].eval()
+            self.model.roi_heads.score_thresh = score_threshold
+
+    def __call__(self, batch: dict) -> dict:
+        from pycocotools import mask as mask_utils
+
+        images = [torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1) for x in batch["image"]]
+        out: dict = {"path": batch["path"]}
+        with torch.inference_mode():
+            if self.task == "embed":
+                x = torch.stack([self.transform(im) for im in images])
+                out["embedding"] = [e.tolist() for e in self.model(x)]
+            else:
+                preds = self.model([im.float() / 255 for im in images])
+                out["boxes"] = [p["boxes"].numpy().tolist() for p in preds]
+                out["scores"] = [p["scores"].numpy().tolist() for p in preds]
+                out["labels"] = [p["labels"].numpy().tolist() for p in preds]
+                if self.task == "segment":
+                    out["masks"] = [
+                        [json.dumps({"size": r["size"], "counts": r["counts"].decode()})
+                         for r in mask_utils.encode(np.asfortranarray(
+                             (p["masks"][:, 0] > 0.5).numpy().transpose(1, 2, 0).astype(np.uint8)))]
+                        for p in preds]
+        out["t"] = [time.time()] * len(images)
+        return out
+
+
+def docs(images_dir: Path, out: Path, task: str, cfg: AnnotateConfig, cpus: int) -> dict:
+    start = time.perf_counter()
+    t0 = time.time()
+    ds = ray.data.read_images(str(images_dir), mode="RGB", include_paths=True)
+    ds = ds.map_batches(DocsPredictor, fn_constructor_kwargs={
+        "task": task, "arch": cfg.arch_for(task), "image_size": cfg.image_size,
+        "score_threshold": cfg.score_threshold},
+        compute=ray.data.ActorPoolStrategy(size=cpus), num_cpus=0.5, batch_size=cfg.batch_size)
+    ds.write_parquet(str(out))
+    wall = time.perf_counter() - start
+    import pyarrow.parquet as pq
+
+    stamps = pq.read_table(str(out), columns=["t"]).column("t").to_numpy()
+    return {"images": len(stamps), "wall_s": round(wall, 3), "e2e": round(len(stamps) / wall, 3),
+            "steady": round(steady_rate(list(stamps - t0)), 3)}
+
+
+def lakelens(cfg: AnnotateConfig) -> dict:
+    start = time.perf_counter()
+    summary = annotate.run(cfg)
+    wall = time.perf_counter() - start
+    return {"images": summary.annotated, "errors": summary.errors, "wall_s": round(wall, 3),
+            "e2e": round(summary.annotated / wall, 3), "steady": summary.steady_images_per_s}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    arch = args.arch or DEFAULT_ARCHS[args.task]
+    logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
     with tempfile.TemporaryDirectory(prefix="lakelens-bench-") as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
+        root = Path(tmp)
         write_lake(root / "lake", images=args.images, width=args.width, height=args.height)
-        files = sorted((root / "lake" / "images").glob("*.jpg"))
-        cfg = AnnotateConfig(
-            sources=(str(root / "lake" / "images"),), out=str(root / "out"), tasks=(args.task,),
-            weights={args.task: "random"}, archs={args.task: arch}, image_size=args.image_size,
-            batch_size=args.batch_size, num_cpus=args.num_cpus)
-
-        bare_s, bare_n, (short, long) = bare_loop(files, cfg, args.bare_threads or args.num_cpus)
-        print(f"bare     : {bare_n} images in {bare_s:.2f} s = {bare_n / bare_s:.2f} images/s "
-              f"({args.num_cpus} torch threads, {device})", flush=True)
-
+        images_dir = root / "lake" / "images"
+        files = sorted(images_dir.glob("*.jpg"))
         start_local_ray(args.num_cpus)
-        res = ray.cluster_resources()
-        plan = plan_pools(1, res.get("CPU", 1.0), res.get("GPU", 0.0))
-        start = time.perf_counter()
-        summary = annotate.run(cfg)
-        pipe_s = time.perf_counter() - start
-        ray.shutdown()
-    print(f"pipeline : {summary.listed} images in {pipe_s:.2f} s = {summary.listed / pipe_s:.2f} "
-          f"images/s ({summary.annotated} annotated, {summary.errors} errors; pool "
-          f"{plan.size} actor(s) x {plan.torch_threads} threads; run() says "
-          f"{summary.wall_s:.2f} s)", flush=True)
-    bare_ips, pipe_ips = bare_n / bare_s, summary.listed / pipe_s
-    print(f"ratio    : {pipe_ips / bare_ips:.3f} (pipeline / bare)", flush=True)
-    if summary.annotated != len(files) or bare_n != len(files):
-        print(f"warning: expected {len(files)} images on both sides", file=sys.stderr)
-    print(json.dumps({
-        "bench": "annotate", "images": len(files), "task": args.task, "arch": arch,
-        "image_size": None if args.task == "embed" else args.image_size,
-        "decode_short": short, "decode_long": long, "width": args.width, "height": args.height,
-        "batch_size": args.batch_size, "weights": "random",
-        "bare_s": round(bare_s, 3), "bare_images_per_s": round(bare_ips, 3),
-        "pipeline_s": round(pipe_s, 3), "pipeline_images_per_s": round(pipe_ips, 3),
-        "ratio": round(pipe_ips / bare_ips, 3), "cpus": args.num_cpus, "device": device,
-        "bare_torch_threads": args.bare_threads or args.num_cpus, "pipeline_pool": dataclasses.asdict(plan),
-        "pipeline_run_wall_s": round(summary.wall_s, 3), "pipeline_annotated": summary.annotated,
-        "pipeline_errors": summary.errors, "bare_includes": BARE_INCLUDES,
-        "pipeline_includes": PIPELINE_INCLUDES, "torch": torch.__version__, "ray": ray.__version__,
-    }))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            for task in args.tasks:
+                cfg = AnnotateConfig(
+                    sources=(str(images_dir),), out=str(root / f"out-{task}"), tasks=(task,),
+                    weights={task: "random"}, archs={task: ARCHS[task]}, image_size=args.image_size,
+                    score_threshold=SCORE_THRESHOLD, batch_size=args.batch_size,
+                    num_cpus=args.num_cpus)
+                r = {"arch": ARCHS[task], "bare": bare(files, task, cfg, args.num_cpus)}
+                print(f"{task} bare    : {r['bare']}", flush=True)
+                r["docs"] = docs(images_dir, root / f"docs-{task}", task, cfg, args.num_cpus)
+                print(f"{task} docs    : {r['docs']}", flush=True)
+                r["lakelens"] = lakelens(cfg)
+                print(f"{task} lakelens: {r['lakelens']}", flush=True)
+                for kind in ("e2e", "steady"):
+                    r[f"vs_docs_{kind}"] = round(r["lakelens"][kind] / r["docs"][kind], 3)
+                    r[f"vs_bare_{kind}"] = round(r["lakelens"][kind] / r["bare"][kind], 3)
+                print(f"{task} lakelens / docs: e2e {r['vs_docs_e2e']}, steady {r['vs_docs_steady']}; "
+                      f"lakelens / bare: e2e {r['vs_bare_e2e']}", flush=True)
+                results[task] = r
+        finally:
+            ray.shutdown()
+    line = {"bench": "annotate", "images": args.images, "quick": args.quick, "cpus": args.num_cpus,
+            "device": device, "batch_size": args.batch_size, "image_size": args.image_size,
+            "width": args.width, "height": args.height, "score_threshold": SCORE_THRESHOLD,
+            "weights": "random", "torch": torch.__version__, "ray": ray.__version__,
+            "tasks": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(line, indent=2) + "\n")
+    print(json.dumps(line))
     return 0
 
 

@@ -94,12 +94,17 @@ def build(cfg: IndexBuildConfig) -> dict:
     logger.info("index for %d vectors of dim %d: %s (%s)", n, src.dim, choice.factory, choice.reason)
     index = B.new_index(choice.factory, src.dim, cfg.metric)
     n_queries = min(HELD_OUT_QUERIES, max(1, n // 10))
-    n_train = 0 if index.is_trained else min(n - n_queries, cfg.train_sample or _default_train(index))
-    # Held-out queries and the training sample: disjoint rows of one seeded sample.
+    n_train = 0 if index.is_trained else min(n - n_queries, cfg.train_sample or B.train_sample_size(index))
+    # Held-out queries and the training sample: disjoint rows of one seeded sample, taken
+    # in one pass. A query's own row never counts as its neighbour (B.ExactNeighbors).
     picks = np.random.default_rng(cfg.seed).permutation(n_queries + n_train)
     queries_at, train_at = np.sort(picks[:n_queries]), np.sort(picks[n_queries:])
     positions = B.sample_positions(n, n_queries + n_train, seed=cfg.seed)
-    queries = B.take_rows(src.vectors(cfg.batch_rows), positions[queries_at])
+    sampled = B.take_rows(src.vectors(cfg.batch_rows), positions)
+    queries, query_rows = np.ascontiguousarray(sampled[queries_at]), positions[queries_at]
+    held = {"train": sampled[train_at]}
+    del sampled
+    exact = B.ExactNeighbors(queries, B.RECALL_K, cfg.metric, exclude=query_rows)
     meta: dict[str, list] = {"image_id": [], "uri": [], "content_hash": []}
 
     def blocks():  # keeps the row -> image mapping as compact Arrow chunks
@@ -107,13 +112,13 @@ def build(cfg: IndexBuildConfig) -> dict:
             meta["image_id"].append(rows.image_ids)
             meta["uri"].append(rows.uris)
             meta["content_hash"].append(rows.content_hashes)
+            exact.add(rows.vectors)  # exact answers for the queries, from the same pass
             yield rows.vectors
 
-    index = B.train_and_add(
-        index, lambda: B.take_rows(src.vectors(cfg.batch_rows), positions[train_at]), blocks(),
-        gpu=gpu, presize=src.vectors(cfg.batch_rows))
-    truth = B.ground_truth(queries, src.vectors(cfg.batch_rows), B.RECALL_K, cfg.metric)
-    params, recall = B.tune(index, queries, truth)
+    index = B.train_and_add(index, lambda: held.pop("train"), blocks(), gpu=gpu,
+                            presize=src.vectors(cfg.batch_rows), reserve=n)
+    held.clear()
+    params, recall = B.tune(index, queries, exact.result(), exclude=query_rows)
     manifest = {
         "factory": choice.factory, "factory_reason": choice.reason,
         "factory_requested": cfg.factory, "dim": src.dim,
@@ -129,11 +134,6 @@ def build(cfg: IndexBuildConfig) -> dict:
                      pa.array(np.ones(index.ntotal, bool)))
     saved = store.save(cfg.out, index, ids, manifest)
     return {**manifest, "version": saved}
-
-
-def _default_train(index) -> int:
-    ivf = B.ivf_of(index)
-    return max(50_000, 40 * ivf.nlist) if ivf is not None else 50_000
 
 
 def rebuild_reason(manifest: dict, live: int, total: int) -> str | None:

@@ -53,6 +53,7 @@ class Committer:
     read_retries: int = 0
     error_kinds: Counter = field(default_factory=Counter)  # (stage, error_type) -> n
     decode_nodes: Counter = field(default_factory=Counter)  # node (raylet pid) -> images decoded
+    arrivals: Counter = field(default_factory=Counter)  # whole seconds since start -> rows out
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _started: float = field(default_factory=time.perf_counter)
@@ -66,6 +67,7 @@ class Committer:
         """Rows out of the pipeline; commits whenever a chunk is full."""
         if not batch.num_rows:
             return
+        self.arrivals[int(time.perf_counter() - self._started)] += batch.num_rows
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         while self._pending_rows >= self.chunk_size:
@@ -152,6 +154,24 @@ class Committer:
             else:
                 cols[f.name] = pa.nulls(n, f.type)
         return pa.table(cols, schema=TABLE_SCHEMA)
+
+    def throughput(self) -> dict:
+        """Seconds to the first row out and the steady rate: rows per second between the
+        10th and 90th percentile of the rows (by the second they came out)."""
+        total = sum(self.arrivals.values())
+        if not total:
+            return {"first_row_s": None, "steady_images_per_s": None}
+        seconds = sorted(self.arrivals)
+        cum, lo_t, hi_t = 0, None, None
+        lo, hi = 0.1 * total, 0.9 * total
+        for sec in seconds:
+            cum += self.arrivals[sec]
+            if lo_t is None and cum >= lo:
+                lo_t, lo_n = sec, cum
+            if hi_t is None and cum >= hi:
+                hi_t, hi_n = sec, cum
+        steady = round((hi_n - lo_n) / (hi_t - lo_t), 3) if hi_t > lo_t else None
+        return {"first_row_s": seconds[0], "steady_images_per_s": steady}
 
     def top_errors(self, n: int = 3) -> str:
         return ", ".join(f"{stage}/{etype} x{count}"

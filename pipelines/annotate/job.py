@@ -219,6 +219,7 @@ class RunSummary:
     error_rate_exceeded: bool = False
     max_error_rate: float = 0.5
     index: dict = field(default_factory=dict)
+    steady_images_per_s: float | None = None  # between the 10th and 90th percentile of rows out
 
     @property
     def tried(self) -> int:
@@ -406,7 +407,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         annotated=committer.annotated, errors=committer.errors, crashed=crashed,
         read_retries=committer.read_retries, skipped=skipped, wall_s=wall,
         table_version=table.version, top_errors=committer.top_errors(),
-        error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate)
+        error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate,
+        steady_images_per_s=committer.throughput()["steady_images_per_s"])
     if cfg.index and (counts.todo or counts.vanished):
         from pipelines import indexing
 
@@ -417,7 +419,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
               "table_version_before": base_version, "table_version": summary.table_version,
               "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors,
               "decode_nodes": dict(committer.decode_nodes),
-              "images_per_s": round(summary.images_per_s, 3), "index": summary.index,
+              "images_per_s": round(summary.images_per_s, 3), **committer.throughput(),
+              "index": summary.index,
               "finished_at": datetime.now(UTC).isoformat()}
     fs, root = output_fs(cfg.out)
     write_json(fs, f"{root}/runs/{run_id}.json", record)

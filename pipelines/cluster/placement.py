@@ -63,11 +63,12 @@ def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None =
 def _plan_cpu_pools(n_pools: int, cpus: float) -> PoolPlan:
     reserve = max(1.0, cpus // 4)
     per_pool = max(cpus - reserve, 0.25) / n_pools
-    # Ray's CPU counts are for scheduling only: decode and write tasks come in short bursts,
-    # so a model may run as many threads as its share of the cores, reserve included.
-    threads = max(1, min(4, int(cpus // n_pools)))
-    size = max(1, int(per_pool // threads))
-    return PoolPlan(size, per_pool / size, 0.0, threads)
+    # One single-threaded actor per core of the pool's share, reserve included (Ray's CPU
+    # counts are for scheduling only: decode and write tasks come in short bursts). For
+    # the CPU models here, two 1-thread actors outrun one 2-thread actor (intra-op
+    # threading scales poorly on small convolutions; measured in benchmarks/annotate.py).
+    size = max(1, int(cpus // n_pools))
+    return PoolPlan(size, per_pool / size, 0.0, 1)
 
 
 ROLE_LABEL = "lakelens/role"  # nodes labelled model (GPU work) or decode (read/decode tasks)

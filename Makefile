@@ -1,4 +1,5 @@
 # Quick start: `make demo` then `make test`. Both create .venv when it is missing.
+SHELL  := /bin/bash
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # faiss-gpu where nvidia-smi sees a GPU, faiss-cpu elsewhere.
@@ -29,12 +30,16 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+BENCHES := decode annotate index train nightly placement
+
+# Each benchmark's default run; its last stdout line (one JSON object) goes to
+# benchmarks/results/NAME.json.
 bench: $(STAMP)
-	$(PY) benchmarks/annotate.py
-	$(PY) benchmarks/index.py
-	$(PY) benchmarks/train.py
-	$(PY) benchmarks/nightly.py
-	$(PY) benchmarks/placement.py
+	mkdir -p benchmarks/results
+	set -eo pipefail; for b in $(BENCHES); do \
+	  $(PY) benchmarks/$$b.py | tee benchmarks/results/$$b.log; \
+	  tail -n 1 benchmarks/results/$$b.log > benchmarks/results/$$b.json; \
+	done
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -142,3 +142,15 @@ def test_predictors_run_on_cuda_with_autocast() -> None:
     assert det([image])[0]["boxes"].dtype == np.float32
     e = emb([image, image])
     assert len(e) == 2 and abs(float(np.linalg.norm(e[0])) - 1) < 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_embeddings_match_cpu_within_autocast_tolerance() -> None:
+    """channels_last + bf16/fp16 autocast on CUDA: the same embedding as fp32 on CPU."""
+    images = [np.random.default_rng(i).integers(0, 255, (64, 80, 3), dtype=np.uint8) for i in range(4)]
+    cpu = EmbeddingPredictor("resnet18", weights="random", device="cpu")(images)
+    gpu_pred = EmbeddingPredictor("resnet18", weights="random", device="cuda")
+    assert gpu_pred.channels_last
+    gpu = gpu_pred(images)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert float(np.dot(a, b)) > 0.99  # unit vectors: cosine similarity

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.build import choose_factory, gpu_count, recall_at_k
+from index.build import choose_factory, gpu_count, ground_truth, recall_at_k
 from index.store import open_index
 from models.errors import LakelensError
 from pipelines.indexing import IndexBuildConfig, build, update
@@ -31,12 +31,68 @@ def exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
 
 @pytest.mark.parametrize(("n", "dim", "budget", "expected"), [
     (5_000, 128, 2**34, "Flat"),
-    (1_000_000, 256, 2**34, "IVF4096,Flat"),
-    (50_000_000, 512, 2**34, "IVF32768,PQ256x4fs,Refine(SQ8)"),
+    (1_000_000, 256, 2**34, "IVF2048_HNSW32,PQ128x4fsr,Refine(SQfp16)"),
+    (50_000_000, 512, 2**36, "IVF16384_HNSW32,PQ256x4fsr,Refine(SQfp16)"),
 ])
 def test_auto_factory_choice(n: int, dim: int, budget: int, expected: str) -> None:
     choice = choose_factory(n, dim, memory_budget=budget)
     assert choice.factory == expected and str(n) in choice.reason
+
+
+@pytest.mark.parametrize(("budget_gib", "codes"), [
+    (16, "PQ128x4fsr,Refine(SQfp16)"),  # 5.4 GiB: half-precision re-rank
+    (4, "PQ128x4fsr,Refine(SQ8)"),  # 3.1 GiB: 8-bit re-rank
+    (1, "PQ128x4fsr"),  # 0.7 GiB: PQ codes alone
+    (0.5, "PQ64x4fsr"),  # 0.4 GiB: half as many sub-quantizers
+])
+def test_a_smaller_memory_budget_picks_a_smaller_code(budget_gib: float, codes: str) -> None:
+    n, dim = 10_000_000, 256
+    choice = choose_factory(n, dim, memory_budget=int(budget_gib * 2**30))
+    assert choice.factory == f"IVF8192_HNSW32,{codes}"
+    assert f"within the {budget_gib:g} GiB budget" in choice.reason
+    index = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)  # a valid string
+    assert faiss.extract_index_ivf(index).nlist == 8192
+    tiny = choose_factory(n, dim, memory_budget=2**20)
+    assert tiny.factory == "IVF8192_HNSW32,PQ64x4fsr" and "exceeds" in tiny.reason
+
+
+def test_the_streamed_exact_answers_leave_out_the_querys_own_row() -> None:
+    x = clustered_vectors(3000, 16, seed=4)
+    rows = np.array([5, 700, 2999])
+    truth = ground_truth(x[rows], (x[i:i + 512] for i in range(0, len(x), 512)), 10, "ip",
+                         exclude=rows)
+    _, full = exact(x, x[rows], 11)
+    assert all(r not in t for r, t in zip(rows, truth, strict=True))
+    assert truth.tolist() == [[i for i in row if i != r][:10] for r, row in zip(rows, full, strict=True)]
+
+
+def test_above_the_flat_threshold_auto_builds_a_compressed_index_at_the_recall_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import index.build as B
+
+    monkeypatch.setattr(B, "FLAT_MAX_ROWS", 10_000)  # what 100k vectors would get, at 30k
+    n = 30_000
+    x = clustered_vectors(n + 300, DIM, seed=7)
+    data, held_out = x[:n], x[n:]  # same clusters; the held-out queries are never indexed
+    write_results(tmp_path / "res", data)
+    m = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx"), gpu="off"))
+    assert m["factory"] == f"IVF256_HNSW32,PQ{DIM // 2}x4fsr,Refine(SQfp16)", m["factory_reason"]
+    assert m["factory_requested"] == "auto" and m["count"] == n and m["train_sample"] < n
+    assert m["recall_at_10"] >= B.TARGET_RECALL + B.TUNE_MARGIN
+    assert set(m["search_params"]) == {"nprobe", "quantizer_efSearch", "k_factor"}
+    idx = open_index(tmp_path / "idx")
+    assert isinstance(faiss.downcast_index(idx.index), faiss.IndexRefine)
+    assert faiss.extract_index_ivf(idx.index).nprobe == m["search_params"]["nprobe"]
+    found = np.array([[int(i[3:]) for i in ids] for ids in idx.search(held_out, 10).image_ids])
+    assert recall_at_k(found, exact(data, held_out, 10)[1]) >= 0.95
+    assert idx.search_ids(["img0000042"], 3).image_ids[0][0] == "img0000042"  # from fp16 vectors
+    # A budget below the half-precision re-rank (30k x 16 B of PQ codes and ids fit) picks
+    # PQ codes alone; search_ids reconstructs from the codes it has.
+    small = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "small"),
+                                   gpu="off", memory_budget_gb=1.2e6 / 2**30))
+    assert small["factory"] == f"IVF256_HNSW32,PQ{DIM // 2}x4fsr", small["factory_reason"]
+    with pytest.raises(LakelensError, match="query by vector or image"):
+        open_index(tmp_path / "small").search_ids(["img0000042"], 3)
 
 
 def test_small_index_is_flat_and_equals_exact_search(data: np.ndarray, tmp_path: Path) -> None:

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-sample", type=int, metavar="N",
                    help="vectors sampled to train IVF/PQ (default max(50000, 40 per list))")
     b.add_argument("--memory-gb", type=float, default=16.0, metavar="GB",
-                   help="RAM the index may take; auto compresses above it (default 16)")
+                   help="RAM the index may take; auto picks the most accurate code that fits "
+                        "(default 16)")
     u = ixs.add_parser("update", help="add the table's changes since the index was built")
     u.add_argument("index", metavar="INDEX_DIR")
     u.add_argument("results", metavar="DIR", help="the annotate --out DIR the index was built from")

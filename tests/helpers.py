@@ -156,3 +156,12 @@ def commit_rows(directory: Path, rows: list[dict], *, run_id: str = "r") -> Path
     seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
     table.commit(data, None, run_id=run_id, seq=seq, epoch=1)
     return directory
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ export, eval, render and query against them. The S3 server is a real one on loop
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,23 +14,19 @@ from pathlib import Path
 import pytest
 
 from pipelines.synth import write_lake
+from tests.helpers import free_port
+from tests.test_cli import lakelens  # the AWS_* variables the fixture set reach it via the environment
 
 BUCKET = "lakes"
 TINY = ["--tasks", "detect,embed", "--arch", "detect=fasterrcnn_mobilenet_v3_large_320_fpn",
         "--arch", "embed=tiny", "--weights", "random", "--score-threshold", "0.0", "--num-cpus", "2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
     """A moto S3 server on 127.0.0.1 with a bucket holding a synthetic lake under lake/."""
     boto3 = pytest.importorskip("boto3")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "w") as out:
         server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
@@ -63,13 +58,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         finally:
             server.terminate()
             server.wait(timeout=10)
-
-
-def lakelens(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)  # the AWS_* variables the fixture set: nothing on the command line
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
 
 
 def test_annotate_index_and_read_back_everything_from_s3(s3, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ import pytest
 from PIL import Image
 
 from pipelines.cluster.submit import check_address, check_package, package_files
-from tests.helpers import read_current
-from tests.test_cli import _one_line_error
+from tests.helpers import free_port, read_current
+from tests.test_cli import _one_line_error, lakelens
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ["--tasks", "embed", "--arch", "embed=tiny", "--weights", "random"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_session(sid: int) -> None:
@@ -46,7 +39,7 @@ def _kill_session(sid: int) -> None:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory):
     """A real Ray head on loopback; stopped in teardown whatever the tests did."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     log = tmp_path_factory.mktemp("head") / "ray-start.log"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1
            # the job's `python` is the cluster's: here, this environment's
@@ -62,7 +55,7 @@ def head(tmp_path_factory: pytest.TempPathFactory):
     try:
         deadline = time.monotonic() + 90
         while True:
-            probe = lakelens_cli("jobs", "list", "--address", address)
+            probe = lakelens("jobs", "list", "--address", address)
             if probe.returncode == 0:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -74,20 +67,13 @@ def head(tmp_path_factory: pytest.TempPathFactory):
         _kill_session(proc.pid)
 
 
-def lakelens_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)  # token auth on: conftest gives the run its own token
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 def test_submit_annotate_runs_on_the_cluster_and_fills_the_table(head: str, tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     lake.mkdir()
     for i in range(4):
         Image.new("RGB", (48, 32), (i * 60, 100, 50)).save(lake / f"{i}.jpg")
     out = tmp_path / "out"
-    proc = lakelens_cli("submit", "--address", head, "--", "annotate", str(lake), "--out", str(out),
+    proc = lakelens("submit", "--address", head, "--", "annotate", str(lake), "--out", str(out),
                         *TINY, "--batch-size", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "submitted job" in proc.stdout
@@ -96,16 +82,16 @@ def test_submit_annotate_runs_on_the_cluster_and_fills_the_table(head: str, tmp_
     table = read_current(out, "ok")
     assert table.num_rows == 4 and set(table["uri"].to_pylist()) == {str(p) for p in lake.iterdir()}
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
-    listed = lakelens_cli("jobs", "list", "--address", head)
+    listed = lakelens("jobs", "list", "--address", head)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    status = lakelens_cli("jobs", "status", job_id, "--address", head)
+    status = lakelens("jobs", "status", job_id, "--address", head)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
-    logs = lakelens_cli("jobs", "logs", job_id, "--address", head)
+    logs = lakelens("jobs", "logs", job_id, "--address", head)
     assert "4 annotated, 0 errors" in logs.stdout
 
 
 def test_a_failing_job_exits_non_zero_with_its_error_line(head: str, tmp_path: Path) -> None:
-    proc = lakelens_cli("submit", "--address", head, "--", "annotate", str(tmp_path), "--out",
+    proc = lakelens("submit", "--address", head, "--", "annotate", str(tmp_path), "--out",
                         str(tmp_path / "o"), "--tasks", "detect,nonsense")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lakelens: error:" in proc.stdout and "nonsense" in proc.stdout
@@ -114,23 +100,23 @@ def test_a_failing_job_exits_non_zero_with_its_error_line(head: str, tmp_path: P
 
 @pytest.mark.slow
 def test_jobs_stop_stops_a_running_job(head: str, tmp_path: Path) -> None:
-    proc = lakelens_cli("submit", "--address", head, "--no-wait", "--", "synth", str(tmp_path / "s"),
+    proc = lakelens("submit", "--address", head, "--no-wait", "--", "synth", str(tmp_path / "s"),
                         "--images", "5000", "--size", "1024")  # minutes of work
     assert proc.returncode == 0, proc.stderr[-2000:]
     job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
     deadline = time.monotonic() + 120
-    while "RUNNING" not in (status := lakelens_cli("jobs", "status", job_id, "--address", head)).stdout:
+    while "RUNNING" not in (status := lakelens("jobs", "status", job_id, "--address", head)).stdout:
         assert time.monotonic() < deadline and "FAILED" not in status.stdout, status.stdout + status.stderr
         time.sleep(1)
-    stopped = lakelens_cli("jobs", "stop", job_id, "--address", head)
+    stopped = lakelens("jobs", "stop", job_id, "--address", head)
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
-    assert "STOPPED" in lakelens_cli("jobs", "status", job_id, "--address", head).stdout
+    assert "STOPPED" in lakelens("jobs", "status", job_id, "--address", head).stdout
 
 
 def test_unknown_job_and_unreachable_address_are_one_line_errors(head: str) -> None:
-    _one_line_error(lakelens_cli("jobs", "status", "raysubmit_nope", "--address", head), "no job")
-    closed = f"http://127.0.0.1:{_free_port()}"
-    _one_line_error(lakelens_cli("jobs", "list", "--address", closed), "cannot reach the Ray Jobs API")
+    _one_line_error(lakelens("jobs", "status", "raysubmit_nope", "--address", head), "no job")
+    closed = f"http://127.0.0.1:{free_port()}"
+    _one_line_error(lakelens("jobs", "list", "--address", closed), "cannot reach the Ray Jobs API")
 
 
 @pytest.mark.parametrize(("address", "ok"), [

@@ -179,8 +179,7 @@ def client(address: str) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LakelensError(f"cannot reach the Ray Jobs API at {address}: {first}") from e
+        raise LakelensError(f"cannot reach the Ray Jobs API at {address}: {_first_line(e)}") from e
 
 
 def entrypoint(args: tuple[str, ...], *, in_working_dir: bool) -> str:
@@ -256,8 +255,8 @@ def wait_terminal(jobs: JobSubmissionClient, job_id: str, *, poll_s: float = 1.0
 
 def _reason(message: str | None) -> str:
     """A job's status message without the copy of its logs Ray appends to it."""
-    return (message or "").split(", last available logs", 1)[0].strip().splitlines()[0:1][0] \
-        if (message or "").strip() else ""
+    lines = (message or "").split(", last available logs", 1)[0].strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _first_line(e: BaseException) -> str:

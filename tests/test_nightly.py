@@ -244,6 +244,23 @@ def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_
     assert len(DeltaTable(str(out / "table")).to_pandas()) == 160
 
 
+def test_actor_records_survive_a_kill_mid_write(tmp_path: Path, caplog) -> None:
+    """The SIGKILL test once caught a record read half written: records are written then
+    renamed, and a record that is unreadable anyway is skipped with a warning."""
+    from pipelines.annotate.job import actor_stats
+    from pipelines.annotate.stages import ActorStats
+
+    stats = ActorStats(str(tmp_path / "actors"), ["embed"])
+    stats.add("embed", 0.5, 4)
+    stats.flush()
+    assert [p.name.endswith(".json") for p in (tmp_path / "actors").iterdir()] == [True]
+    (tmp_path / "actors" / "killed-1.json").write_bytes(b'{"host": "h", "tas')
+    with caplog.at_level("WARNING"):
+        records = actor_stats(str(tmp_path / "actors"))
+    assert [r["tasks"]["embed"]["images"] for r in records] == [4]
+    assert "killed-1.json" in caplog.text
+
+
 def test_a_run_record_per_run(nightly) -> None:
     root, _, _, _ = nightly
     records = [json.loads(p.read_text()) for p in (root / "out" / "runs").glob("*.json")]

@@ -302,7 +302,11 @@ def actor_stats(stats_dir: str) -> list[dict]:
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.path.endswith(".json"):
             with fs.open_input_stream(info.path) as f:
-                records.append(json.loads(f.read()))
+                data = f.read()
+            try:  # statistics only: one unreadable record must not fail the run
+                records.append(json.loads(data))
+            except ValueError:
+                logger.warning("skipping an unreadable actor record %s (%d bytes)", info.path, len(data))
     return records
 
 

@@ -126,8 +126,15 @@ class ActorStats:
         if self.remote and self.written_at is not None and now - self.written_at < REMOTE_FLUSH_S:
             return
         self.record["as_of"] = time.time()
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(json.dumps(self.record).encode())
+        data = json.dumps(self.record).encode()
+        if self.remote:  # an object store PUT is all or nothing
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+        else:  # a worker killed mid-write must not leave half a record: write, then rename
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
         self.written_at = now
 
 

@@ -261,6 +261,27 @@ def test_actor_records_survive_a_kill_mid_write(tmp_path: Path, caplog) -> None:
     assert "killed-1.json" in caplog.text
 
 
+def test_steady_rate_from_the_actors_clocks() -> None:
+    """Known answers: 10 rows a second for 10 s is 10/s whichever actor did them; the
+    per-actor histogram widens its bins as a run grows and keeps every row."""
+    from pipelines.annotate.commit import steady_rate
+    from pipelines.annotate.job import pool_steady_rate
+    from pipelines.annotate.stages import MAX_DONE_BINS, ActorStats
+
+    assert steady_rate({s: 10 for s in range(10)}) == 10.0
+    assert steady_rate({5: 100}) is None
+    a = {"tasks": {"embed": {}}, "done_bin_s": 1, "done": {str(s): 5 for s in range(0, 10)}}
+    b = {"tasks": {"embed": {}}, "done_bin_s": 2, "done": {str(s): 10 for s in range(0, 10, 2)}}
+    other = {"tasks": {"detect": {}}, "done_bin_s": 1, "done": {str(s): 99 for s in range(10)}}
+    assert pool_steady_rate([a, b, other], "embed") == 10.0  # only the last pass counts
+    stats = ActorStats(None, ["embed"])
+    stats.record.update(done_bin_s=1, done={str(s): 1 for s in range(MAX_DONE_BINS)})
+    stats.done(3)
+    assert stats.record["done_bin_s"] == 2
+    assert len(stats.record["done"]) <= MAX_DONE_BINS // 2 + 2
+    assert sum(stats.record["done"].values()) == MAX_DONE_BINS + 3
+
+
 def test_a_run_record_per_run(nightly) -> None:
     root, _, _, _ = nightly
     records = [json.loads(p.read_text()) for p in (root / "out" / "runs").glob("*.json")]

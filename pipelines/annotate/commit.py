@@ -158,24 +158,30 @@ class Committer:
     def throughput(self) -> dict:
         """Seconds to the first row out and the steady rate: rows per second between the
         10th and 90th percentile of the rows (by the second they came out)."""
-        total = sum(self.arrivals.values())
-        if not total:
+        if not self.arrivals:
             return {"first_row_s": None, "steady_images_per_s": None}
-        seconds = sorted(self.arrivals)
-        cum, lo_t, hi_t = 0, None, None
-        lo, hi = 0.1 * total, 0.9 * total
-        for sec in seconds:
-            cum += self.arrivals[sec]
-            if lo_t is None and cum >= lo:
-                lo_t, lo_n = sec, cum
-            if hi_t is None and cum >= hi:
-                hi_t, hi_n = sec, cum
-        steady = round((hi_n - lo_n) / (hi_t - lo_t), 3) if hi_t > lo_t else None
-        return {"first_row_s": seconds[0], "steady_images_per_s": steady}
+        return {"first_row_s": min(self.arrivals),
+                "steady_images_per_s": steady_rate(self.arrivals)}
 
     def top_errors(self, n: int = 3) -> str:
         return ", ".join(f"{stage}/{etype} x{count}"
                          for (stage, etype), count in self.error_kinds.most_common(n))
+
+
+def steady_rate(bins: dict[float, int]) -> float | None:
+    """Rows per second between the 10th and the 90th percentile row, from a histogram of
+    when rows were done (bin start in seconds -> rows); None when they share one bin."""
+    total = sum(bins.values())
+    cum, lo, hi = 0, None, None
+    for start in sorted(bins):
+        cum += bins[start]
+        if lo is None and cum >= 0.1 * total:
+            lo = (start, cum)
+        if hi is None and cum >= 0.9 * total:
+            hi = (start, cum)
+    if not total or hi[0] <= lo[0]:
+        return None
+    return round((hi[1] - lo[1]) / (hi[0] - lo[0]), 3)
 
 
 def _first_per_id(batch: pa.Table) -> pa.Table:

@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -36,7 +37,7 @@ from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 from models.registry import ModelInfo, ensure_default_weights
 from pipelines import version
-from pipelines.annotate.commit import Committer
+from pipelines.annotate.commit import Committer, steady_rate
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.stages import FusedStage
 from pipelines.cluster.local import filter_worker_logs, start_local_ray
@@ -412,7 +413,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         read_retries=committer.read_retries, skipped=skipped, wall_s=wall,
         table_version=table.version, top_errors=committer.top_errors(),
         error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate,
-        steady_images_per_s=committer.throughput()["steady_images_per_s"])
+        steady_images_per_s=pool_steady_rate(actors, infos[-1].task)
+        or committer.throughput()["steady_images_per_s"])
     if cfg.index and (counts.todo or counts.vanished):
         from pipelines import indexing
 
@@ -424,6 +426,7 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
               "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors,
               "decode_nodes": dict(committer.decode_nodes),
               "images_per_s": round(summary.images_per_s, 3), **committer.throughput(),
+              "steady_images_per_s": summary.steady_images_per_s,
               "index": summary.index,
               "finished_at": datetime.now(UTC).isoformat()}
     fs, root = output_fs(cfg.out)
@@ -431,11 +434,32 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
     return summary
 
 
+def pool_steady_rate(actors: list[dict], last_task: str) -> float | None:
+    """The steady rate of the last model pass, from when its actors finished each batch
+    (rows out of the driver come in bursts; the actors' own clocks do not)."""
+    last = [a for a in actors if last_task in a["tasks"] and a.get("done")]
+    if not last:
+        return None
+    width = max(a["done_bin_s"] for a in last)
+    bins: Counter = Counter()
+    for a in last:
+        for start, n in a["done"].items():
+            bins[int(start) // width * width] += n
+    return steady_rate(bins)
+
+
 def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
+    t0 = time.time() - wall  # when the run started; the actors' times are wall clock
+
+    def at(a: dict, key: str) -> str:
+        return f"{a[key] - t0:.1f} s" if key in a else "-"
+
     for a in actors:
         busy = ", ".join(f"{t} {v['busy_s']:.1f} s/{v['images']} images" for t, v in a["tasks"].items())
-        logger.info("run %s: model actor pid %s on %s (raylet %s)%s: %s (run %.1f s)", run_id, a["pid"],
-                    a["host"], a["node"], f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall)
+        logger.info("run %s: model actor pid %s on %s (raylet %s)%s: %s (run %.1f s; started %s, "
+                    "ready %s, first batch %s, last %s)", run_id, a["pid"], a["host"], a["node"],
+                    f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall, at(a, "created_at"),
+                    at(a, "ready_at"), at(a, "first_batch_at"), at(a, "as_of"))
 
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,

@@ -91,6 +91,7 @@ class ModelStage:
 
 
 REMOTE_FLUSH_S = 5.0
+MAX_DONE_BINS = 512  # per actor record: a 10-hour run keeps ~1-minute bins
 
 
 class ActorStats:
@@ -115,6 +116,21 @@ class ActorStats:
         t["busy_s"] += seconds
         t["images"] += images
         t["batches"] += 1
+
+    def done(self, images: int) -> None:
+        """Images through every model of this actor, binned by when (epoch seconds, bins
+        `done_bin_s` wide, widened as the run grows so the record stays small)."""
+        width = self.record.setdefault("done_bin_s", 1)
+        bins = self.record.setdefault("done", {})
+        key = str(int(time.time() // width * width))
+        bins[key] = bins.get(key, 0) + images
+        if len(bins) > MAX_DONE_BINS:
+            width *= 2
+            merged: dict[str, int] = {}
+            for k, v in bins.items():
+                k2 = str(int(int(k) // width * width))
+                merged[k2] = merged.get(k2, 0) + v
+            self.record.update(done_bin_s=width, done=merged)
 
     def flush(self) -> None:
         """After a batch: at once on a local disk; on an object store at most every
@@ -146,16 +162,20 @@ class FusedStage:
     def __init__(self, cfgs: list[TaskConfig], column_types: list[pa.DataType],
                  drop_pixels: bool = True, stats_dir: str | None = None,
                  weights_files: dict | None = None):
+        created = time.time()
         install_shipped(weights_files)
         self.stages = [ModelStage(cfg, typ, drop_pixels=drop_pixels and n == len(cfgs) - 1)
                        for n, (cfg, typ) in enumerate(zip(cfgs, column_types, strict=True))]
         self.stats = ActorStats(stats_dir, [c.task for c in cfgs])
+        self.stats.record.update(created_at=created, ready_at=time.time())
         self.stats.flush()  # an actor that never gets a batch is still on the record
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.stats.record.setdefault("first_batch_at", time.time())
         for stage in self.stages:
             started = time.perf_counter()
             batch = stage(batch)
             self.stats.add(stage.task, time.perf_counter() - started, batch.num_rows)
+        self.stats.done(batch.num_rows)
         self.stats.flush()
         return batch

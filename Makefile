@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lakelens-$(EXTRA)
 DEMO   ?= demo-out
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install browser demo test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -18,13 +18,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[$(EXTRA),dev]'
 	touch $@
 
+# The web page's test drives Debian's headless Chromium through its chromedriver
+# (Selenium); installed once with apt-get (as root, or with sudo), skipped when present.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver; }
+
 demo: $(STAMP)
 	$(VENV)/bin/lakelens demo --out $(DEMO)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from index.build import reconstruct, set_search_params
+from index.build import ivf_of, reconstruct, set_search_params
+from index.idmap import IdMap
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -230,14 +231,25 @@ class Neighbors:
 
 
 class SimilarityIndex:
-    """An index opened from disk: search by vectors, image files or image ids."""
+    """An index opened from disk: search by vectors, image files or image ids. The index
+    file is memory-mapped where FAISS can (IVF inverted lists); the id map stays Arrow."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, mmap: bool = False):
         self.root = path if is_remote(path) else Path(path)
         self.path = current_dir(path)
         self.manifest = load_manifest(self.path)
+        self.mmapped = False
         try:
-            self.index = faiss.read_index(str(self.path / "index.faiss"))
+            self.index = None
+            if mmap:
+                try:
+                    self.index = faiss.read_index(str(self.path / "index.faiss"),
+                                                  faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                    self.mmapped = True
+                except RuntimeError:  # an index type FAISS cannot map: read it whole
+                    self.index = None
+            if self.index is None:
+                self.index = faiss.read_index(str(self.path / "index.faiss"))
             ids = pq.read_table(self.path / "ids.parquet")
         except (RuntimeError, OSError, pa.ArrowInvalid) as e:
             first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
@@ -245,10 +257,8 @@ class SimilarityIndex:
         if ids.num_rows != self.index.ntotal:
             raise LakelensError(f"index {str(self.path)!r} is inconsistent: {self.index.ntotal} "
                                 f"vectors but {ids.num_rows} id rows")
-        self.image_ids: list[str] = ids.column("image_id").to_pylist()
-        self.uris: list[str] = ids.column("uri").to_pylist()
         self.live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
-        self.row_of = {iid: r for r, iid in enumerate(self.image_ids) if self.live[r]}
+        self.ids = IdMap(ids.column("image_id"), ids.column("uri"), self.live)
         set_search_params(self.index, self.manifest.get("search_params", {}))
         self._params = search_parameters(self.index, self.manifest.get("search_params", {}),
                                          self.live)
@@ -261,10 +271,23 @@ class SimilarityIndex:
         return int(self.manifest["dim"])
 
     def __len__(self) -> int:
-        return len(self.row_of)
+        return self.live_count()
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> Neighbors:
-        """Nearest live images of each vector (float32[q, dim] or [dim])."""
+    def row(self, image_id: str) -> int | None:
+        """The live row of image_id, or None."""
+        return self.ids.row(image_id)
+
+    def live_image_ids(self) -> list[str]:
+        return self.ids.image_ids.filter(pa.array(self.live)).to_pylist()
+
+    def uri(self, row: int) -> str:
+        return self.ids.uris[row].as_py()
+
+    def search(self, vectors: np.ndarray, k: int = 10, *, allow: np.ndarray | None = None,
+               nprobe: int | None = None) -> Neighbors:
+        """Nearest live images of each vector (float32[q, dim] or [dim]). `allow`
+        (bool per row) keeps only those rows, inside the search: a selective filter still
+        returns k hits when k rows pass it. `nprobe` overrides the tuned value."""
         if k <= 0:
             raise LakelensError(f"k must be >= 1, got {k}")
         x = np.asarray(vectors, dtype=np.float32)
@@ -273,29 +296,54 @@ class SimilarityIndex:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise LakelensError(f"query vectors have shape {tuple(np.shape(vectors))}; this "
                                 f"index holds dim {self.dim}")
+        if not np.isfinite(x).all():
+            raise LakelensError("query vectors hold NaN or infinite values")
         x = np.ascontiguousarray(x)
+        keep = self.live if allow is None else self.live & allow
         fetch = min(k, self.index.ntotal)
-        if fetch == 0 or not self.live.any():
+        if fetch == 0 or not keep.any():
             empty = [np.zeros(0, np.float32) for _ in x]
             return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
-        scores, rows = self.index.search(x, fetch, params=self._params)
+        tuned = dict(self.manifest.get("search_params", {}))
+        if nprobe is not None:
+            tuned["nprobe"] = int(nprobe)
+        ivf = ivf_of(self.index)
+        want = min(k, int(keep.sum()))
+        while True:
+            params = self._params if allow is None and nprobe is None else search_parameters(
+                self.index, tuned, keep, always=True)
+            scores, rows = self.index.search(x, fetch, params=params)
+            short = ((rows >= 0).sum(axis=1) < want).any()
+            probed = int(tuned.get("nprobe", ivf.nprobe if ivf is not None else 0))
+            if allow is None or not short or ivf is None or probed >= ivf.nlist:
+                break
+            # a selective filter left too few hits in the probed lists: probe more
+            tuned["nprobe"] = min(ivf.nlist, max(1, probed) * 4)
         out_s, out_r = [], []
         for s, r in zip(scores, rows, strict=True):
-            keep = (r >= 0)
-            keep[keep] &= self.live[r[keep]]
-            out_s.append(s[keep][:k])
-            out_r.append(r[keep][:k])
-        return Neighbors(out_s, out_r, [[self.image_ids[i] for i in r] for r in out_r],
-                         [[self.uris[i] for i in r] for r in out_r])
+            ok = (r >= 0)
+            ok[ok] &= keep[r[ok]]
+            out_s.append(s[ok][:k])
+            out_r.append(r[ok][:k])
+        ids, uris = self.ids.image_ids, self.ids.uris
+        return Neighbors(out_s, out_r, [ids.take(pa.array(r)).to_pylist() for r in out_r],
+                         [uris.take(pa.array(r)).to_pylist() for r in out_r])
 
-    def search_ids(self, image_ids: list[str], k: int = 10) -> Neighbors:
-        """Neighbours of images already in the index, by image_id."""
-        missing = [i for i in image_ids if i not in self.row_of]
+    def rows_of_ids(self, image_ids: list[str]) -> np.ndarray:
+        """Live rows of image_ids; a LakelensError names the first that is not indexed."""
+        rows = self.ids.rows_of(pa.array(image_ids, pa.string()))
+        missing = [image_ids[i] for i in np.flatnonzero(rows < 0)]
         if missing:
             raise LakelensError(f"image_id {missing[0]!r} is not in this index"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        rows = np.array([self.row_of[i] for i in image_ids], dtype=np.int64)
-        return self.search(reconstruct(self.index, rows), k)
+        return rows
+
+    def vectors_of(self, image_ids: list[str]) -> np.ndarray:
+        return reconstruct(self.index, self.rows_of_ids(image_ids))
+
+    def search_ids(self, image_ids: list[str], k: int = 10, **kw) -> Neighbors:
+        """Neighbours of images already in the index, by image_id."""
+        return self.search(self.vectors_of(image_ids), k, **kw)
 
     def search_images(self, paths: list[str], k: int = 10, *, weights: str | None = None) -> Neighbors:
         """Neighbours of image files, embedded with the index's own embedder."""
@@ -304,16 +352,16 @@ class SimilarityIndex:
         return self.search(embed_files(paths, self.manifest["embedder"], weights=weights), k)
 
 
-def open_index(path: str | Path) -> SimilarityIndex:
+def open_index(path: str | Path, *, mmap: bool = False) -> SimilarityIndex:
     """Open INDEX_DIR for searching. Raises LakelensError for a missing or corrupt index."""
-    return SimilarityIndex(path)
+    return SimilarityIndex(path, mmap=mmap)
 
 
-def search_parameters(index: faiss.Index, params: dict, live: np.ndarray):
-    """FAISS search parameters that exclude dead rows inside the search (an ID selector:
-    k live hits come back without fetching k + dead), or None when every row is live or
-    the index type takes no selector."""
-    if live.all():
+def search_parameters(index: faiss.Index, params: dict, live: np.ndarray, *, always: bool = False):
+    """FAISS search parameters that exclude dead (or filtered) rows inside the search (an
+    ID selector: k hits come back without fetching k + excluded), or None when every row
+    is live (unless `always`: parameters such as nprobe are wanted anyway)."""
+    if live.all() and not always:
         return None
     bits = np.packbits(live, bitorder="little")
     sel = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(bits))

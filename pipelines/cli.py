@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -159,6 +161,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print one JSON array")
     q.add_argument("--weights", metavar="PATH",
                    help="the embedder checkpoint, if it moved since annotate")
+
+    sv = sub.add_parser("serve", help="the similarity index as an HTTP service with a web page")
+    sv.add_argument("index", metavar="INDEX_DIR")
+    sv.add_argument("--table", metavar="DIR",
+                    help="the annotate --out DIR for filters and overlays (default: the table "
+                         "the index was built from)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1; another one warns unless a "
+                         "token is set)")
+    sv.add_argument("--port", type=int, default=8000, help="default 8000")
+    sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    sv.add_argument("--token-file", metavar="PATH",
+                    help="file holding the access token requests must send (or set "
+                         "LAKELENS_SERVE_TOKEN); never given on the command line")
+    sv.add_argument("--reload-interval", type=float, default=10.0, metavar="S",
+                    help="seconds between checks for a new index or table version (0: never)")
+    sv.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask (default 1000)")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32)")
+    sv.add_argument("--weights", metavar="PATH",
+                    help="the embedder checkpoint, if the index names one that moved")
+    sv.add_argument("--ray", action="store_true",
+                    help="deploy on Ray Serve (replicas each hold the index; autoscaled)")
+    sv.add_argument("--address", help="Ray cluster to deploy on with --ray (default: RAY_ADDRESS "
+                                      "or a local Ray)")
+    sv.add_argument("--min-replicas", type=int, default=1, help="with --ray (default 1)")
+    sv.add_argument("--max-replicas", type=int, default=4, help="with --ray (default 4)")
 
     ev = sub.add_parser("eval", help="COCO AP/AR of results against ground truth")
     ev.add_argument("results", metavar="DIR")
@@ -469,6 +497,41 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pipelines.serve import read_token, serve, warn_if_open
+    from pipelines.serve.engine import Engine, ServeConfig
+
+    cfg = ServeConfig(index=args.index, table=args.table, host=args.host, port=args.port,
+                      workers=args.workers, reload_s=args.reload_interval, max_k=args.max_k,
+                      max_body_mb=args.max_body_mb, weights=args.weights)
+    token = read_token(args.token_file)
+    if args.ray:
+        from pipelines.cluster.local import start_local_ray
+        from pipelines.serve import ray_app
+
+        if not 1 <= args.min_replicas <= args.max_replicas:
+            raise LakelensError(f"need 1 <= --min-replicas <= --max-replicas, got "
+                                f"{args.min_replicas} and {args.max_replicas}")
+        Engine(dataclasses.replace(cfg, reload_s=0))  # fail here, in one line, on a bad index
+        import ray
+
+        if args.address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=args.address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            start_local_ray(os.cpu_count() or 1)
+        warn_if_open(cfg.host, token)
+        print(f"lakelens: serving {args.index} on Ray Serve at http://{cfg.host}:{cfg.port}/ "
+              f"({args.min_replicas}-{args.max_replicas} replicas); Ctrl-C stops", file=sys.stderr)
+        ray_app.run(cfg, token=token, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
+        return 0
+    # a bad index or table is one line here, before anything binds
+    engine = Engine(cfg) if cfg.workers == 1 else Engine(dataclasses.replace(cfg, reload_s=0))
+    print(f"lakelens: serving {args.index} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); "
+          "Ctrl-C stops", file=sys.stderr)
+    serve(cfg, token=token, engine=engine if cfg.workers == 1 else None)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run
 
@@ -487,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"annotate": _annotate, "results": _results, "index": _index, "query": _query,
                     "eval": _eval, "export": _export, "render": _render, "synth": _synth,
-                    "train": _train, "demo": _demo, "submit": _submit, "jobs": _jobs}
+                    "train": _train, "demo": _demo, "submit": _submit, "jobs": _jobs,
+                    "serve": _serve}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -77,13 +77,17 @@ def index_recall(index: SimilarityIndex, identity: dict[str, int],
                  ks: tuple[int, ...] = (1, 4)) -> dict[str, float]:
     """Recall@K of the index itself: each val image queries the index (itself left out);
     a hit is a neighbour of the same image family."""
+    import pyarrow as pa
+
     from index.evaluate import recall_of_neighbors
 
-    ids = [i for i in index.row_of if _family(identity, index.uris[index.row_of[i]]) is not None]
+    uris = dict(zip(index.live_image_ids(), index.ids.uris.filter(pa.array(index.live)).to_pylist(),
+                    strict=True))
+    ids = [i for i in uris if _family(identity, uris[i]) is not None]
     if len(ids) <= max(ks):
         raise LakelensError(f"only {len(ids)} indexed images are in the val split; cannot score recall")
     position = {i: n for n, i in enumerate(ids)}
-    labels = [_family(identity, index.uris[index.row_of[i]]) for i in ids]
+    labels = [_family(identity, uris[i]) for i in ids]
     found = index.search_ids(ids, k=max(ks) + 1)
     neighbors = [[position[j] for j in row if j != query and j in position]
                  for query, row in zip(ids, found.image_ids, strict=True)]

@@ -188,7 +188,7 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
     image_ids, uris = ids.column("image_id").to_pylist(), ids.column("uri").to_pylist()
     hashes = ids.column("content_hash").to_pylist()
     live = opened.live.copy().tolist()
-    row_of = dict(opened.row_of)
+    row_of = {iid: r for r, iid in enumerate(image_ids) if live[r]}
     closed = 0
     for batch in table.dataset().scanner(columns=["image_id"], filter=pc.field("closed_in") > seen,
                                          batch_size=batch_rows).to_batches():

@@ -37,8 +37,9 @@ def test_every_image_retrieves_itself_first(indexed: tuple[Path, Path]) -> None:
     found = idx.search_images(paths, 3)
     assert [uris[0] for uris in found.uris] == paths
     assert all(abs(float(s[0]) - 1.0) < 1e-3 for s in found.scores)  # cosine of itself
-    by_id = idx.search_ids([idx.image_ids[0]], 2)
-    assert by_id.image_ids[0][0] == idx.image_ids[0]
+    first = idx.live_image_ids()[0]
+    by_id = idx.search_ids([first], 2)
+    assert by_id.image_ids[0][0] == first
 
 
 def test_query_command_json_and_text(indexed: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,0 +1,328 @@
+"""`lakelens serve`: the similarity index over HTTP (FastAPI), and the web page at `/`.
+
+Endpoints (JSON; OpenAPI at /docs):
+  GET  /search?image_id=ID   neighbours of an indexed image
+  POST /search/vector        {"vectors": [[...]], ...} or {"vector": [...], ...}
+  POST /search/image         multipart upload(s) named `image`, embedded by the index's embedder
+  GET  /images/{image_id}    the image, resized (?size=), with ?overlay=1 what the models saw
+  GET  /labels               labels in the table and how many images have each
+  GET  /health, GET /stats
+Every search takes k, nprobe and the filters label, min_count, min_score, min_width,
+min_height, since, until, run_id (see pipelines.serve.facets).
+
+Bad input is a 4xx with {"error": "<one line>"}; an unexpected failure is a 500 with no
+traceback in the answer (it goes to the log). Clients never make the service fetch a URL:
+images come as uploads or as ids of the index, and /images serves only what the index lists.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import LakelensError
+from pipelines.serve.engine import Engine, ServeConfig, Snapshot
+from pipelines.serve.facets import Filter
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "LAKELENS_SERVE_TOKEN"
+CONFIG_ENV = "LAKELENS_SERVE_CONFIG"  # the config, as JSON, for uvicorn's worker processes
+TOKEN_COOKIE = "lakelens_token"
+OPEN_PATHS = {"/", "/health"}  # the page asks for the token itself; probes need no secret
+PAGE = Path(__file__).with_name("page.html")
+IMAGE_SIZES = (64, 2048)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class VectorQuery(BaseModel):
+    vector: list[float] | None = None
+    vectors: list[list[float]] | None = None
+    k: int = 10
+    nprobe: int | None = None
+    label: str | None = None
+    min_count: int = 1
+    min_score: float = 0.5
+    min_width: int | None = None
+    min_height: int | None = None
+    since: str | None = None
+    until: str | None = None
+    run_id: str | None = None
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ApiError(400, f"{name}={value!r} is not an ISO date or time (e.g. 2026-11-29 or "
+                            "2026-11-29T02:00:00Z)") from e
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def make_filter(label: str | None = None, min_count: int = 1, min_score: float = 0.5,
+                min_width: int | None = None, min_height: int | None = None,
+                since: str | None = None, until: str | None = None,
+                run_id: str | None = None) -> Filter:
+    if min_count < 1:
+        raise ApiError(400, f"min_count must be >= 1, got {min_count}")
+    if not 0.0 <= min_score <= 1.0:
+        raise ApiError(400, f"min_score must be in [0, 1], got {min_score}")
+    return Filter(label=label or None, min_count=min_count, min_score=min_score,
+                  min_width=min_width, min_height=min_height, since=_when(since, "since"),
+                  until=_when(until, "until"), run_id=run_id or None)
+
+
+def filter_params(label: Annotated[str | None, Query(description="a label the models saw")] = None,
+                  min_count: Annotated[int, Query(description="at least this many of `label`")] = 1,
+                  min_score: Annotated[float, Query(description="count detections scoring >= this")] = 0.5,
+                  min_width: int | None = None, min_height: int | None = None,
+                  since: Annotated[str | None, Query(description="annotated at or after (ISO)")] = None,
+                  until: Annotated[str | None, Query(description="annotated before (ISO)")] = None,
+                  run_id: str | None = None) -> Filter:
+    return make_filter(label, min_count, min_score, min_width, min_height, since, until, run_id)
+
+
+FilterParams = Annotated[Filter, Depends(filter_params)]
+
+
+def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app. The engine (index, facets, embedder) opens at start-up, or is given."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if getattr(app.state, "engine", None) is None:
+            app.state.engine = Engine(cfg)
+        app.state.engine.start_watching()
+        yield
+        app.state.engine.stop()
+
+    app = FastAPI(title="lakelens", summary="similarity search over an annotated image lake",
+                  lifespan=lifespan)
+    app.state.engine = engine
+    limit = int(cfg.max_body_mb * 2**20)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
+                or request.cookies.get(TOKEN_COOKIE, "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _error(413, f"request body of {int(length)} bytes exceeds the limit of {limit} "
+                               "bytes (--max-body-mb)")
+        if request.method in ("POST", "PUT") and length is None:
+            return _error(411, "send a Content-Length header (chunked uploads are not accepted)")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError):
+        return _error(e.status, str(e))
+
+    @app.exception_handler(LakelensError)
+    async def lakelens_error(_: Request, e: LakelensError):
+        return _error(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception):
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error ({type(e).__name__}); see the server log")
+
+    def engine_of(request: Request) -> Engine:
+        return request.app.state.engine
+
+    def check_k(k: int, nprobe: int | None) -> None:
+        if not 1 <= k <= cfg.max_k:
+            raise ApiError(400, f"k must be in 1..{cfg.max_k}, got {k}")
+        if nprobe is not None and nprobe < 1:
+            raise ApiError(400, f"nprobe must be >= 1, got {nprobe}")
+
+    def answer(snap: Snapshot, vectors: np.ndarray, k: int, nprobe: int | None, flt: Filter,
+               started: float, queries: list[str] | None = None) -> dict:
+        found, allowed = snap.search(vectors, k, flt, nprobe)
+        facets = snap.facets
+        results = []
+        for rows, scores, ids, uris in zip(found.rows, found.scores, found.image_ids, found.uris,
+                                           strict=True):
+            hits = []
+            for rank, (r, s, i, u) in enumerate(zip(rows, scores, ids, uris, strict=True)):
+                hit: dict[str, Any] = {"rank": rank + 1, "score": round(float(s), 6), "image_id": i,
+                                       "uri": u}
+                if facets is not None and facets.present[r]:
+                    hit["width"], hit["height"] = int(facets.width[r]), int(facets.height[r])
+                hits.append(hit)
+            results.append(hits)
+        body = {"index_version": snap.version, "table_version": snap.table_version, "k": k,
+                "metric": snap.index.manifest.get("metric"), "allowed": allowed,
+                "took_ms": round((time.perf_counter() - started) * 1000, 3), "results": results}
+        if queries is not None:
+            body["queries"] = queries
+        return body
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(), headers={"Cache-Control": "no-store"})
+
+    @app.get("/health")
+    def health(request: Request) -> dict:
+        snap = engine_of(request).current()
+        return {"status": "ok", "index_version": snap.version, "table_version": snap.table_version,
+                "images": snap.index.live_count()}
+
+    @app.get("/stats")
+    def stats(request: Request) -> dict:
+        engine = engine_of(request)
+        snap = engine.current()
+        m = snap.index.manifest
+        return {"index_version": snap.version, "factory": m.get("factory"), "dim": m.get("dim"),
+                "metric": m.get("metric"), "images": snap.index.live_count(),
+                "vectors": snap.index.index.ntotal, "recall_at_10": m.get("recall_at_10"),
+                "search_params": m.get("search_params"), "embedder": m.get("embedder"),
+                "built_at": m.get("built_at"), "index_table_version": m.get("table_version"),
+                "table_version": snap.table_version, "memory_mapped": snap.index.mmapped,
+                "filters": snap.facets is not None, "reloads": engine.reloads,
+                "reload_errors": engine.reload_errors,
+                "loaded_at": datetime.fromtimestamp(snap.loaded_at, UTC).isoformat(),
+                "max_k": cfg.max_k}
+
+    @app.get("/labels")
+    def labels(request: Request, min_score: float = 0.5) -> dict:
+        snap = engine_of(request).current()
+        if snap.facets is None:
+            return {"source": None, "labels": {}}
+        return {"source": snap.facets.source, "min_score": min_score,
+                "labels": snap.facets.label_counts(min_score)}
+
+    @app.get("/search")
+    def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,
+                  nprobe: int | None = None) -> dict:
+        started = time.perf_counter()
+        check_k(k, nprobe)
+        snap = engine_of(request).current()
+        if snap.index.row(image_id) is None:
+            raise ApiError(404, f"image_id {image_id!r} is not in the index")
+        return answer(snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started, [image_id])
+
+    @app.post("/search/vector")
+    def search_vector(request: Request, q: VectorQuery) -> dict:
+        started = time.perf_counter()
+        check_k(q.k, q.nprobe)
+        flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
+                          q.until, q.run_id)
+        if (q.vector is None) == (q.vectors is None):
+            raise ApiError(400, "give exactly one of 'vector' (one query) or 'vectors' (a list)")
+        rows = [q.vector] if q.vector is not None else q.vectors
+        if not rows or len({len(v) for v in rows}) != 1:
+            raise ApiError(400, "'vectors' must be a non-empty list of equally long lists")
+        vectors = np.asarray(rows, dtype=np.float32)
+        if len(vectors) > cfg.max_k:
+            raise ApiError(400, f"at most {cfg.max_k} vectors per request, got {len(vectors)}")
+        snap = engine_of(request).current()
+        if vectors.shape[1] != snap.index.dim:
+            raise ApiError(400, f"vectors have dim {vectors.shape[1]}; the index holds dim "
+                                f"{snap.index.dim}")
+        return answer(snap, vectors, q.k, q.nprobe, flt, started)
+
+    @app.post("/search/image")
+    def search_image(request: Request, image: Annotated[list[UploadFile], File()],
+                     flt: FilterParams, k: int = 10, nprobe: int | None = None) -> dict:
+        started = time.perf_counter()
+        check_k(k, nprobe)
+        if len(image) > cfg.max_images:
+            raise ApiError(400, f"at most {cfg.max_images} images per request, got {len(image)}")
+        engine = engine_of(request)
+        snap = engine.current()
+        data = [f.file.read() for f in image]
+        vectors = engine.embed(snap, data)
+        return answer(snap, vectors, k, nprobe, flt, started, [f.filename or "" for f in image])
+
+    @app.get("/images/{image_id}")
+    def image(request: Request, image_id: str, size: int = 512, overlay: bool = False) -> Response:
+        from PIL import Image
+
+        from models.decode import decode_image
+        from pipelines.lake.sources import read_bytes
+
+        if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
+            raise ApiError(400, f"size must be in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}, got {size}")
+        snap = engine_of(request).current()
+        row = snap.index.row(image_id)
+        if row is None:
+            raise ApiError(404, f"image_id {image_id!r} is not in the index")
+        uri = snap.index.uri(row)
+        try:
+            pixels = decode_image(read_bytes(uri), max_pixels=cfg.max_pixels, long=size).pixels
+        except (OSError, ValueError) as e:
+            raise ApiError(404, f"image {image_id!r} cannot be read any more: {type(e).__name__}") from e
+        picture = Image.fromarray(pixels)
+        if overlay:
+            picture = _overlay(engine_of(request), snap, image_id, pixels) or picture
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    return app
+
+
+def _overlay(engine: Engine, snap: Snapshot, image_id: str, pixels: np.ndarray):
+    """The image with the current table row's detections, masks and poses drawn; None when
+    the table has no current row for it."""
+    from pipelines.lake.sources import bucket_of
+    from pipelines.lake.table import col, open_table
+    from pipelines.render import render_row
+
+    if snap.facets is None:
+        return None
+    table = open_table(engine._table_dir(snap.index))
+    names = set(table.dataset().schema.names)
+    columns = ["width", "height"] + [c for c in ("detections", "instances", "poses") if c in names]
+    where = (col("bucket") == bucket_of(image_id, table.buckets)) & (col("image_id") == image_id)
+    rows = table.current_table(columns, where=where).to_pylist()
+    if not rows:
+        return None
+    row = {"detections": None, "instances": None, "poses": None, **rows[0]}
+    return render_row(row, pixels)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message.splitlines()[0] if message else "error"}, status_code=status)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory in each worker process (`--workers N`)."""
+    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))

@@ -1,0 +1,196 @@
+"""The service's state: one opened index version, its facets and the embedder, swapped
+whole when the nightly run switches in a new version.
+
+A request takes the current Snapshot once and uses only it: a reload builds the next
+snapshot beside it and swaps one reference under a lock, so requests in flight finish on
+the old version (freed when the last one lets go) and none fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index import store
+from index.embed import weights_spec
+from index.store import Neighbors, SimilarityIndex
+from models.decode import decode_image
+from models.embedding import decode_sizes as embed_decode_sizes
+from models.errors import LakelensError
+from pipelines.lake.table import open_table
+from pipelines.serve.facets import Facets, Filter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    index: str
+    table: str | None = None  # default: the table the index was built from
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    reload_s: float = 10.0  # how often to look for a new index or table version (0: never)
+    max_k: int = 1000
+    max_body_mb: float = 32.0
+    max_pixels: int = 50_000_000
+    max_images: int = 16  # per upload request
+    weights: str | None = None  # the embedder's checkpoint when the index names one
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise LakelensError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 < self.port < 65536:
+            raise LakelensError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_k < 1:
+            raise LakelensError(f"--max-k must be >= 1, got {self.max_k}")
+        if self.reload_s < 0:
+            raise LakelensError(f"--reload-interval must be >= 0, got {self.reload_s}")
+
+
+@dataclass
+class Snapshot:
+    """One index version and what goes with it; never changed once built."""
+
+    index: SimilarityIndex
+    facets: Facets | None
+    version: str
+    table_version: int | None
+    loaded_at: float = field(default_factory=time.time)
+
+    def search(self, vectors: np.ndarray, k: int, flt: Filter,
+               nprobe: int | None) -> tuple[Neighbors, int | None]:
+        allow = None
+        if not flt.is_empty():
+            if self.facets is None:
+                raise LakelensError("filters need the annotations table; start the service with --table")
+            allow = self.facets.mask(flt)
+        found = self.index.search(vectors, k, allow=allow, nprobe=nprobe)
+        return found, None if allow is None else int((allow & self.index.live).sum())
+
+
+class Engine:
+    """Holds the current Snapshot and the embedder; reloads on a new version."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._embedder = None
+        self._embedder_key: tuple | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.reloads = 0
+        self.reload_errors = 0
+        self.snapshot = self._load()
+
+    # -- loading -------------------------------------------------------------------------
+
+    def _table_dir(self, index: SimilarityIndex) -> str | None:
+        if self.cfg.table:
+            return self.cfg.table
+        uri = index.manifest.get("table")
+        return uri.rstrip("/").removesuffix("/table") if uri else None
+
+    def _load(self) -> Snapshot:
+        started = time.perf_counter()
+        index = store.open_index(self.cfg.index, mmap=True)
+        facets = None
+        table_dir = self._table_dir(index)
+        if table_dir is not None:
+            try:
+                table = open_table(table_dir)
+            except LakelensError:
+                if self.cfg.table:
+                    raise
+                logger.warning("the index's table %s cannot be opened: filters and overlays are off",
+                               table_dir)
+            else:
+                facets = Facets(table, index.ids)
+        snap = Snapshot(index, facets, index.manifest.get("version", index.path.name),
+                        facets.table_version if facets else None)
+        logger.info("serving index %s version %s (%d images, %s%s) and table version %s; loaded in %.1f s",
+                    self.cfg.index, snap.version, index.live_count(), index.manifest.get("factory"),
+                    ", memory-mapped" if index.mmapped else "", snap.table_version,
+                    time.perf_counter() - started)
+        return snap
+
+    def current(self) -> Snapshot:
+        with self._lock:
+            return self.snapshot
+
+    def _pointer(self) -> tuple[str, int | None]:
+        """(index version CURRENT names, table version) as they are now."""
+        name = Path(store.current_dir(self.cfg.index)).name
+        snap = self.current()
+        tv = None
+        if snap.facets is not None:
+            table_dir = self._table_dir(snap.index)
+            tv = open_table(table_dir).version if table_dir else None
+        return name, tv
+
+    def reload_if_changed(self) -> bool:
+        """Load and switch to a new index version or table version; False if none."""
+        name, tv = self._pointer()
+        snap = self.current()
+        if name == snap.version and tv == snap.table_version:
+            return False
+        fresh = self._load()
+        with self._lock:
+            self.snapshot = fresh
+        self.reloads += 1
+        logger.info("switched from index %s (table %s) to %s (table %s)", snap.version,
+                    snap.table_version, fresh.version, fresh.table_version)
+        return True
+
+    def start_watching(self) -> None:
+        if self.cfg.reload_s <= 0 or self._watcher is not None:
+            return
+
+        def watch() -> None:
+            while not self._stop.wait(self.cfg.reload_s):
+                try:
+                    self.reload_if_changed()
+                except Exception as e:  # keep serving the version we have
+                    self.reload_errors += 1
+                    logger.warning("reload failed, still serving %s: %s", self.current().version, e)
+
+        self._watcher = threading.Thread(target=watch, name="lakelens-reload", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- queries -------------------------------------------------------------------------
+
+    def embed(self, snap: Snapshot, images: list[bytes]) -> np.ndarray:
+        """float32[len(images), dim] with the snapshot's embedder (loaded once, reused
+        while the index's embedder stays the same)."""
+        from models.predict import EmbeddingPredictor
+
+        embedder = snap.index.manifest["embedder"]
+        key = (embedder["arch"], embedder["weights"])
+        with self._lock:
+            if self._embedder_key != key:
+                self._embedder = EmbeddingPredictor(
+                    embedder["arch"], weights=weights_spec(embedder, self.cfg.weights))
+                self._embedder_key = key
+            predictor = self._embedder
+        short, long = embed_decode_sizes(embedder["arch"])
+        pixels = []
+        for n, data in enumerate(images):
+            try:
+                pixels.append(decode_image(data, max_pixels=self.cfg.max_pixels, short=short,
+                                           long=long).pixels)
+            except Exception as e:  # not an image, truncated, over the pixel limit
+                raise LakelensError(f"upload {n + 1} is not a readable image: {_one_line(e)}") from e
+        return np.stack(predictor(pixels)).astype(np.float32)
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

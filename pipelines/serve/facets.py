@@ -1,0 +1,141 @@
+"""What the models saw, per index row, in numpy: the filters of a search run over these.
+
+Built once per (index version, table version) from the current view of the annotations
+table, streamed in record batches: per row width, height, annotated_at and run; per
+detection (of the `detect` task, else `segment`) its row, label code and score. A filter
+is a few vectorised passes over those arrays and becomes a bool mask over index rows,
+which the index turns into an ID selector inside the FAISS search.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from index.idmap import IdMap
+from models.errors import LakelensError
+from pipelines.lake.table import LakeTable
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("detections", "instances")  # the first the table has is the filters' source
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A search filter; every field None/empty means "no condition"."""
+
+    label: str | None = None
+    min_count: int = 1
+    min_score: float = 0.5
+    min_width: int | None = None
+    min_height: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    run_id: str | None = None
+
+    def is_empty(self) -> bool:
+        return (self.label is None and self.min_width is None and self.min_height is None
+                and self.since is None and self.until is None and self.run_id is None)
+
+
+class Facets:
+    """Per index row: size, time and run of its current table row; its detections."""
+
+    def __init__(self, table: LakeTable, ids: IdMap, *, batch_rows: int = 65_536):
+        n = len(ids)
+        self.rows = n
+        self.table_version = table.version
+        self.width = np.zeros(n, np.int32)
+        self.height = np.zeros(n, np.int32)
+        self.at_us = np.zeros(n, np.int64)
+        self.run = np.full(n, -1, np.int32)
+        self.present = np.zeros(n, bool)  # has a current ok row in the table
+        self.runs: dict[str, int] = {}
+        names = set(table.dataset().schema.names)
+        self.source = next((c for c in LABEL_COLUMNS if c in names), None)
+        det_rows, det_labels, det_scores = [], [], []
+        self.labels: dict[str, int] = {}
+        columns = ["image_id", "width", "height", "annotated_at", "run_id"]
+        if self.source:
+            columns.append(self.source)
+        for batch in table.current(columns, batch_rows=batch_rows):
+            rows = ids.rows_of(batch.column("image_id"))
+            hit = rows >= 0
+            if not hit.any():
+                continue
+            r = rows[hit]
+            mask = pa.array(hit)
+            self.present[r] = True
+            self.width[r] = _ints(batch.column("width").filter(mask))
+            self.height[r] = _ints(batch.column("height").filter(mask))
+            self.at_us[r] = batch.column("annotated_at").filter(mask).cast(
+                pa.timestamp("us", tz="UTC")).cast(pa.int64()).fill_null(0).to_numpy()
+            runs = batch.column("run_id").filter(mask).cast(pa.string()).dictionary_encode()
+            codes = [self.runs.setdefault(name, len(self.runs)) for name in runs.dictionary.to_pylist()]
+            self.run[r] = np.asarray(codes, np.int32)[runs.indices.fill_null(0).to_numpy()]
+            if self.source:
+                dets = batch.column(self.source).filter(mask)
+                counts = pc.list_value_length(dets).fill_null(0).to_numpy()
+                flat = pc.list_flatten(dets)
+                if len(flat):
+                    names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
+                    lab = [self.labels.setdefault(x, len(self.labels))
+                           for x in names_col.dictionary.to_pylist()]
+                    det_rows.append(np.repeat(r, counts))
+                    det_labels.append(np.asarray(lab, np.int32)[names_col.indices.fill_null(0).to_numpy()])
+                    det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
+        self.det_row = np.concatenate(det_rows) if det_rows else np.zeros(0, np.int64)
+        self.det_label = np.concatenate(det_labels) if det_labels else np.zeros(0, np.int32)
+        self.det_score = np.concatenate(det_scores) if det_scores else np.zeros(0, np.float32)
+        logger.info("facets: %d of %d index rows in table version %d, %d %s, %d labels",
+                    int(self.present.sum()), n, self.table_version, len(self.det_row),
+                    self.source or "detections (none)", len(self.labels))
+
+    def label_counts(self, min_score: float = 0.5) -> dict[str, int]:
+        """Images per label (at least one detection of it scoring >= min_score)."""
+        keep = self.det_score >= min_score
+        pairs = np.unique(np.stack([self.det_row[keep], self.det_label[keep]]), axis=1) \
+            if keep.any() else np.zeros((2, 0), np.int64)
+        per = np.bincount(pairs[1].astype(np.int64), minlength=len(self.labels))
+        names = sorted(self.labels, key=self.labels.get)
+        return {name: int(per[i]) for i, name in enumerate(names) if per[i]}
+
+    def mask(self, f: Filter) -> np.ndarray | None:
+        """bool per index row, or None when the filter sets no condition."""
+        if f.is_empty():
+            return None
+        keep = self.present.copy()
+        if f.label is not None:
+            if f.label not in self.labels:
+                known = ", ".join(sorted(self.labels)[:20]) or "none"
+                raise LakelensError(f"unknown label {f.label!r}; the table's labels: {known}")
+            hits = (self.det_label == self.labels[f.label]) & (self.det_score >= f.min_score)
+            count = np.bincount(self.det_row[hits], minlength=self.rows)
+            keep &= count >= f.min_count
+        if f.min_width is not None:
+            keep &= self.width >= f.min_width
+        if f.min_height is not None:
+            keep &= self.height >= f.min_height
+        if f.since is not None:
+            keep &= self.at_us >= _us(f.since)
+        if f.until is not None:
+            keep &= self.at_us < _us(f.until)
+        if f.run_id is not None:
+            if f.run_id not in self.runs:
+                raise LakelensError(f"unknown run_id {f.run_id!r}: no current row was written by it")
+            keep &= self.run == self.runs[f.run_id]
+        return keep
+
+
+def _ints(a: pa.Array) -> np.ndarray:
+    return a.fill_null(0).to_numpy().astype(np.int32)
+
+
+def _us(t: datetime) -> int:
+    return int(t.timestamp() * 1_000_000)

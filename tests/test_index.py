@@ -315,3 +315,27 @@ def test_recall_at_k_on_a_hand_made_case() -> None:
     assert r[3] == pytest.approx(1.0)  # query 1 reaches 3 (b) at K=3
     with pytest.raises(LakelensError, match="K must be"):
         recall_at_k(x, [0, 1, 0, 1], ks=(4,))
+
+
+def test_id_map_finds_rows_without_python_objects_per_row() -> None:
+    """Hex image ids (lakelens's own) take the vectorised path, other ids the hashed one;
+    both find live rows, miss dead and unknown ids, and agree with a dict."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from index.idmap import IdMap
+
+    hexes = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(5000)]
+    names = [f"img{i:07d}" for i in range(5000)]
+    live = np.ones(5000, bool)
+    live[::7] = False
+    for ids in (hexes, names):
+        m = IdMap(pa.array(ids), pa.array([f"/lake/{i}.jpg" for i in ids]), live)
+        assert m.hex == (ids is hexes)
+        truth = {i: r for r, i in enumerate(ids) if live[r]}
+        query = ids[::3] + ["0" * 32, "nope", ids[0].upper()]
+        rows = m.rows_of(pa.array(query))
+        assert rows.tolist() == [truth.get(i, -1) for i in query]
+        assert [m.row(i) for i in query[:50]] == [truth.get(i) for i in query[:50]]
+        assert m.uris[int(rows[1])].as_py() == f"/lake/{query[1]}.jpg"

@@ -408,3 +408,46 @@ def test_web_page_in_a_real_browser(served, tmp_path: Path) -> None:
         assert (tmp_path / "page-filtered.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+@pytest.mark.slow
+def test_ray_serve_deployment_answers_like_the_single_process(served, tmp_path: Path) -> None:
+    """`lakelens serve --ray` on a local Ray: Serve's proxy on loopback, one replica that
+    holds the index; the same answers and errors as under uvicorn; Ctrl-C stops it."""
+    import os
+    import signal
+
+    client, paths, _, index_dir, _ = served
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(index_dir), "--ray",
+                             "--port", str(port), "--max-replicas", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    me = image_id(str(paths[11]))
+    try:
+        deadline, r = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/search", params={"image_id": me, "k": 4},
+                              timeout=30)
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert r is not None and r.status_code == 200, proc.stderr.read() if proc.poll() is not None else r
+        local = client.get("/search", params={"image_id": me, "k": 4}).json()
+        assert ids_of(r.json()) == ids_of(local)
+        bad = httpx.get(f"http://127.0.0.1:{port}/search", params={"image_id": me, "label": "unicorn"})
+        assert bad.status_code == 400 and "unknown label" in bad.json()["error"]
+        labels = httpx.get(f"http://127.0.0.1:{port}/labels").json()
+        assert labels["labels"]["car"] == len(CARS)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 130), proc.stderr.read()[-3000:]

@@ -37,6 +37,10 @@ def _hex_keys(ids: pa.StringArray) -> np.ndarray | None:
     return (nibbles.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
 
 
+def _hashed_keys(ids: pa.StringArray) -> np.ndarray:
+    return np.fromiter((_hashed_key(i) for i in ids.to_pylist()), dtype=np.uint64, count=len(ids))
+
+
 def _hashed_key(image_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "surrogatepass"),
                                           digest_size=8).digest(), "big")
@@ -53,8 +57,7 @@ class IdMap:
         keys = _hex_keys(self.image_ids)
         self.hex = keys is not None
         if keys is None:
-            keys = np.fromiter((_hashed_key(i) for i in self.image_ids.to_pylist()),
-                               dtype=np.uint64, count=len(self.image_ids))
+            keys = _hashed_keys(self.image_ids)
         self.order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[self.order]
 
@@ -84,7 +87,7 @@ class IdMap:
     def rows_of(self, image_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """int64 live row per id (-1 where the index has none), vectorised for hex ids."""
         ids = _one_chunk(image_ids)
-        keys = _hex_keys(ids) if self.hex else None
+        keys = _hex_keys(ids) if self.hex else _hashed_keys(ids)
         if keys is None:
             return np.array([-1 if (r := self.row(i)) is None else r for i in ids.to_pylist()],
                             dtype=np.int64)

@@ -366,6 +366,7 @@ def chromium_driver(tmp_path: Path):
 def test_web_page_in_a_real_browser(served, tmp_path: Path) -> None:
     """Load the page, upload an image, see k results; filter to two people, see the grid
     change to those images; click a neighbour to search from it."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -373,7 +374,8 @@ def test_web_page_in_a_real_browser(served, tmp_path: Path) -> None:
     browser = chromium_driver(tmp_path)
     try:
         browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
+        # the grid is redrawn by each search a filter change starts: an element can go stale
+        wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#label option")) == 3)
         k = browser.find_element(By.ID, "k")
         k.clear()

@@ -124,20 +124,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
     app.state.engine = engine
     limit = int(cfg.max_body_mb * 2**20)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-                or request.cookies.get(TOKEN_COOKIE, "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>'")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _error(413, f"request body of {int(length)} bytes exceeds the limit of {limit} "
-                               "bytes (--max-body-mb)")
-        if request.method in ("POST", "PUT") and length is None:
-            return _error(411, "send a Content-Length header (chunked uploads are not accepted)")
-        return await call_next(request)
+    app.add_middleware(Guard, token=token, limit=limit)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
@@ -172,7 +159,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             raise ApiError(400, f"nprobe must be >= 1, got {nprobe}")
 
     def answer(snap: Snapshot, vectors: np.ndarray, k: int, nprobe: int | None, flt: Filter,
-               started: float, queries: list[str] | None = None) -> dict:
+               started: float, queries: list[str] | None = None) -> Response:
         found, allowed = snap.search(vectors, k, flt, nprobe)
         facets = snap.facets
         results = []
@@ -191,7 +178,8 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
                 "took_ms": round((time.perf_counter() - started) * 1000, 3), "results": results}
         if queries is not None:
             body["queries"] = queries
-        return body
+        # plain json.dumps: FastAPI's generic encoder costs more than the search itself
+        return Response(json.dumps(body), media_type="application/json")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -229,7 +217,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
 
     @app.get("/search")
     def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,
-                  nprobe: int | None = None) -> dict:
+                  nprobe: int | None = None) -> Response:
         started = time.perf_counter()
         check_k(k, nprobe)
         snap = engine_of(request).current()
@@ -238,7 +226,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         return answer(snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started, [image_id])
 
     @app.post("/search/vector")
-    def search_vector(request: Request, q: VectorQuery) -> dict:
+    def search_vector(request: Request, q: VectorQuery) -> Response:
         started = time.perf_counter()
         check_k(q.k, q.nprobe)
         flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
@@ -259,7 +247,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
 
     @app.post("/search/image")
     def search_image(request: Request, image: Annotated[list[UploadFile], File()],
-                     flt: FilterParams, k: int = 10, nprobe: int | None = None) -> dict:
+                     flt: FilterParams, k: int = 10, nprobe: int | None = None) -> Response:
         started = time.perf_counter()
         check_k(k, nprobe)
         if len(image) > cfg.max_images:
@@ -297,6 +285,45 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
                         headers={"Cache-Control": "private, max-age=300"})
 
     return app
+
+
+class Guard:
+    """Pure ASGI middleware (no per-request task, unlike `@app.middleware`): the token when
+    one is set, and the request body limit (a POST must say its Content-Length, which the
+    server then holds the body to)."""
+
+    def __init__(self, app, *, token: str | None, limit: int):
+        self.app, self.token, self.limit = app, token, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.token and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+            if not given:
+                given = _cookie(headers.get(b"cookie", b"").decode("latin-1"), TOKEN_COOKIE)
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return await _error(401, "missing or wrong token: send 'Authorization: Bearer "
+                                         "<token>'")(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _error(413, f"request body of {int(length)} bytes exceeds the limit of "
+                                     f"{self.limit} bytes (--max-body-mb)")(scope, receive, send)
+        if scope["method"] in ("POST", "PUT") and length is None:
+            return await _error(411, "send a Content-Length header (chunked uploads are not "
+                                     "accepted)")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _cookie(header: str, name: str) -> str:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            from urllib.parse import unquote
+
+            return unquote(value)
+    return ""
 
 
 def _overlay(engine: Engine, snap: Snapshot, image_id: str, pixels: np.ndarray):

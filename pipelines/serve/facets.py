@@ -78,7 +78,7 @@ class Facets:
                 pa.timestamp("us", tz="UTC")).cast(pa.int64()).fill_null(0).to_numpy()
             runs = batch.column("run_id").filter(mask).cast(pa.string()).dictionary_encode()
             codes = [self.runs.setdefault(name, len(self.runs)) for name in runs.dictionary.to_pylist()]
-            self.run[r] = np.asarray(codes, np.int32)[runs.indices.fill_null(0).to_numpy()]
+            self.run[r] = _decode(codes, runs.indices)
             if self.source:
                 dets = batch.column(self.source).filter(mask)
                 counts = pc.list_value_length(dets).fill_null(0).to_numpy()
@@ -88,7 +88,7 @@ class Facets:
                     lab = [self.labels.setdefault(x, len(self.labels))
                            for x in names_col.dictionary.to_pylist()]
                     det_rows.append(np.repeat(r, counts))
-                    det_labels.append(np.asarray(lab, np.int32)[names_col.indices.fill_null(0).to_numpy()])
+                    det_labels.append(_decode(lab, names_col.indices))
                     det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
         self.det_row = np.concatenate(det_rows) if det_rows else np.zeros(0, np.int64)
         self.det_label = np.concatenate(det_labels) if det_labels else np.zeros(0, np.int32)
@@ -131,6 +131,12 @@ class Facets:
                 raise LakelensError(f"unknown run_id {f.run_id!r}: no current row was written by it")
             keep &= self.run == self.runs[f.run_id]
         return keep
+
+
+def _decode(codes: list[int], indices: pa.Array) -> np.ndarray:
+    """Our code for each entry of a dictionary-encoded column; -1 for a null."""
+    table = np.asarray(codes + [-1], np.int32)
+    return table[indices.fill_null(len(codes)).to_numpy()]
 
 
 def _ints(a: pa.Array) -> np.ndarray:

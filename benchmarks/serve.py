@@ -5,9 +5,10 @@ called in-process, and no failed request while a new index version is switched i
    `auto` index (IVF with an HNSW coarse quantizer, fast-scan PQ, fp16 re-rank).
 2. Starts `lakelens serve` in its own process on a free loopback port.
 3. Vector queries (k=10, held-out vectors of the same clusters) at concurrency 1, 8 and
-   32 for --duration seconds each: p50/p99 latency and throughput. Baseline in the same
-   run: the service's own search (pipelines.serve.engine) called in this process from as
-   many threads, i.e. what HTTP adds.
+   32 for --duration seconds each: p50/p99 latency and throughput. Baselines in the same
+   run, called in this process from as many threads: the service's search one query per
+   call (Snapshot.search), and through the service's batcher (Engine.batcher); the ratio
+   is the better of the two over HTTP, i.e. what HTTP costs.
 4. Reload under load: at concurrency 8, a new index version is written and CURRENT
    switched; every request must succeed and the service must end on the new version.
 5. Image queries: a second index whose embedder is `tiny` (seeded random weights); JPEG
@@ -96,8 +97,10 @@ class Connection:
             self.writer.close()
 
 
-async def http_load(url: str, make_request, concurrency: int, duration: float) -> dict:
-    """`concurrency` clients, each sending its next request when the last one answered."""
+async def http_load(url: str, make_request, concurrency: int, duration: float,
+                    until: threading.Event | None = None) -> dict:
+    """`concurrency` clients, each sending its next request when the last one answered,
+    for `duration` seconds (and on until `until` is set, when given)."""
     host, port = url.removeprefix("http://").split(":")
     latencies: list[float] = []
     failed = 0
@@ -108,7 +111,7 @@ async def http_load(url: str, make_request, concurrency: int, duration: float) -
         nonlocal failed
         conn, i = Connection(host, int(port)), n
         try:
-            while time.perf_counter() < end:
+            while time.perf_counter() < end or (until is not None and not until.is_set()):
                 method, path, body, ctype = make_request(i)
                 t = time.perf_counter()
                 try:
@@ -167,15 +170,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(index_dir: Path, port: int) -> subprocess.Popen:
+def start_service(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(index_dir), "--port",
-                             str(port), "--reload-interval", "1"], stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(index_dir),
+                                 "--port", str(port), "--reload-interval", "1"], stderr=err)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"lakelens serve exited: {proc.stderr.read()[-2000:]}")
+            sys.exit(f"lakelens serve exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                 return proc
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return "POST", "/search/vector", payloads[i % len(payloads)], "application/json"
 
         port = free_port()
-        service = start_service(root / "index", port)
+        service = start_service(root / "index", port, root / "serve.log")
         url = f"http://127.0.0.1:{port}"
         try:
             engine = Engine(ServeConfig(index=str(root / "index"), reload_s=0))
@@ -242,29 +246,45 @@ def main(argv: list[str] | None = None) -> int:
                 http = asyncio.run(http_load(url, vector_request, c, args.duration))
                 http.pop("versions")
                 local = inprocess_load(lambda v: snap.search(v, K, none, None), fresh, c, args.duration)
-                ratio = round(local["qps"] / http["qps"], 3) if http["qps"] else None
+                batched = inprocess_load(
+                    lambda v: engine.batcher.submit(snap, v[None], K, none, None).result(), fresh, c,
+                    args.duration)
+                best = max(local["qps"], batched["qps"])
+                ratio = round(best / http["qps"], 3) if http["qps"] else None
                 result["vector"][str(c)] = {"http": http, "in_process": local,
-                                            "in_process_over_http": ratio}
-                print(f"vector c={c}: http {http}, in-process {local}, ratio {ratio}", flush=True)
+                                            "in_process_batched": batched, "in_process_over_http": ratio}
+                print(f"vector c={c}: http {http}, in-process {local}, in-process batched {batched}, "
+                      f"best in-process / http {ratio}", flush=True)
 
-            # reload under load: a new version switched in while 8 clients query
+            # reload under load: a new version switched in while 8 clients query; the load
+            # goes on until the service answers from the new version, then 2 s more
             before = httpx.get(f"{url}/health").json()["index_version"]
+            switched = threading.Event()
+            timing: dict = {}
 
             def switch() -> None:
-                time.sleep(args.duration / 3)
-                opened = store.open_index(root / "index")
                 import pyarrow.parquet as pq
 
+                time.sleep(1.0)
+                opened = store.open_index(root / "index")
                 ids = pq.read_table(opened.path / "ids.parquet")
                 store.save(root / "index", opened.index, ids, opened.manifest)
+                timing["switched"] = time.perf_counter()
+                while httpx.get(f"{url}/health").json()["index_version"] == before:
+                    time.sleep(0.05)
+                timing["serving_new"] = time.perf_counter()
+                time.sleep(2.0)
+                switched.set()
 
             switcher = threading.Thread(target=switch)
             switcher.start()
-            loaded = asyncio.run(http_load(url, vector_request, 8, args.duration + 3))
+            loaded = asyncio.run(http_load(url, vector_request, 8, 3.0, until=switched))
             switcher.join()
             after = httpx.get(f"{url}/health").json()["index_version"]
             result["reload"] = {"requests": loaded["requests"], "failed": loaded["failed"],
-                                "before": before, "after": after, "served_by": loaded["versions"]}
+                                "before": before, "after": after, "served_by": loaded["versions"],
+                                "p99_ms": loaded["p99_ms"],
+                                "switch_to_serving_s": round(timing["serving_new"] - timing["switched"], 2)}
             print(f"reload under load: {result['reload']}", flush=True)
         finally:
             stop(service)
@@ -288,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"multipart/form-data; boundary={boundary}")
 
         port = free_port()
-        service = start_service(root / "img-index", port)
+        service = start_service(root / "img-index", port, root / "serve-img.log")
         url = f"http://127.0.0.1:{port}"
         try:
             result["image"] = {}

@@ -304,6 +304,32 @@ def test_reload_under_load_fails_no_request(served) -> None:
     assert client.get("/stats").json()["reloads"] >= 1
 
 
+def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(served) -> None:
+    client, paths, _, _, server = served
+    before = client.get("/stats").json()
+    wrong: list = []
+
+    def ask(n: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for j in range(15):
+                i = (n * 37 + j * 11) % N
+                me = image_id(str(paths[i]))
+                hits = ids_of(c.get("/search", params={"image_id": me, "k": 3}).json())
+                if hits[0] != me:
+                    wrong.append((me, hits))
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = client.get("/stats").json()
+    assert not wrong, wrong[:3]
+    queries = after["searched_queries"] - before["searched_queries"]
+    calls = after["search_calls"] - before["search_calls"]
+    assert queries == 12 * 15 and calls < queries, (calls, queries)
+
+
 def test_warns_when_open_beyond_loopback(capsys) -> None:
     from pipelines.serve import is_loopback, warn_if_open
 

@@ -17,6 +17,7 @@ images come as uploads or as ids of the index, and /images serves only what the 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
@@ -33,6 +34,7 @@ from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import LakelensError
@@ -158,9 +160,11 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         if nprobe is not None and nprobe < 1:
             raise ApiError(400, f"nprobe must be >= 1, got {nprobe}")
 
-    def answer(snap: Snapshot, vectors: np.ndarray, k: int, nprobe: int | None, flt: Filter,
-               started: float, queries: list[str] | None = None) -> Response:
-        found, allowed = snap.search(vectors, k, flt, nprobe)
+    async def answer(request: Request, snap: Snapshot, vectors: np.ndarray, k: int,
+                     nprobe: int | None, flt: Filter, started: float,
+                     queries: list[str] | None = None) -> Response:
+        future = engine_of(request).batcher.submit(snap, vectors, k, flt, nprobe)
+        found, allowed = await asyncio.wrap_future(future)
         facets = snap.facets
         results = []
         for rows, scores, ids, uris in zip(found.rows, found.scores, found.image_ids, found.uris,
@@ -203,7 +207,8 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
                 "built_at": m.get("built_at"), "index_table_version": m.get("table_version"),
                 "table_version": snap.table_version, "memory_mapped": snap.index.mmapped,
                 "filters": snap.facets is not None, "reloads": engine.reloads,
-                "reload_errors": engine.reload_errors,
+                "reload_errors": engine.reload_errors, "search_calls": engine.batcher.calls,
+                "searched_queries": engine.batcher.queries,
                 "loaded_at": datetime.fromtimestamp(snap.loaded_at, UTC).isoformat(),
                 "max_k": cfg.max_k}
 
@@ -216,17 +221,18 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
                 "labels": snap.facets.label_counts(min_score)}
 
     @app.get("/search")
-    def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,
+    async def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,
                   nprobe: int | None = None) -> Response:
         started = time.perf_counter()
         check_k(k, nprobe)
         snap = engine_of(request).current()
         if snap.index.row(image_id) is None:
             raise ApiError(404, f"image_id {image_id!r} is not in the index")
-        return answer(snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started, [image_id])
+        return await answer(request, snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started,
+                            [image_id])
 
     @app.post("/search/vector")
-    def search_vector(request: Request, q: VectorQuery) -> Response:
+    async def search_vector(request: Request, q: VectorQuery) -> Response:
         started = time.perf_counter()
         check_k(q.k, q.nprobe)
         flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
@@ -243,10 +249,10 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         if vectors.shape[1] != snap.index.dim:
             raise ApiError(400, f"vectors have dim {vectors.shape[1]}; the index holds dim "
                                 f"{snap.index.dim}")
-        return answer(snap, vectors, q.k, q.nprobe, flt, started)
+        return await answer(request, snap, vectors, q.k, q.nprobe, flt, started)
 
     @app.post("/search/image")
-    def search_image(request: Request, image: Annotated[list[UploadFile], File()],
+    async def search_image(request: Request, image: Annotated[list[UploadFile], File()],
                      flt: FilterParams, k: int = 10, nprobe: int | None = None) -> Response:
         started = time.perf_counter()
         check_k(k, nprobe)
@@ -254,9 +260,11 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             raise ApiError(400, f"at most {cfg.max_images} images per request, got {len(image)}")
         engine = engine_of(request)
         snap = engine.current()
-        data = [f.file.read() for f in image]
-        vectors = engine.embed(snap, data)
-        return answer(snap, vectors, k, nprobe, flt, started, [f.filename or "" for f in image])
+        data = [await f.read() for f in image]
+        # decoding and the embedder run in a worker thread; the event loop stays free
+        vectors = await run_in_threadpool(engine.embed, snap, data)
+        return await answer(request, snap, vectors, k, nprobe, flt, started,
+                            [f.filename or "" for f in image])
 
     @app.get("/images/{image_id}")
     def image(request: Request, image_id: str, size: int = 512, overlay: bool = False) -> Response:

@@ -259,12 +259,14 @@ class SimilarityIndex:
                                 f"vectors but {ids.num_rows} id rows")
         self.live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
         self.ids = IdMap(ids.column("image_id"), ids.column("uri"), self.live)
+        self._live_count = int(self.live.sum())
+        self._ivf = ivf_of(self.index)
         set_search_params(self.index, self.manifest.get("search_params", {}))
         self._params = search_parameters(self.index, self.manifest.get("search_params", {}),
                                          self.live)
 
     def live_count(self) -> int:
-        return int(self.live.sum())
+        return self._live_count
 
     @property
     def dim(self) -> int:
@@ -299,23 +301,28 @@ class SimilarityIndex:
         if not np.isfinite(x).all():
             raise LakelensError("query vectors hold NaN or infinite values")
         x = np.ascontiguousarray(x)
-        keep = self.live if allow is None else self.live & allow
+        if allow is None:  # per query batch nothing here may cost O(rows of the index)
+            keep, n_keep = self.live, self._live_count
+        else:
+            keep = self.live & allow
+            n_keep = int(keep.sum())
         fetch = min(k, self.index.ntotal)
-        if fetch == 0 or not keep.any():
+        if fetch == 0 or n_keep == 0:
             empty = [np.zeros(0, np.float32) for _ in x]
             return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
         tuned = dict(self.manifest.get("search_params", {}))
         if nprobe is not None:
             tuned["nprobe"] = int(nprobe)
-        ivf = ivf_of(self.index)
-        want = min(k, int(keep.sum()))
+        ivf = self._ivf
         while True:
             params = self._params if allow is None and nprobe is None else search_parameters(
                 self.index, tuned, keep, always=True)
             scores, rows = self.index.search(x, fetch, params=params)
-            short = ((rows >= 0).sum(axis=1) < want).any()
-            probed = int(tuned.get("nprobe", ivf.nprobe if ivf is not None else 0))
-            if allow is None or not short or ivf is None or probed >= ivf.nlist:
+            if allow is None or ivf is None:
+                break
+            short = ((rows >= 0).sum(axis=1) < min(k, n_keep)).any()
+            probed = int(tuned.get("nprobe", ivf.nprobe))
+            if not short or probed >= ivf.nlist:
                 break
             # a selective filter left too few hits in the probed lists: probe more
             tuned["nprobe"] = min(ivf.nlist, max(1, probed) * 4)

@@ -194,7 +194,7 @@ def test_a_one_percent_filter_still_returns_k_hits(served) -> None:
     ("post", "/search/vector", {"json": {"vectors": [[1.0] * 128, [1.0]]}}, 400, "equally long"),
     ("post", "/search/vector", {"json": {"vector": ["x"] * 128}}, 422, "vector"),
     ("post", "/search/vector", {"content": b"{not json", "headers": {"content-type": "application/json"}},
-     422, "JSON decode error"),
+     422, "Invalid JSON"),
     ("post", "/search/image", {"files": [("image", ("a.txt", b"hello, not an image", "text/plain"))]},
      400, "upload 1 is not a readable image"),
     ("post", "/search/image", {"files": [("image", ("e.jpg", b"", "image/jpeg"))]}, 400, "is empty"),

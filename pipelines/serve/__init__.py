@@ -58,7 +58,7 @@ def serve(cfg: ServeConfig, *, token: str | None, engine=None) -> None:
     warn_if_open(cfg.host, token)
     if cfg.workers == 1:
         uvicorn.run(create_app(cfg, token=token, engine=engine), host=cfg.host, port=cfg.port,
-                    log_level="warning")
+                    log_level="warning", access_log=False)
         return
     # worker processes build the app themselves from the environment (one index each;
     # memory-mapped indexes share their pages)
@@ -66,4 +66,4 @@ def serve(cfg: ServeConfig, *, token: str | None, engine=None) -> None:
     if token:
         os.environ[TOKEN_ENV] = token
     uvicorn.run("pipelines.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port,
-                workers=cfg.workers, log_level="warning")
+                workers=cfg.workers, log_level="warning", access_log=False)

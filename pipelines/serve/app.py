@@ -33,7 +33,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -231,9 +231,17 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         return await answer(request, snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started,
                             [image_id])
 
-    @app.post("/search/vector")
-    async def search_vector(request: Request, q: VectorQuery) -> Response:
+    vector_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": VectorQuery.model_json_schema()}}}}
+
+    @app.post("/search/vector", openapi_extra=vector_body)
+    async def search_vector(request: Request) -> Response:
         started = time.perf_counter()
+        # one pass of pydantic-core over the bytes: cheaper than FastAPI's parse-then-validate
+        try:
+            q = VectorQuery.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
         check_k(q.k, q.nprobe)
         flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
                           q.until, q.run_id)

@@ -84,7 +84,7 @@ def test_unchanged_lake_then_three_changed_and_five_new(nightly) -> None:
     assert same.index == {}  # nothing changed: the index is left alone
     assert time.perf_counter() - started < 20
     before = open_index(root / "index")
-    old_vectors = {i: before.index.reconstruct(before.row_of[i]) for i in list(before.row_of)[:3]}
+    old_vectors = {i: before.index.reconstruct(before.row(i)) for i in before.live_image_ids()[:3]}
     # Change three images' bytes (same names) and add five.
     changed = paths[:3]
     for n, p in enumerate(changed):

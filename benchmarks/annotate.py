@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from common import emit  # benchmarks/ is sys.path[0] when run as a script
 
 from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
@@ -216,10 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "width": args.width, "height": args.height, "score_threshold": SCORE_THRESHOLD,
             "weights": "random", "torch": torch.__version__, "ray": ray.__version__,
             "tasks": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(line, indent=2) + "\n")
-    print(json.dumps(line))
+    emit(line, args.out)
     return 0
 
 

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import emit  # noqa: E402
 
 
 class Sampler:
@@ -145,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = {"driver_ratio<=1.2": result["driver_ratio"] <= 1.2,
                          "worker_private_ratio<=1.2": result["worker_private_ratio"] <= 1.2,
                          "no_spilling": large["spilled_bytes"] == 0}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.out)
     return 0
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import emit  # noqa: E402
 from benchmarks.index import vectors, write_results  # noqa: E402
 
 K = 10
@@ -330,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "reload_failed==0": result["reload"]["failed"] == 0
         and result["reload"]["after"] != result["reload"]["before"],
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.out)
     return 0
 
 

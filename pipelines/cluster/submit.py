@@ -14,7 +14,6 @@ the job's metadata.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import shlex
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 
 from models.errors import LakelensError
 from pipelines.cluster.local import AUTH_MODE_ENV, TOKEN_ENV, secure_file, token_path
+from pipelines.cluster.net import is_loopback
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -82,15 +82,6 @@ def resolve_address(address: str | None) -> str:
     return DEFAULT_ADDRESS
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_address(address: str, *, allow_insecure_http: bool = False) -> str:
     """The Jobs API URL, or a one-line error: http(s) only, no plain http off this machine."""
     parts = urlsplit(address)
@@ -98,7 +89,7 @@ def check_address(address: str, *, allow_insecure_http: bool = False) -> str:
         raise LakelensError(f"--address {address!r}: the Jobs API is an http(s) URL such as "
                             f"{DEFAULT_ADDRESS} (after `ray dashboard cluster.yaml`) or "
                             "https://ray.example.com")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not allow_insecure_http:
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not allow_insecure_http:
         raise LakelensError(
             f"refusing plain http:// to {parts.hostname}: the Ray token would cross the network "
             f"in clear. Port-forward with `ray dashboard cluster.yaml` and use {DEFAULT_ADDRESS}, "

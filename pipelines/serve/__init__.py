@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -11,18 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from models.errors import LakelensError
+from pipelines.cluster.net import is_loopback
 from pipelines.serve.engine import ServeConfig
 
 logger = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(token_file: str | None) -> str | None:

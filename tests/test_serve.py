@@ -354,8 +354,9 @@ def test_cli_serves_and_refuses_bad_input(served, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("a-token-of-twenty-chars\n")
     port = free_port()
+    # two uvicorn worker processes: each builds the app from the environment, token included
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(index_dir), "--port",
-                             str(port), "--token-file", str(token)],
+                             str(port), "--token-file", str(token), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, r = time.time() + 90, None
@@ -369,6 +370,7 @@ def test_cli_serves_and_refuses_bad_input(served, tmp_path: Path) -> None:
                 time.sleep(0.2)
         assert r is not None and r.status_code == 200, proc.stderr.read() if proc.poll() is not None else r
         assert ids_of(r.json())[0] == image_id(str(paths[1]))
+        assert httpx.get(f"http://127.0.0.1:{port}/stats").status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=30)

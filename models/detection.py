@@ -1,4 +1,6 @@
-"""torchvision R-CNN builders: detection (Faster), segmentation (Mask), pose (Keypoint).
+"""torchvision detector builders: R-CNNs for detection (Faster), segmentation (Mask) and
+pose (Keypoint), and the single-stage detectors the field names beside them (SSD,
+SSDlite, RetinaNet, FCOS), all with the same outputs.
 
 Besides torchvision's published architectures there are three ``*_tiny`` ones: the same
 R-CNN heads on a small four-stage CNN, for CPU smoke runs, tests and quick training.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -16,8 +19,12 @@ from torchvision.models import detection as tvd
 from torchvision.models._api import WeightsEnum
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.fcos import FCOSClassificationHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+from torchvision.models.detection.ssd import SSDClassificationHead
+from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from models import weights as W
@@ -94,6 +101,15 @@ class ArchSpec:
     published: WeightsEnum | None  # torchvision's published weights, None for tiny archs
     min_size: int  # shorter side the model sees by default
     max_size: int
+    kind: str = "rcnn"  # rcnn, retinanet, fcos, ssd (fixed square input), ssdlite
+
+
+# Where a single-stage checkpoint's class count shows when it names no labels: the
+# classifier's first conv and how many anchors share its output channels.
+CLASS_LOGITS = {"retinanet": ("head.classification_head.cls_logits.weight", 9),
+                "fcos": ("head.classification_head.cls_logits.weight", 1),
+                "ssd": ("head.classification_head.module_list.0.weight", 4),
+                "ssdlite": ("head.classification_head.module_list.0.1.weight", 6)}
 
 
 DETECTION_ARCHS: dict[str, ArchSpec] = {
@@ -110,6 +126,17 @@ DETECTION_ARCHS: dict[str, ArchSpec] = {
         "detect", tvd.fasterrcnn_mobilenet_v3_large_320_fpn,
         tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.DEFAULT, 320, 640),
     "fasterrcnn_tiny": ArchSpec("detect", fasterrcnn_tiny, None, 256, 512),
+    "retinanet_resnet50_fpn_v2": ArchSpec(
+        "detect", tvd.retinanet_resnet50_fpn_v2, tvd.RetinaNet_ResNet50_FPN_V2_Weights.DEFAULT,
+        800, 1333, kind="retinanet"),
+    "fcos_resnet50_fpn": ArchSpec(
+        "detect", tvd.fcos_resnet50_fpn, tvd.FCOS_ResNet50_FPN_Weights.DEFAULT, 800, 1333,
+        kind="fcos"),
+    "ssd300_vgg16": ArchSpec(
+        "detect", tvd.ssd300_vgg16, tvd.SSD300_VGG16_Weights.DEFAULT, 300, 300, kind="ssd"),
+    "ssdlite320_mobilenet_v3_large": ArchSpec(
+        "detect", tvd.ssdlite320_mobilenet_v3_large,
+        tvd.SSDLite320_MobileNet_V3_Large_Weights.DEFAULT, 320, 320, kind="ssdlite"),
     "maskrcnn_resnet50_fpn_v2": ArchSpec(
         "segment", tvd.maskrcnn_resnet50_fpn_v2, tvd.MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT,
         800, 1333),
@@ -128,16 +155,22 @@ def input_sizes(arch: str, image_size: int | None) -> tuple[int, int]:
     """(min_size, max_size) the model resizes to: its own, or `image_size` with the
     arch's long-side ratio kept."""
     spec = DETECTION_ARCHS[arch]
-    if image_size is None:
+    if image_size is None or spec.kind in ("ssd", "ssdlite"):  # SSDs see a fixed square
         return spec.min_size, spec.max_size
     return image_size, round(image_size * spec.max_size / spec.min_size)
 
 
-def _head_sizes(task: str, state_dict: dict[str, torch.Tensor], meta: dict) -> tuple[int, int]:
+def _head_sizes(task: str, state_dict: dict[str, torch.Tensor], meta: dict,
+                kind: str = "rcnn") -> tuple[int, int]:
     """(num_classes, num_keypoints) from checkpoint metadata, else from tensor shapes."""
     labels = meta.get("labels")
-    num_classes = len(labels) if labels else int(
-        state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])
+    if labels:
+        num_classes = len(labels)
+    elif kind in CLASS_LOGITS:
+        key, anchors = CLASS_LOGITS[kind]
+        num_classes = int(state_dict[key].shape[0]) // anchors
+    else:
+        num_classes = int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])
     num_keypoints = 0
     if task == "pose":
         names = meta.get("keypoint_names")
@@ -176,7 +209,7 @@ def build_detector(
     if image_size is None and ckpt is not None:
         image_size = ckpt.meta.get("image_size")  # the size it was trained at
     min_size, max_size = input_sizes(arch, image_size)
-    kwargs: dict = {"min_size": min_size, "max_size": max_size, "box_score_thresh": score_threshold}
+    kwargs = _size_kwargs(spec, min_size, max_size, score_threshold)
     default_labels = PERSON_LABELS if task == "pose" else COCO_LABELS
     keypoint_names: tuple[str, ...] = COCO_KEYPOINTS if task == "pose" else ()
 
@@ -201,7 +234,7 @@ def build_detector(
     else:
         assert ckpt is not None
         try:
-            n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta)
+            n_cls, n_kp = _head_sizes(task, ckpt.state_dict, ckpt.meta, spec.kind)
         except KeyError as e:
             raise LakelensError(
                 f"checkpoint {weights!r} does not fit arch {arch!r}: it has no {e.args[0]}") from e
@@ -218,6 +251,16 @@ def build_detector(
     info = ModelInfo(task=task, arch=arch, weights=weights, weights_id=weights_id,
                      labels=labels, keypoint_names=keypoint_names, input_size=(min_size, max_size))
     return model, info
+
+
+def _size_kwargs(spec: ArchSpec, min_size: int, max_size: int, score_threshold: float) -> dict:
+    """The builder's input-size and score-threshold arguments: R-CNNs name the threshold
+    box_score_thresh, single-stage detectors score_thresh; SSDs resize to a fixed square."""
+    if spec.kind == "rcnn":
+        return {"min_size": min_size, "max_size": max_size, "box_score_thresh": score_threshold}
+    if spec.kind in ("ssd", "ssdlite"):
+        return {"score_thresh": score_threshold}
+    return {"min_size": min_size, "max_size": max_size, "score_thresh": score_threshold}
 
 
 def _labels(num_classes: int, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -250,6 +293,9 @@ def build_for_training(arch: str, *, init: str, num_classes: int, num_keypoints:
 
 def resize_heads(model: nn.Module, num_classes: int, num_keypoints: int = 0) -> None:
     """Replace the class-specific predictors whose sizes differ (the rest is kept)."""
+    if not hasattr(model, "roi_heads"):
+        _resize_single_stage(model, num_classes)
+        return
     heads = model.roi_heads
     box = heads.box_predictor
     if box.cls_score.out_features != num_classes:
@@ -261,3 +307,31 @@ def resize_heads(model: nn.Module, num_classes: int, num_keypoints: int = 0) -> 
         kps = heads.keypoint_predictor.kps_score_lowres
         if kps.out_channels != num_keypoints:
             heads.keypoint_predictor = KeypointRCNNPredictor(kps.in_channels, num_keypoints)
+
+
+def _resize_single_stage(model: nn.Module, num_classes: int) -> None:
+    """A new classification head for RetinaNet, FCOS, SSD or SSDlite when the class count
+    differs; the box regression head and the backbone are kept."""
+    head = model.head.classification_head
+    if isinstance(head, RetinaNetClassificationHead | FCOSClassificationHead):
+        if head.num_classes == num_classes:
+            return
+        in_channels = head.cls_logits.in_channels
+        norm = partial(nn.GroupNorm, 32) if any(isinstance(m, nn.GroupNorm)
+                                                for m in head.conv.modules()) else None
+        if isinstance(head, FCOSClassificationHead):
+            new = FCOSClassificationHead(in_channels, head.num_anchors, num_classes, norm_layer=norm)
+        else:
+            new = RetinaNetClassificationHead(in_channels, head.num_anchors, num_classes, norm_layer=norm)
+    else:  # SSD / SSDlite: one conv per feature map, anchors x classes channels each
+        if head.num_columns == num_classes:
+            return
+        convs = [m if isinstance(m, nn.Conv2d) else m[-1] for m in head.module_list]
+        anchors = [c.out_channels // head.num_columns for c in convs]
+        if isinstance(head.module_list[0], nn.Conv2d):
+            new = SSDClassificationHead([c.in_channels for c in convs], anchors, num_classes)
+        else:
+            firsts = [m[0][0] for m in head.module_list]  # the depthwise conv of each map
+            new = SSDLiteClassificationHead([c.in_channels for c in firsts], anchors, num_classes,
+                                            partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
+    model.head.classification_head = new

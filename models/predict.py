@@ -52,6 +52,8 @@ class DetectionPredictor:
         self.task = self.info.task
         self.max_batch = max_batch
         self.min_size, self.max_size = self.info.input_size
+        # label 0 is the background in every lakelens label list: never a detection
+        self.drop_background = bool(self.info.labels) and self.info.labels[0] == "__background__"
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -79,6 +81,10 @@ class DetectionPredictor:
         return [self._to_numpy(r, grid) for r, (_, grid) in zip(raw, fitted, strict=True)]
 
     def _to_numpy(self, r: dict[str, torch.Tensor], grid: tuple[float, float]) -> dict[str, Any]:
+        if self.drop_background:  # RetinaNet / FCOS score class 0 like any other
+            keep = r["labels"] != 0
+            if not bool(keep.all()):
+                r = {k: v[keep] for k, v in r.items()}
         sx, sy = grid
         scale = torch.tensor([sx, sy, sx, sy], device=r["boxes"].device)
         out: dict[str, Any] = {

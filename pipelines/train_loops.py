@@ -218,6 +218,8 @@ def _to_coco(image_id: int, out: dict[str, torch.Tensor], ds: DetectionDataset,
     boxes = out["boxes"].numpy()
     for j, (box, label, score) in enumerate(zip(boxes, out["labels"].tolist(), out["scores"].tolist(),
                                                 strict=True)):
+        if label == 0:  # background: RetinaNet and FCOS score it like a class
+            continue
         x0, y0, x1, y1 = (float(v) for v in box)
         base = {"image_id": image_id, "category_id": ds.vocab.category_of(label), "score": score}
         dts["bbox"].append(base | {"bbox": [x0, y0, x1 - x0, y1 - y0]})

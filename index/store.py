@@ -317,7 +317,7 @@ class SimilarityIndex:
         while True:
             params = self._params if allow is None and nprobe is None else search_parameters(
                 self.index, tuned, keep, always=True)
-            scores, rows = self.index.search(x, fetch, params=params)
+            scores, rows = _numpy_search(self.index)(x, fetch, params=params)
             if allow is None or ivf is None:
                 break
             short = ((rows >= 0).sum(axis=1) < min(k, n_keep)).any()
@@ -357,6 +357,13 @@ class SimilarityIndex:
         from index.embed import embed_files
 
         return self.search(embed_files(paths, self.manifest["embedder"], weights=weights), k)
+
+
+def _numpy_search(index: faiss.Index):
+    """FAISS's own search, which takes search parameters. `faiss.contrib.torch_utils`
+    (imported by pytorch-metric-learning) replaces Index.search in the whole process with
+    a torch-aware one that takes none, keeping the original as `search_numpy`."""
+    return getattr(index, "search_numpy", index.search)
 
 
 def open_index(path: str | Path, *, mmap: bool = False) -> SimilarityIndex:

@@ -1,79 +1,93 @@
-"""Metric learning: pair losses on L2-normalised embeddings and P x K batch sampling.
+"""Metric learning with pytorch-metric-learning: losses, and the retrieval metrics the
+field reports (Recall@K, MAP@R, R-precision; Musgrave et al. 2020), plus P x K sampling.
 
-- ``contrastive``: the margin form (Hadsell, Chopra, LeCun 2006) on Euclidean distances:
-  positives pulled inside ``pos_margin``, negatives pushed beyond ``neg_margin``; each
-  term averaged over the pairs that still violate it.
-- ``multi_similarity``: Wang et al. 2019 (CVPR), pair mining plus soft weighting of
-  positives and negatives on cosine similarity; the stronger default.
+Losses (`--loss`), on L2-normalised embeddings:
+- ``multi_similarity`` (default): Wang et al. 2019, with its pair miner (epsilon 0.1).
+- ``contrastive``: Hadsell, Chopra, LeCun 2006, positives within 0, negatives beyond 1.
+- ``triplet_margin``: every triplet of the batch, margin 0.1.
 
 A P x K batch holds P identities with K examples each, so every anchor has positives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.errors import LakelensError
 
-LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive")
+LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
 
 
-def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return same & ~eye, ~same
+@functools.cache
+def _loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from pytorch_metric_learning import losses, miners
 
+    if name == "multi_similarity":
+        loss, miner = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), \
+            miners.MultiSimilarityMiner(epsilon=0.1)
+    elif name == "contrastive":
+        loss, miner = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0), None
+    elif name == "triplet_margin":
+        loss, miner = losses.TripletMarginLoss(margin=0.1), None
+    else:
+        raise LakelensError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
-def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, *, pos_margin: float = 0.0,
-                     neg_margin: float = 1.0) -> torch.Tensor:
-    """emb: float[N, d] unit rows; labels: int[N]. Returns a scalar."""
-    pos, neg = _pair_masks(labels)
-    # sqrt of a clamped squared distance: finite gradient at d = 0
-    dist = (2.0 - 2.0 * emb @ emb.T).clamp_min(1e-12).sqrt()
-    pos_terms = F.relu(dist[pos] - pos_margin).pow(2)
-    neg_terms = F.relu(neg_margin - dist[neg]).pow(2)
-    return _mean_nonzero(pos_terms) + _mean_nonzero(neg_terms)
+    def apply(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss(emb, labels, miner(emb, labels) if miner is not None else None)
 
-
-def _mean_nonzero(x: torch.Tensor) -> torch.Tensor:
-    active = x > 0
-    if not active.any():
-        return x.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
-    return x[active].mean()
-
-
-def multi_similarity_loss(emb: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2.0,
-                          beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1) -> torch.Tensor:
-    """emb: float[N, d] unit rows; labels: int[N]. Returns a scalar."""
-    sim = emb @ emb.T
-    pos, neg = _pair_masks(labels)
-    inf = torch.tensor(float("inf"), device=emb.device, dtype=sim.dtype)
-    hardest_pos = torch.where(pos, sim, inf).min(dim=1, keepdim=True).values
-    hardest_neg = torch.where(neg, sim, -inf).max(dim=1, keepdim=True).values
-    # mining: keep negatives more similar than the hardest positive (minus epsilon) and
-    # positives less similar than the hardest negative (plus epsilon)
-    neg_kept = neg & (sim + epsilon > hardest_pos)
-    pos_kept = pos & (sim - epsilon < hardest_neg)
-    zeros = torch.zeros_like(sim)
-    pos_term = torch.log1p(torch.where(pos_kept, torch.exp(-alpha * (sim - base)), zeros).sum(1)) / alpha
-    neg_term = torch.log1p(torch.where(neg_kept, torch.exp(beta * (sim - base)), zeros).sum(1)) / beta
-    active = pos_kept.any(1) | neg_kept.any(1)
-    if not active.any():
-        return sim.sum() * 0.0
-    return (pos_term + neg_term)[active].mean()
+    return apply
 
 
 def metric_loss(name: str, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if name == "multi_similarity":
-        return multi_similarity_loss(emb, labels)
-    if name == "contrastive":
-        return contrastive_loss(emb, labels)
-    raise LakelensError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+    """The named loss of emb (float[N, d], unit rows) with labels (int[N]): a scalar that
+    keeps the graph even when no pair is active (DDP needs every parameter used)."""
+    return _loss(name)(emb, labels)
+
+
+def retrieval_metrics(emb: np.ndarray, labels: np.ndarray,
+                      ks: Sequence[int] = (1, 2, 4, 8)) -> dict[str, float]:
+    """Each embedding queries all the others: Recall@K (a same-label item among the K
+    nearest), MAP@R and R-precision (R = the query's number of same-label others), by
+    pytorch-metric-learning's AccuracyCalculator on cosine similarity."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x = torch.as_tensor(np.asarray(emb, np.float32))
+    y = torch.as_tensor(np.asarray(labels))
+    if len(x) < 2:
+        raise LakelensError(f"retrieval metrics need at least 2 embeddings, got {len(x)}")
+    ks = [k for k in ks if k < len(x)]
+    counts = torch.unique(y, return_counts=True)[1]
+    recall_names = [f"recall_at_{k}" for k in ks]
+
+    class Calculator(AccuracyCalculator):
+        def requires_knn(self):
+            return super().requires_knn() + recall_names
+
+    for k in ks:
+        setattr(Calculator, f"calculate_recall_at_{k}", _recall_at(k))
+    calc = Calculator(include=("mean_average_precision_at_r", "r_precision", *recall_names),
+                      k=int(min(len(x) - 1, max(max(ks, default=1), int(counts.max())))),
+                      knn_func=CustomKNN(CosineSimilarity()))
+    got = calc.get_accuracy(x, y, ref_includes_query=True)
+    out = {f"recall@{k}": float(got[f"recall_at_{k}"]) for k in ks}
+    out["map@r"] = float(got["mean_average_precision_at_r"])
+    out["r_precision"] = float(got["r_precision"])
+    return out
+
+
+def _recall_at(k: int):
+    def calculate(self, knn_labels, query_labels, **kwargs) -> float:
+        hit = (knn_labels[:, :k] == query_labels[:, None]).any(dim=1)
+        return float(hit.float().mean())
+
+    return calculate
 
 
 @dataclass

@@ -95,6 +95,25 @@ def index_recall(index: SimilarityIndex, identity: dict[str, int],
     return {f"recall@{k}": v for k, v in recall.items()}
 
 
+def embedding_metrics(results: str, identity: dict[str, int]) -> dict[str, float]:
+    """Recall@1, MAP@R and R-precision of the table's embeddings of the val images (exact
+    search over them, by pytorch-metric-learning): what the embedder learned, apart from
+    what the ANN index loses."""
+    import numpy as np
+
+    from models.metric import retrieval_metrics
+    from pipelines.lake.table import open_table
+
+    table = open_table(results).current_table(["uri", "embedding"])
+    pairs = [(e, _family(identity, u)) for u, e in zip(table.column("uri").to_pylist(),
+                                                      table.column("embedding").to_pylist(), strict=True)
+             if e is not None and _family(identity, u) is not None]
+    if len(pairs) < 2:
+        raise LakelensError(f"only {len(pairs)} val images have embeddings; cannot score them")
+    emb = np.asarray([e for e, _ in pairs], np.float32)
+    return retrieval_metrics(emb, np.asarray([f for _, f in pairs]), ks=(1,))
+
+
 def run(cfg: DemoConfig) -> dict:
     from pipelines import annotate, indexing, train
     from pipelines.coco import evaluate
@@ -136,6 +155,7 @@ def run(cfg: DemoConfig) -> dict:
     indexing.build(indexing.IndexBuildConfig(results=acfg.out, out=str(out / "index")))
     index, identity = open_index(out / "index"), identities(val_json)
     recall = index_recall(index, identity)
+    embedded = embedding_metrics(acfg.out, identity)
     step("index", t0)
     t0 = time.perf_counter()
     report = evaluate(acfg.out, str(val_json))
@@ -153,6 +173,8 @@ def run(cfg: DemoConfig) -> dict:
         "mask_AP": stat("segm", "AP"), "mask_AP50": stat("segm", "AP50"),
         "keypoint_AP": stat("keypoints", "AP"), "keypoint_AP50": stat("keypoints", "AP50"),
         "recall@1": recall["recall@1"], "recall@4": recall["recall@4"],
+        "embed_recall@1": embedded["recall@1"], "embed_map@r": embedded["map@r"],
+        "embed_r_precision": embedded["r_precision"],
         "annotate_images_per_s": round(ann.images_per_s, 2),
     }
     figures = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}
@@ -186,6 +208,8 @@ def _print_table(figures: dict, result: dict, overlays: int) -> None:
     rows = [("box AP / AP50", f"{fmt(figures['box_AP'])} / {fmt(figures['box_AP50'])}"),
             ("mask AP / AP50", f"{fmt(figures['mask_AP'])} / {fmt(figures['mask_AP50'])}"),
             ("keypoint AP / AP50", f"{fmt(figures['keypoint_AP'])} / {fmt(figures['keypoint_AP50'])}"),
+            ("embedder Recall@1 / MAP@R / R-precision", f"{fmt(figures['embed_recall@1'])} / "
+             f"{fmt(figures['embed_map@r'])} / {fmt(figures['embed_r_precision'])}"),
             ("index Recall@1 / @4", f"{fmt(figures['recall@1'])} / {fmt(figures['recall@4'])}"),
             ("annotate images/s", fmt(figures["annotate_images_per_s"])),
             ("wall time", f"{result['wall_s']:.0f} s")]

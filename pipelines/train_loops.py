@@ -270,8 +270,9 @@ def embedder_loop(config: dict) -> None:
 
 def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.device,
                       rank: int, size: int, batch_size: int = 64) -> dict[str, float]:
-    """Recall@1/2/4/8 on held-out identities: each rank embeds its shard, rank 0 scores."""
-    from index.evaluate import recall_at_k
+    """Recall@1/2/4/8, MAP@R and R-precision on held-out identities (pytorch-metric-
+    learning's AccuracyCalculator): each rank embeds its shard, rank 0 scores."""
+    from models.metric import retrieval_metrics
 
     model.eval()
     mine = list(range(rank, len(ds), size))
@@ -289,7 +290,6 @@ def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.de
     if rank == 0:
         emb = np.concatenate([e for part in gathered for e, _ in part])
         labels = np.concatenate([y for part in gathered for _, y in part])
-        ks = [k for k in RECALL_KS if k < len(emb)]
-        metrics = {f"recall@{k}": v for k, v in recall_at_k(emb, labels, ks).items()}
+        metrics = retrieval_metrics(emb, labels, RECALL_KS)
     return gather(metrics)[0]
 

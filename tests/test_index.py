@@ -339,3 +339,21 @@ def test_id_map_finds_rows_without_python_objects_per_row() -> None:
         assert rows.tolist() == [truth.get(i, -1) for i in query]
         assert [m.row(i) for i in query[:50]] == [truth.get(i) for i in query[:50]]
         assert m.uris[int(rows[1])].as_py() == f"/lake/{query[1]}.jpg"
+
+
+def test_search_with_parameters_survives_faiss_torch_utils(tmp_path: Path) -> None:
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps every
+    Index.search in the process for one that takes no search parameters."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    from pipelines.indexing import IndexBuildConfig, build
+    from tests.helpers import clustered_vectors, write_results
+
+    data = clustered_vectors(2000, 16)
+    write_results(tmp_path / "out", data)
+    build(IndexBuildConfig(results=str(tmp_path / "out"), out=str(tmp_path / "index"), factory="IVF8,Flat"))
+    idx = open_index(tmp_path / "index")
+    allow = np.zeros(2000, bool)
+    allow[:20] = True
+    found = idx.search(data[:2], 5, allow=allow, nprobe=1)
+    assert all(len(r) == 5 and (r < 20).all() for r in found.rows)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from index.evaluate import recall_at_k
 from models.errors import LakelensError
-from models.metric import PKSampler, contrastive_loss, metric_loss, multi_similarity_loss
+from models.metric import LOSSES, PKSampler, metric_loss, retrieval_metrics
 
 
 def _separated() -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,18 +18,18 @@ def _separated() -> tuple[torch.Tensor, torch.Tensor]:
     return emb, torch.tensor([0, 0, 1, 1])
 
 
-def test_losses_are_zero_when_identities_are_separated() -> None:
+@pytest.mark.parametrize("loss", LOSSES)
+def test_losses_are_zero_when_identities_are_separated(loss: str) -> None:
     emb, labels = _separated()
-    assert contrastive_loss(emb, labels).item() == pytest.approx(0.0, abs=1e-6)
-    assert multi_similarity_loss(emb, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert metric_loss(loss, emb, labels).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_contrastive_known_value() -> None:
     # positives at distance sqrt(2) (orthogonal), negatives at distance 0 (identical):
-    # pos term (sqrt2 - 0)^2 = 2, neg term (1 - 0)^2 = 1 -> 3
+    # pos term relu(sqrt2 - 0) = sqrt2, neg term relu(1 - 0) = 1 (each averaged over pairs)
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 1, 1])
-    assert contrastive_loss(emb, labels).item() == pytest.approx(3.0, rel=1e-4)
+    assert metric_loss("contrastive", emb, labels).item() == pytest.approx(np.sqrt(2) + 1, rel=1e-4)
 
 
 def test_multi_similarity_known_value() -> None:
@@ -38,10 +38,19 @@ def test_multi_similarity_known_value() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     pos = np.log1p(np.exp(-2.0 * (0.0 - 0.5))) / 2.0
     neg = np.log1p(np.exp(50.0 * (1.0 - 0.5))) / 50.0
-    assert multi_similarity_loss(emb, labels).item() == pytest.approx(pos + neg, rel=1e-4)
+    assert metric_loss("multi_similarity", emb, labels).item() == pytest.approx(pos + neg, rel=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["multi_similarity", "contrastive"])
+def test_triplet_margin_known_value() -> None:
+    # every anchor has one positive at distance sqrt2 and two negatives, at 0 and sqrt2:
+    # relu(sqrt2 - 0 + 0.1) and relu(sqrt2 - sqrt2 + 0.1), averaged
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    expected = (np.sqrt(2) + 0.1 + 0.1) / 2
+    assert metric_loss("triplet_margin", emb, labels).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 def test_minimising_the_loss_separates_identities(loss: str) -> None:
     """Free embeddings, plain gradient descent: the loss falls and Recall@1 reaches 1."""
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +58,7 @@ def test_minimising_the_loss_separates_identities(loss: str) -> None:
     raw = torch.randn(len(labels), 16, generator=gen, requires_grad=True)
     opt = torch.optim.SGD([raw], lr=2.0)
     first = None
-    for _ in range(200):
+    for _ in range(400):
         value = metric_loss(loss, F.normalize(raw, dim=1), labels)
         first = value.item() if first is None else first
         opt.zero_grad()
@@ -59,12 +68,57 @@ def test_minimising_the_loss_separates_identities(loss: str) -> None:
     assert final < 0.25 * first
     emb = F.normalize(raw, dim=1).detach().numpy()
     assert recall_at_k(emb, labels.numpy(), (1,))[1] == 1.0
+    assert retrieval_metrics(emb, labels.numpy())["map@r"] > 0.9
 
 
 def test_unknown_loss_names_the_choices() -> None:
     emb, labels = _separated()
-    with pytest.raises(LakelensError, match="multi_similarity, contrastive"):
-        metric_loss("triplet", emb, labels)
+    with pytest.raises(LakelensError, match="multi_similarity, contrastive, triplet_margin"):
+        metric_loss("lifted_structure", emb, labels)
+
+
+def _at(degrees: list[float]) -> np.ndarray:
+    r = np.radians(degrees)
+    return np.stack([np.cos(r), np.sin(r)], axis=1).astype(np.float32)
+
+
+def test_retrieval_metrics_known_answers() -> None:
+    """By hand: a at 0 and 10 degrees, b at 25 and 90. Nearest others: a0 -> a10 (hit),
+    a10 -> a0 (hit), b25 -> a10 then a0 then b90 (miss, miss, hit), b90 -> b25 (hit).
+    R = 1 for everyone, so MAP@R = R-precision = Recall@1 = 3/4; Recall@3 = 1."""
+    got = retrieval_metrics(_at([0, 10, 25, 90]), np.array([0, 0, 1, 1]), ks=(1, 2, 3))
+    assert got == pytest.approx({"recall@1": 0.75, "recall@2": 0.75, "recall@3": 1.0,
+                                 "map@r": 0.75, "r_precision": 0.75})
+
+
+def _by_definition(emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Musgrave et al. 2020's definitions, brute force: the oracle for the library."""
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    recall = {k: [] for k in ks}
+    maps, rprec = [], []
+    for i in range(len(emb)):
+        order = np.argsort(-sim[i], kind="stable")[:-1]
+        rel = labels[order] == labels[i]
+        r = int((labels == labels[i]).sum()) - 1
+        for k in ks:
+            recall[k].append(rel[:k].any())
+        rprec.append(rel[:r].mean())
+        precision_at = np.cumsum(rel[:r]) / np.arange(1, r + 1)
+        maps.append((precision_at * rel[:r]).sum() / r)
+    return {**{f"recall@{k}": float(np.mean(v)) for k, v in recall.items()},
+            "map@r": float(np.mean(maps)), "r_precision": float(np.mean(rprec))}
+
+
+def test_retrieval_metrics_equal_the_definitions_on_random_embeddings() -> None:
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(12), rng.integers(2, 7, size=12))
+    emb = rng.standard_normal((len(labels), 8)).astype(np.float32)
+    emb[:, 0] += labels * 0.3  # some structure, so the numbers are not all near chance
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    got = retrieval_metrics(emb, labels)
+    assert got == pytest.approx(_by_definition(emb, labels, (1, 2, 4, 8)), abs=1e-6)
+    assert got["recall@1"] == pytest.approx(recall_at_k(emb, labels, (1,))[1])
 
 
 def test_pk_batches() -> None:

@@ -103,7 +103,8 @@ def test_embedder_trains_and_serves_index_queries(ray_local, data: Path, tmp_pat
     summary = run(cfg)
     history = json.loads((tmp_path / "emb" / "metrics.json").read_text())["history"]
     assert len(history) == 4 and history[-1]["loss"] < history[0]["loss"], history
-    assert set(summary.best) == {"recall@1", "recall@2", "recall@4", "recall@8"}
+    assert set(summary.best) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"}
+    assert 0 <= summary.best["map@r"] <= summary.best["r_precision"] + 1e-9 <= 1 + 1e-9
     assert all(0.0 <= v <= 1.0 for v in summary.best.values())
     model, info, crop = build_embedder("tiny", weights=summary.model)
     assert info.embedding_dim == 16 and model.dim == 16

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from models.errors import LakelensError
+from models.metric import LOSSES
 from models.registry import DEFAULT_ARCHS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per worker per step (default 4)")
     td.add_argument("--image-size", type=int, metavar="N",
                     help="shorter side the detector sees (default: the arch's)")
-    te.add_argument("--loss", default="multi_similarity", choices=["multi_similarity", "contrastive"])
+    te.add_argument("--loss", default="multi_similarity", choices=list(LOSSES),
+                    help="pytorch-metric-learning loss (default multi_similarity)")
     te.add_argument("--p", type=int, default=8, metavar="P", help="identities per batch (default 8)")
     te.add_argument("--k", type=int, default=4, metavar="K", help="examples per identity (default 4)")
     te.add_argument("--dim", type=int, default=128, metavar="D",

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from models.errors import LakelensError
-
-LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
+from models.registry import LOSSES
 
 
 @functools.cache

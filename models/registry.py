@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from models.errors import LakelensError
 
 TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
+# metric-learning losses (models.metric), named here so the CLI needs no torch to list them
+LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
+
 DEFAULT_ARCHS: dict[str, str] = {
     "detect": "fasterrcnn_resnet50_fpn_v2",
     "segment": "maskrcnn_resnet50_fpn_v2",

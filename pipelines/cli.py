@@ -10,8 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from models.errors import LakelensError
-from models.metric import LOSSES
-from models.registry import DEFAULT_ARCHS, TASKS
+from models.registry import DEFAULT_ARCHS, LOSSES, TASKS
 
 logger = logging.getLogger(__name__)
 

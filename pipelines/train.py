@@ -77,7 +77,7 @@ class TrainConfig:
     num_cpus: int | None = None  # local Ray only
 
     def __post_init__(self) -> None:
-        from models.metric import LOSSES
+        from models.registry import LOSSES
         from pipelines.datasets import DETECTION_TASKS, UNITS
 
         if self.kind not in KINDS:

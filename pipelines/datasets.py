@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from models.embedding import preprocess
@@ -74,13 +74,25 @@ def as_split(split: Split | str | Path) -> Split:
     return Split(Path(split), Path(split).parent)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3]; an unreadable training image stops training with its name."""
+def read_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3], upright (EXIF orientation applied, as annotate reads images). When
+    the annotation file gives the image's (width, height) and it is the stored size, not
+    the upright one, the annotations were drawn on the stored pixels: those are returned.
+    An unreadable training image stops training with its name."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            upright = ImageOps.exif_transpose(im)
+            if size is not None and upright.size != im.size and tuple(size) == im.size:
+                upright = im
+            return np.asarray(upright.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise LakelensError(f"cannot read training image {path}: {e}") from e
+
+
+def _stated_size(record: dict) -> tuple[int, int] | None:
+    """(width, height) of a COCO image record, when it states both."""
+    w, h = record.get("width"), record.get("height")
+    return (int(w), int(h)) if w and h else None
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image_id = self.image_ids[i]
-        pixels = read_rgb(self.paths[image_id])
+        pixels = read_rgb(self.paths[image_id], _stated_size(self.coco.imgs.get(image_id, {})))
         h, w = pixels.shape[:2]
         boxes, labels, masks, keypoints = [], [], [], []
         for ann in self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
@@ -202,6 +214,7 @@ class EmbedItem:
     path: Path
     box: tuple[float, float, float, float] | None  # xywh of an object crop; None: whole image
     label: int
+    size: tuple[int, int] | None = None  # (width, height) the annotation file states
 
 
 def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[EmbedItem], str]:
@@ -222,8 +235,10 @@ def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[Emb
         if lacking:
             raise LakelensError(f"--unit image needs an 'identity' on every image of {json_path}; "
                                 f"{len(lacking)} lack one, e.g. {lacking[0]}")
-        return [EmbedItem(paths[im["id"]], None, int(im["identity"])) for im in images], unit
-    items = [EmbedItem(paths[a["image_id"]], tuple(a["bbox"]), int(a.get("identity", a["category_id"])))
+        return [EmbedItem(paths[im["id"]], None, int(im["identity"]), _stated_size(im))
+                for im in images], unit
+    items = [EmbedItem(paths[a["image_id"]], tuple(a["bbox"]), int(a.get("identity", a["category_id"])),
+                       _stated_size(coco.imgs.get(a["image_id"], {})))
              for a in coco.dataset["annotations"] if not a.get("iscrowd") and min(a["bbox"][2:]) >= 2]
     if not items:
         raise LakelensError(f"no object annotations with boxes in {json_path}")
@@ -249,7 +264,7 @@ class EmbedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         item = self.items[i]
-        pixels = read_rgb(item.path)
+        pixels = read_rgb(item.path, item.size)
         if item.box is not None:
             pixels = _pad_crop(pixels, item.box)
         t = torch.from_numpy(pixels.copy()).permute(2, 0, 1)

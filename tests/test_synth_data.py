@@ -125,3 +125,41 @@ def test_missing_split_names_what_a_dataset_holds(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(LakelensError, match="val/annotations.json"):
         split_paths(str(tmp_path))
+
+
+def _rotated_jpeg(path: Path) -> np.ndarray:
+    """A 64x32 stored image whose EXIF says "rotate 90 clockwise to view" (upright 32x64);
+    returns the stored pixels."""
+    from PIL import Image
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :8] = 255  # a white band on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    return stored
+
+
+def test_training_reads_images_upright_unless_annotated_on_the_stored_pixels(tmp_path: Path) -> None:
+    from pipelines.datasets import read_rgb
+
+    _rotated_jpeg(tmp_path / "r.jpg")
+    upright = read_rgb(tmp_path / "r.jpg")
+    assert upright.shape == (64, 32, 3)  # as annotate reads it
+    assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # the band is now on top
+    assert read_rgb(tmp_path / "r.jpg", (32, 64)).shape == (64, 32, 3)  # COCO states upright
+    assert read_rgb(tmp_path / "r.jpg", (64, 32)).shape == (32, 64, 3)  # COCO states stored
+
+
+def test_detection_dataset_boxes_fit_the_upright_image(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    _rotated_jpeg(tmp_path / "images" / "r.jpg")
+    gt = {"images": [{"id": 1, "file_name": "images/r.jpg", "width": 32, "height": 64}],
+          "categories": [{"id": 1, "name": "band"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 32, 8],
+                           "area": 256, "iscrowd": 0}]}
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    image, target = DetectionDataset(tmp_path / "ann.json", "detect", train=False)[0]
+    assert tuple(image.shape) == (3, 64, 32)
+    assert target["boxes"].tolist() == [[0.0, 0.0, 32.0, 8.0]]
+    assert image[:, :8].mean() > 0.8  # the annotated band is where the box says

@@ -294,7 +294,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             raise ApiError(404, f"image {image_id!r} cannot be read any more: {type(e).__name__}") from e
         picture = Image.fromarray(pixels)
         if overlay:
-            picture = _overlay(engine_of(request), snap, image_id, pixels) or picture
+            picture = _overlay(snap, image_id, pixels) or picture
         buf = io.BytesIO()
         picture.save(buf, format="JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg",
@@ -342,16 +342,16 @@ def _cookie(header: str, name: str) -> str:
     return ""
 
 
-def _overlay(engine: Engine, snap: Snapshot, image_id: str, pixels: np.ndarray):
-    """The image with the current table row's detections, masks and poses drawn; None when
-    the table has no current row for it."""
+def _overlay(snap: Snapshot, image_id: str, pixels: np.ndarray):
+    """The image with its row's detections, masks and poses drawn, from the table version
+    the snapshot's facets were read at; None when that version has no current row for it."""
     from pipelines.lake.sources import bucket_of
-    from pipelines.lake.table import col, open_table
+    from pipelines.lake.table import col
     from pipelines.render import render_row
 
     if snap.facets is None:
         return None
-    table = open_table(engine._table_dir(snap.index))
+    table = snap.facets.table
     names = set(table.dataset().schema.names)
     columns = ["width", "height"] + [c for c in ("detections", "instances", "poses") if c in names]
     where = (col("bucket") == bucket_of(image_id, table.buckets)) & (col("image_id") == image_id)

@@ -50,6 +50,7 @@ class Facets:
     def __init__(self, table: LakeTable, ids: IdMap, *, batch_rows: int = 65_536):
         n = len(ids)
         self.rows = n
+        self.table = table  # at the version read: overlays draw from the same rows
         self.table_version = table.version
         self.width = np.zeros(n, np.int32)
         self.height = np.zeros(n, np.int32)

@@ -481,3 +481,33 @@ def test_ray_serve_deployment_answers_like_the_single_process(served, tmp_path: 
             proc.kill()
             proc.wait()
     assert proc.returncode in (0, 130), proc.stderr.read()[-3000:]
+
+
+def test_filters_of_a_segment_only_table_count_its_instances(tmp_path: Path) -> None:
+    """A table annotated with a segment model alone keeps `detections` null: the filters
+    count the instances' labels instead."""
+    from pipelines.serve.engine import Engine
+    from pipelines.serve.facets import Filter
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((40, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    mask = {"size": [48, 64], "counts": "0"}  # the RLE is not read by the filters
+    rows = [{"image_id": f"img{i:03d}", "uri": f"/lake/{i}.jpg", "width": 64, "height": 48,
+             "embedding": vectors[i].tolist(),
+             "instances": [{"box": [1.0, 1.0, 9.0, 9.0], "label": 1, "label_name": "person",
+                            "score": 0.9, "mask": mask}] * (2 if i < 4 else 0)}
+            for i in range(40)]
+    out = commit_rows(tmp_path / "out", rows)
+    table = open_table(str(out))
+    table.meta["embedding_dim"] = 8
+    table.meta["models"] = {
+        "segment": {"arch": "maskrcnn_tiny", "weights_id": "random:seed0"},
+        "embed": {"arch": "tiny", "weights_id": "random:seed0", "spec": "random", "labels": [],
+                  "keypoint_names": [], "embedding_dim": 8}}
+    save_meta(table)
+    build(IndexBuildConfig(results=str(out), out=str(tmp_path / "index")))
+    snap = Engine(ServeConfig(index=str(tmp_path / "index"), reload_s=0)).current()
+    assert snap.facets.source == "instances"
+    found, allowed = snap.search(vectors[10], 3, Filter(label="person", min_count=2), None)
+    assert allowed == 4 and set(found.image_ids[0]) <= {f"img{i:03d}" for i in range(4)}

@@ -23,7 +23,6 @@ from pipelines.lake.table import LakeTable
 
 logger = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("detections", "instances")  # the first the table has is the filters' source
 
 
 @dataclass(frozen=True)
@@ -58,13 +57,11 @@ class Facets:
         self.run = np.full(n, -1, np.int32)
         self.present = np.zeros(n, bool)  # has a current ok row in the table
         self.runs: dict[str, int] = {}
-        names = set(table.dataset().schema.names)
-        self.source = next((c for c in LABEL_COLUMNS if c in names), None)
+        self.source = label_source(table)
         det_rows, det_labels, det_scores = [], [], []
         self.labels: dict[str, int] = {}
         columns = ["image_id", "width", "height", "annotated_at", "run_id"]
-        if self.source:
-            columns.append(self.source)
+        columns.append(self.source)
         for batch in table.current(columns, batch_rows=batch_rows):
             rows = ids.rows_of(batch.column("image_id"))
             hit = rows >= 0
@@ -80,23 +77,22 @@ class Facets:
             runs = batch.column("run_id").filter(mask).cast(pa.string()).dictionary_encode()
             codes = [self.runs.setdefault(name, len(self.runs)) for name in runs.dictionary.to_pylist()]
             self.run[r] = _decode(codes, runs.indices)
-            if self.source:
-                dets = batch.column(self.source).filter(mask)
-                counts = pc.list_value_length(dets).fill_null(0).to_numpy()
-                flat = pc.list_flatten(dets)
-                if len(flat):
-                    names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
-                    lab = [self.labels.setdefault(x, len(self.labels))
-                           for x in names_col.dictionary.to_pylist()]
-                    det_rows.append(np.repeat(r, counts))
-                    det_labels.append(_decode(lab, names_col.indices))
-                    det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
+            dets = batch.column(self.source).filter(mask)
+            counts = pc.list_value_length(dets).fill_null(0).to_numpy()
+            flat = pc.list_flatten(dets)
+            if len(flat):
+                names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
+                lab = [self.labels.setdefault(x, len(self.labels))
+                       for x in names_col.dictionary.to_pylist()]
+                det_rows.append(np.repeat(r, counts))
+                det_labels.append(_decode(lab, names_col.indices))
+                det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
         self.det_row = np.concatenate(det_rows) if det_rows else np.zeros(0, np.int64)
         self.det_label = np.concatenate(det_labels) if det_labels else np.zeros(0, np.int32)
         self.det_score = np.concatenate(det_scores) if det_scores else np.zeros(0, np.float32)
         logger.info("facets: %d of %d index rows in table version %d, %d %s, %d labels",
                     int(self.present.sum()), n, self.table_version, len(self.det_row),
-                    self.source or "detections (none)", len(self.labels))
+                    self.source, len(self.labels))
 
     def label_counts(self, min_score: float = 0.5) -> dict[str, int]:
         """Images per label (at least one detection of it scoring >= min_score)."""
@@ -132,6 +128,13 @@ class Facets:
                 raise LakelensError(f"unknown run_id {f.run_id!r}: no current row was written by it")
             keep &= self.run == self.runs[f.run_id]
         return keep
+
+
+def label_source(table: LakeTable) -> str:
+    """The column whose labels the filters count: `instances` when the table was annotated
+    with a segment model and no detect model, else `detections` (the schema has both
+    columns; a task that was not asked leaves its column null)."""
+    return "instances" if table.model("segment") and not table.model("detect") else "detections"
 
 
 def _decode(codes: list[int], indices: pa.Array) -> np.ndarray:

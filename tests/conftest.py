@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 
 import numpy as np
@@ -12,6 +13,9 @@ import torch
 
 TINY_ARCHS = {"detect": "fasterrcnn_tiny", "segment": "maskrcnn_tiny",
               "pose": "keypointrcnn_tiny", "embed": "tiny"}
+
+
+_TOKEN_DIR = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,6 +33,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.pop("RAY_ADDRESS", None)
+    config.stash[_TOKEN_DIR] = token_dir
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's token goes with the run (no secret left behind in /tmp)."""
+    token_dir = config.stash.get(_TOKEN_DIR, None)
+    if token_dir:
+        shutil.rmtree(token_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

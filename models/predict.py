@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from models.detection import build_detector
 from models.device import autocast, is_out_of_memory, pick_device, release_memory
 from models.embedding import build_embedder, preprocess
+from models.semantic import SemanticPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class EmbeddingPredictor:
         return out
 
 
-Predictor = DetectionPredictor | EmbeddingPredictor
+Predictor = DetectionPredictor | EmbeddingPredictor | SemanticPredictor
 
 
 def predict_each(predictor: Predictor, images: Sequence[np.ndarray]) -> list[Any]:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from models.errors import LakelensError
 
-TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
+TASKS: tuple[str, ...] = ("detect", "segment", "pose", "semantic", "embed")
+# what `annotate` runs when --tasks is not given: semantic segmentation is asked for by name
+DEFAULT_TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
 # metric-learning losses (models.metric), named here so the CLI needs no torch to list them
 LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
 
@@ -14,6 +16,7 @@ DEFAULT_ARCHS: dict[str, str] = {
     "detect": "fasterrcnn_resnet50_fpn_v2",
     "segment": "maskrcnn_resnet50_fpn_v2",
     "pose": "keypointrcnn_resnet50_fpn",
+    "semantic": "deeplabv3_resnet50",
     "embed": "resnet50",
 }
 
@@ -29,7 +32,7 @@ class ModelInfo:
     labels: tuple[str, ...] = ()  # index = label id
     keypoint_names: tuple[str, ...] = ()
     embedding_dim: int | None = None
-    input_size: tuple[int, int] | None = None  # detectors: (shorter, longer) side they resize to
+    input_size: tuple[int, int] | None = None  # detect/semantic: (shorter, longer) side they resize to
 
 
 def arch_choices(task: str) -> list[str]:
@@ -39,6 +42,10 @@ def arch_choices(task: str) -> list[str]:
         from models.embedding import EMBED_ARCHS
 
         return sorted(EMBED_ARCHS)
+    if task == "semantic":
+        from models.semantic import SEMANTIC_ARCHS
+
+        return sorted(SEMANTIC_ARCHS)
     from models.detection import DETECTION_ARCHS
 
     return sorted(name for name, spec in DETECTION_ARCHS.items() if spec.task == task)
@@ -61,6 +68,10 @@ def published_url(task: str, arch: str) -> str | None:
         from models.embedding import EMBED_ARCHS
 
         published = EMBED_ARCHS[arch].published
+    elif task == "semantic":
+        from models.semantic import SEMANTIC_ARCHS
+
+        published = SEMANTIC_ARCHS[arch].published
     else:
         from models.detection import DETECTION_ARCHS
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from models.errors import LakelensError
-from models.registry import DEFAULT_ARCHS, LOSSES, TASKS
+from models.registry import DEFAULT_ARCHS, DEFAULT_TASKS, LOSSES, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="directory (recursive), glob, manifest (.txt/.parquet, S3 Inventory) or URI")
     a.add_argument("--out", required=True, metavar="DIR", help="output directory or URI")
-    a.add_argument("--tasks", default=",".join(TASKS),
-                   help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    a.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)} (default: "
+                        f"{','.join(DEFAULT_TASKS)}; semantic when asked)")
     a.add_argument("--weights", action="append", metavar="SPEC|TASK=SPEC",
                    help="default (torchvision's published weights), random (seeded), or a "
                         "checkpoint path; for every task, or TASK=SPEC for one (repeatable)")

@@ -50,7 +50,7 @@ def read_results(path: str, extra: list[str] | None = None, *,
     """The current result rows (status ok) of DIR's table, locally or at a URI."""
     from pipelines.lake.table import open_table
 
-    columns = ["uri", "width", "height", *COLUMNS.values(), *(extra or [])]
+    columns = ["uri", "width", "height", *COLUMNS.values(), "semantic", *(extra or [])]
     table = open_table(path)
     try:
         if limit is None:

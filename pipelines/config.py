@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from models import weights as W
 from models.decode import DEFAULT_MAX_PIXELS
 from models.errors import LakelensError
-from models.registry import DEFAULT_ARCHS, TASKS, check_arch, check_task
+from models.registry import DEFAULT_ARCHS, DEFAULT_TASKS, TASKS, check_arch, check_task
 from pipelines.lake.sources import canonical
 
 
@@ -31,7 +31,7 @@ class AnnotateConfig:
 
     sources: tuple[str, ...]
     out: str
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     weights: dict[str, str] = field(default_factory=dict)  # task -> spec; missing: default
     archs: dict[str, str] = field(default_factory=dict)  # task -> arch; missing: default
     image_size: int | None = None

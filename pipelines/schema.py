@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: the semantic column (a version 2 table gains it at its next annotate)
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -34,15 +34,23 @@ POSE = pa.struct([
     _f("keypoints", pa.list_(pa.float32()),
        "K x 3 flattened (x, y, visibility), original upright pixels; K and names in DIR/lakelens.json"),
 ])
+SEMANTIC = pa.struct([
+    _f("label", pa.int32(), "class id (index into the model's labels; the background is not stored)"),
+    _f("label_name", pa.string(), "class name"),
+    _f("mask", RLE, "the class's pixels as COCO RLE, original upright resolution"),
+    _f("area", pa.int64(), "pixels of the class in the original image"),
+    _f("mean_score", pa.float32(), "mean softmax probability over the class's pixels"),
+])
 MODEL = pa.struct([
-    _f("task", pa.string(), "detect, segment, pose or embed"),
+    _f("task", pa.string(), "detect, segment, pose, semantic or embed"),
     _f("arch", pa.string(), "architecture name"),
     _f("weights", pa.string(), "default:<torchvision enum>, random:seed<N> or sha256:<checkpoint>"),
 ])
 TASK_COLUMNS = {"detect": "detections", "segment": "instances", "pose": "poses",
-                "embed": "embedding"}
+                "semantic": "semantic", "embed": "embedding"}
 TASK_TYPES = {"detections": pa.list_(DETECTION), "instances": pa.list_(INSTANCE),
-              "poses": pa.list_(POSE), "embedding": pa.list_(pa.float32())}
+              "poses": pa.list_(POSE), "semantic": pa.list_(SEMANTIC),
+              "embedding": pa.list_(pa.float32())}
 STATUSES = ("ok", "error")
 
 TABLE_SCHEMA = pa.schema([
@@ -54,7 +62,8 @@ TABLE_SCHEMA = pa.schema([
     _f("fingerprint", pa.string(),
        "cheap change detector: size:mtime_ns locally, etag:<ETag> or size:mtime on object stores"),
     _f("status", pa.string(), "ok (a result) or error"),
-    _f("error_stage", pa.string(), "list, read, decode, detect, segment, pose, embed, encode, crash"),
+    _f("error_stage", pa.string(),
+       "list, read, decode, detect, segment, pose, semantic, embed, encode or crash"),
     _f("error_type", pa.string(), "short error class, e.g. TruncatedImageError, WorkerCrashed"),
     _f("error_message", pa.string(), "what went wrong, in one line"),
     _f("error_retryable", pa.bool_(), "transient (retried next run) or permanent (until the bytes change)"),

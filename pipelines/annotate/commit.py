@@ -24,7 +24,7 @@ from pipelines.schema import TABLE_SCHEMA, TASK_COLUMNS
 logger = logging.getLogger(__name__)
 
 CLOSE_REASON = {"changed": "changed", "retry": "retried", "full": "full"}
-RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "embed"}
+RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "semantic", "embed"}
 PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from models.masks import crop_to_rle
+from models.semantic import resize_nearest
 
 
 def _label_name(labels: tuple[str, ...], label: int) -> str:
@@ -52,9 +54,31 @@ def encode_poses(out: dict[str, Any], *, scale: tuple[float, float], width: int,
             for box, score, kp in zip(boxes, out["scores"], kps, strict=True)]
 
 
+def encode_semantic(out: dict[str, Any], *, scale: tuple[float, float], width: int,
+                    height: int, labels: tuple[str, ...]) -> list[dict]:
+    """A class map on the model's grid (covering the whole image) -> one RLE mask per
+    class present, at the original upright resolution; the background (class 0 when the
+    labels name it so) is what no mask covers."""
+    classes = np.asarray(out["classes"])
+    full = resize_nearest(classes, height, width)
+    skip = 0 if labels and labels[0] == "__background__" else None
+    rows = []
+    for label in np.unique(full).tolist():
+        if label == skip:
+            continue
+        mask = np.asfortranarray(full == label, dtype=np.uint8)
+        rle = mask_utils.encode(mask)
+        rows.append({"label": int(label), "label_name": _label_name(labels, int(label)),
+                     "mask": {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")},
+                     "area": int(mask_utils.area(rle)),
+                     "mean_score": float(np.asarray(out["scores"], np.float32)[classes == label].mean())
+                     if (classes == label).any() else 0.0})
+    return rows
+
+
 def encode_embedding(out: np.ndarray, **_: Any) -> list[float]:
     return out.astype(np.float32).tolist()
 
 
 ENCODERS = {"detect": encode_detections, "segment": encode_instances, "pose": encode_poses,
-            "embed": encode_embedding}
+            "semantic": encode_semantic, "embed": encode_embedding}

@@ -53,7 +53,15 @@ from pipelines.config import AnnotateConfig, TaskConfig
 from pipelines.lake import diff as D
 from pipelines.lake.lock import acquire
 from pipelines.lake.sources import is_remote, plan_sources
-from pipelines.lake.table import LakeTable, create_or_open, location, output_fs, save_meta, write_json
+from pipelines.lake.table import (
+    LakeTable,
+    create_or_open,
+    location,
+    output_fs,
+    save_meta,
+    upgrade,
+    write_json,
+)
 from pipelines.schema import TASK_COLUMNS, TASK_TYPES
 
 logger = logging.getLogger(__name__)
@@ -77,6 +85,7 @@ def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
     weights fail at start with one line, not in an actor."""
     from models.detection import build_detector
     from models.embedding import build_embedder
+    from models.semantic import build_semantic
 
     infos = []
     for task in cfg.tasks:
@@ -85,6 +94,8 @@ def resolve_models(cfg: AnnotateConfig) -> list[ModelInfo]:
             ensure_default_weights(task, arch, flag=f"--weights {task}=")
         if task == "embed":
             info = build_embedder(arch, weights=spec)[1]
+        elif task == "semantic":
+            info = build_semantic(arch, weights=spec, image_size=cfg.image_size)[1]
         else:
             info = build_detector(arch, weights=spec, image_size=cfg.image_size)[1]
         infos.append(info)
@@ -368,6 +379,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
 
 def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                 infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
+    upgrade(table)  # under the lock: no commit of ours races the schema change
     base_version = table.version
     skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, table.buckets)
     counts = D.diff(table.uri, base_version, staging, table.buckets, full=cfg.full, prune=cfg.prune)

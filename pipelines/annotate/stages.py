@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
+from models.semantic import SemanticPredictor
 from pipelines.annotate.encode import ENCODERS
 from pipelines.annotate.read import ERROR_COLUMNS, PIXEL_COLUMNS, error_message
 from pipelines.cluster.weights import install_shipped
@@ -41,6 +42,9 @@ class ModelStage:
         if cfg.task == "embed":
             self.predictor = EmbeddingPredictor(cfg.arch, weights=cfg.weights, device=cfg.device,
                                                 max_batch=cfg.batch_size)
+        elif cfg.task == "semantic":
+            self.predictor = SemanticPredictor(cfg.arch, weights=cfg.weights, image_size=cfg.image_size,
+                                               device=cfg.device, max_batch=cfg.batch_size)
         else:
             self.predictor = DetectionPredictor(
                 cfg.arch, weights=cfg.weights, image_size=cfg.image_size,

@@ -38,8 +38,12 @@ def connect(out: str) -> duckdb.DuckDBPyConnection:
         # string_view (delta-io/delta-rs#4579).
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         columns = ", ".join(f'"{f.name}"' for f in TABLE_SCHEMA)
-        con.execute(f"CREATE VIEW history AS SELECT {columns} FROM read_parquet([{listed}], "
-                    "hive_partitioning = true, hive_types = {'bucket': INTEGER}, union_by_name = true)")
+        # unioned by name with an empty table of the full schema: a column no file has yet
+        # (a version 2 table's semantic) reads as null
+        con.register("_lakelens_schema", TABLE_SCHEMA.empty_table())
+        con.execute(f"CREATE VIEW history AS SELECT {columns} FROM (SELECT * FROM read_parquet([{listed}], "
+                    "hive_partitioning = true, hive_types = {'bucket': INTEGER}, union_by_name = true) "
+                    "UNION ALL BY NAME SELECT * FROM _lakelens_schema)")
     else:  # an empty table, or one on an object store (pyarrow's filesystems reach it)
         con.register("history", table.dataset())
     con.execute("CREATE VIEW results AS SELECT * FROM history WHERE is_current")

@@ -136,9 +136,17 @@ class LakeTable:
             flt = flt & (col("status") == status)
         if where is not None:
             flt = flt & where
-        scanner = self.dataset().scanner(columns=columns, filter=flt, batch_size=batch_rows,
-                                         batch_readahead=1, fragment_readahead=1)
+        dataset = self.dataset()
+        # a version 2 table not annotated since the upgrade has no semantic column yet
+        missing = [c for c in columns or [] if c not in dataset.schema.names]
+        scanner = dataset.scanner(columns=[c for c in columns if c not in missing] if missing
+                                  else columns, filter=flt, batch_size=batch_rows,
+                                  batch_readahead=1, fragment_readahead=1)
         for batch in scanner.to_batches():
+            if batch.num_rows and missing:
+                arrays = {name: batch.column(name) for name in batch.schema.names}
+                arrays |= {c: pa.nulls(batch.num_rows, TABLE_SCHEMA.field(c).type) for c in missing}
+                batch = pa.RecordBatch.from_pydict({c: arrays[c] for c in columns})
             if batch.num_rows:
                 yield batch
 
@@ -267,10 +275,13 @@ def open_table(out: str) -> LakeTable:
         raise LakelensError(f"cannot open the table in {out!r}: {e}") from e
     if meta is None:
         raise LakelensError(f"{out}/{META_FILE} is missing: {out!r} is not a lakelens table")
-    if str(meta.get("schema_version")) != SCHEMA_VERSION:
+    if str(meta.get("schema_version")) not in READABLE_VERSIONS:
         raise LakelensError(f"{out!r} has table schema version {meta.get('schema_version')}; "
                             f"this lakelens reads {SCHEMA_VERSION}")
     return LakeTable(out, dt, meta)
+
+
+READABLE_VERSIONS = (SCHEMA_VERSION, "2")  # 2 lacks the semantic column: read as null
 
 
 def _has_loose(fs: pafs.FileSystem, root: str) -> bool:
@@ -299,6 +310,23 @@ def create_or_open(out: str, *, buckets: int = DEFAULT_BUCKETS) -> LakeTable:
                                                "buckets": buckets, "embedding_dim": None,
                                                "models": {}})
     return open_table(out)
+
+
+def upgrade(table: LakeTable) -> None:
+    """Bring a version 2 table to this schema: add the columns it lacks (one metadata
+    commit; old files read them as null). Called by a writer holding the run lock."""
+    if str(table.meta.get("schema_version")) == SCHEMA_VERSION:
+        return
+    from deltalake.schema import Field
+
+    have = set(table.dt.schema().to_arrow().names)
+    new = [f for f in TABLE_SCHEMA if f.name not in have]
+    if new:
+        table.dt.alter.add_columns([Field.from_arrow(f) for f in new])
+        logger.info("%s: table schema %s -> %s (added %s)", table.out,
+                    table.meta.get("schema_version"), SCHEMA_VERSION, ", ".join(f.name for f in new))
+    table.meta["schema_version"] = SCHEMA_VERSION
+    save_meta(table)
 
 
 def save_meta(table: LakeTable) -> None:

@@ -309,7 +309,7 @@ def evaluate_model(model: nn.Module, items: Sequence[tuple[np.ndarray, np.ndarra
     model.eval()
     with torch.inference_mode():
         for image, gt in items:
-            t = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float() / 255
+            t = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 255
             h, w = t.shape[-2:]
             s = min(min_size / min(h, w), max_size / max(h, w))
             t = F.interpolate(t[None], size=(max(1, round(h * s)), max(1, round(w * s))),

@@ -232,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     te = ts.add_parser("embedder", help="metric learning on images or object crops by identity",
                        description="P x K batches, multi-similarity or contrastive loss; reports "
                                    "Recall@1/2/4/8 on the val split's held-out identities.")
-    for p in (td, te):
+    tsem = ts.add_parser("semantic", help="semantic segmentation (FCN, DeepLabV3, LR-ASPP, U-Net) "
+                                          "on COCO data or its label PNGs",
+                         description="Instance masks become per-pixel class maps (or the split's "
+                                     "label PNGs named by each image's class_map); reports mean IoU, "
+                                     "pixel accuracy and frequency-weighted IoU on the val split.")
+    for p in (td, te, tsem):
         p.add_argument("--data", required=True, metavar="DIR",
                        help="DIR/train/annotations.json and DIR/val/annotations.json (COCO)")
         p.add_argument("--out", required=True, metavar="RUN_DIR")
@@ -256,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", metavar="ADDR",
                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
         p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray")
-    td.add_argument("--batch-size", type=int, default=4, metavar="N",
-                    help="images per worker per step (default 4)")
-    td.add_argument("--image-size", type=int, metavar="N",
-                    help="shorter side the detector sees (default: the arch's)")
+    for p in (td, tsem):
+        p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                       help="images per worker per step (default 4)")
+        p.add_argument("--image-size", type=int, metavar="N",
+                       help="shorter side the model sees (default: the arch's; semantic trains "
+                            "on square crops of that side)")
     te.add_argument("--loss", default="multi_similarity", choices=list(LOSSES),
                     help="pytorch-metric-learning loss (default multi_similarity)")
     te.add_argument("--p", type=int, default=8, metavar="P", help="identities per batch (default 8)")
@@ -489,9 +496,9 @@ def _train(args: argparse.Namespace) -> int:
               "loader_workers": args.loader_workers, "seed": args.seed, "resume": args.resume,
               "overwrite": args.overwrite, "max_failures": args.max_failures,
               "address": args.address, "num_cpus": args.num_cpus}
-    if args.kind == "detector":
-        cfg = TrainConfig(kind="detector", task=args.task, batch_size=args.batch_size,
-                          image_size=args.image_size, **common)
+    if args.kind in ("detector", "semantic"):
+        cfg = TrainConfig(kind=args.kind, task=getattr(args, "task", "semantic"),
+                          batch_size=args.batch_size, image_size=args.image_size, **common)
     else:
         cfg = TrainConfig(kind="embedder", task="embed", loss=args.loss, p=args.p, k=args.k,
                           dim=args.dim or None, unit=args.unit, **common)

@@ -136,7 +136,8 @@ def to_predictions(table: pa.Table, gt: COCO | None = None, gt_path: str | None 
 def evaluate(results: str, gt_path: str) -> dict:
     """COCO AP/AR per task present in `results`, over the images the results cover."""
     gt = load_gt(gt_path)
-    preds = to_predictions(read_results(results), gt, gt_path)
+    table = read_results(results)
+    preds = to_predictions(table, gt, gt_path)
     if not preds.image_ids:
         raise LakelensError(f"none of the images in {results!r} is in {gt_path!r} (matched by "
                             "path relative to the annotations file, or by file name)")
@@ -144,6 +145,9 @@ def evaluate(results: str, gt_path: str) -> dict:
                     "unknown_labels": dict(preds.unknown_labels), "tasks": {}}
     for iou_type, dts in preds.by_type.items():
         report["tasks"][iou_type] = coco_eval(gt, dts, iou_type, sorted(set(preds.image_ids)))
+    semantic = semantic_report(table, gt, gt_path)
+    if semantic is not None:
+        report["tasks"]["semantic"] = semantic
     return report
 
 
@@ -189,6 +193,87 @@ def _one_keypoint_category(gt: COCO) -> COCO:
                         if a["category_id"] in ids]}
     merged.createIndex()
     return merged
+
+
+IGNORE = 255  # class-map value of pixels that are not scored (crowd regions)
+
+
+def gt_class_map(gt: COCO, image_id: int, root: str, classes: dict[int, int]) -> np.ndarray:
+    """The ground truth's per-pixel classes of one image, uint8[h, w]: 0 background,
+    `classes[category_id]` for a category, IGNORE for crowd regions and unknown ids.
+
+    From the image's own label PNG when its record names one (``class_map``, pixel values
+    = category ids, relative to `root` like file_name), else painted from its instance
+    masks (larger first, so a smaller object on top stays visible)."""
+    from PIL import Image
+
+    record = gt.imgs[image_id]
+    if record.get("class_map"):
+        name = record["class_map"]
+        path = f"{root}/{name}" if is_remote(root) else os.path.join(root, name)
+        with Image.open(io.BytesIO(read_bytes(path))) as im:
+            ids = np.asarray(im)
+        lut = np.full(256, IGNORE, np.uint8)
+        lut[0] = 0
+        for cat, cls in classes.items():
+            if 0 < cat < 256:
+                lut[cat] = cls
+        return lut[ids]
+    out = np.zeros((record["height"], record["width"]), np.uint8)
+    anns = sorted(gt.imgToAnns.get(image_id, []), key=lambda a: -a.get("area", 0))
+    for ann in anns:
+        if not ann.get("segmentation"):
+            continue
+        m = gt.annToMask(ann).astype(bool)
+        out[m] = IGNORE if ann.get("iscrowd") else classes.get(ann["category_id"], IGNORE)
+    return out
+
+
+def semantic_report(table: pa.Table, gt: COCO, gt_path: str) -> dict | None:
+    """Mean IoU, pixel accuracy and frequency-weighted IoU of the table's semantic column
+    against the ground truth's class maps (classes matched by name; background = 0)."""
+    from models.masks import rle_to_mask
+    from models.semantic import confusion, segmentation_metrics
+
+    if "semantic" not in table.column_names or table.column("semantic").null_count == table.num_rows:
+        return None
+    cats = sorted(gt.dataset["categories"], key=lambda c: c["id"])
+    names = ["__background__"] + [c["name"] for c in cats]
+    classes = {c["id"]: n + 1 for n, c in enumerate(cats)}
+    index = {name: n for n, name in enumerate(names)}
+    by_path, by_name = _image_lookup(gt, gt_path)
+    root = gt_path.rsplit("/", 1)[0] if is_remote(gt_path) else os.path.dirname(os.path.abspath(gt_path))
+    conf = np.zeros((len(names), len(names)), np.int64)
+    images, unknown, mismatched = 0, Counter(), 0
+    for row in table.select(["uri", "width", "height", "semantic"]).to_pylist():
+        if row["semantic"] is None:
+            continue
+        image_id = by_path.get(row["uri"]) or by_name.get(os.path.basename(row["uri"]))
+        if image_id is None:
+            continue
+        truth = gt_class_map(gt, image_id, root, classes)
+        if truth.shape != (row["height"], row["width"]):
+            mismatched += 1  # annotated on other pixels (e.g. before EXIF rotation)
+            continue
+        pred = np.zeros(truth.shape, np.uint8)
+        for seg in row["semantic"]:
+            cls = index.get(seg["label_name"])
+            if cls is None:
+                unknown[seg["label_name"]] += int(seg["area"])
+                continue
+            pred[rle_to_mask(seg["mask"]) > 0] = cls
+        conf += confusion(truth, pred, len(names))
+        images += 1
+    if not images:
+        return None
+    stats = segmentation_metrics(conf, names)
+    per_class = ", ".join(f"{k} {v:.3f}" for k, v in stats["per_class_iou"].items())
+    summary = (f" mean IoU {stats['mean_iou']:.3f}, pixel accuracy {stats['pixel_accuracy']:.3f}, "
+               f"frequency-weighted IoU {stats['fw_iou']:.3f} over {images} images\n"
+               f" IoU per class: {per_class}")
+    return {"summary": summary, "stats": {k: v for k, v in stats.items() if k != "per_class_iou"},
+            "per_class_iou": stats["per_class_iou"], "images": images,
+            "size_mismatch": mismatched, "unknown_label_pixels": dict(unknown)}
 
 
 def export(results: str, out: str, *, gt_path: str | None = None,

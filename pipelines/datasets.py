@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from models.embedding import preprocess
+from models.embedding import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from models.errors import LakelensError
 from pipelines.coco import load_gt
 
@@ -295,3 +295,72 @@ def loader_workers(requested: int | None, cpus: float) -> int:
         return requested
     return max(1, min(4, int(cpus) - 1))
 
+
+
+class SemanticDataset(torch.utils.data.Dataset):
+    """Per-pixel class maps for semantic segmentation: the images of a COCO split and
+    their class maps (the split's label PNGs where records name one, else painted from the
+    instance masks; see pipelines.coco.gt_class_map). Classes: 0 background, then the
+    categories in id order (the Vocabulary's labels); IGNORE pixels are not scored.
+
+    train=True: (image float[3, S, S] ImageNet-normalised, classes int64[S, S]) after
+    resizing the shorter side to S, a random S x S crop (padded with IGNORE) and a random
+    horizontal flip. `pairs()` gives the held-out (uint8 image, class map) pairs at the
+    images' own size, for models.semantic.evaluate_model.
+    """
+
+    def __init__(self, split: Split | str | Path, *, size: int, train: bool,
+                 vocab: Vocabulary | None = None, seed: int = 0):
+        from pipelines.coco import IGNORE
+
+        self.split = as_split(split)
+        self.coco = load_gt(str(self.split.annotations))
+        self.vocab = vocab or vocabulary(self.coco, "detect")
+        self.classes = {c: n + 1 for n, c in enumerate(self.vocab.category_ids)}
+        self.paths = _resolve_images(self.coco, self.split)
+        self.image_ids = sorted(self.paths)
+        self.size, self.train, self.ignore = size, train, IGNORE
+        self.rng = np.random.default_rng(seed)
+        if not self.image_ids:
+            raise LakelensError(f"{self.split.annotations} lists no images")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8[h, w, 3], uint8[h, w] classes) of image i, as annotated."""
+        from pipelines.coco import gt_class_map
+
+        image_id = self.image_ids[i]
+        record = self.coco.imgs[image_id]
+        image = read_rgb(self.paths[image_id], _stated_size(record))
+        classes = gt_class_map(self.coco, image_id, str(self.split.images), self.classes)
+        if classes.shape != image.shape[:2]:
+            raise LakelensError(f"class map of {self.paths[image_id]} is {classes.shape[1]}x"
+                                f"{classes.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
+        return image, classes
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch.nn.functional as F
+
+        image, classes = self.pair(i)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+        y = torch.from_numpy(classes.astype(np.int64))
+        h, w = y.shape
+        s = self.size / min(h, w)
+        th, tw = max(self.size, round(h * s)), max(self.size, round(w * s))
+        x = F.interpolate(x[None], size=(th, tw), mode="bilinear", align_corners=False,
+                          antialias=s < 1)[0]
+        y = F.interpolate(y[None, None].float(), size=(th, tw), mode="nearest")[0, 0].long()
+        rng = np.random.default_rng() if self.train else self.rng
+        top = int(rng.integers(0, th - self.size + 1)) if self.train else (th - self.size) // 2
+        left = int(rng.integers(0, tw - self.size + 1)) if self.train else (tw - self.size) // 2
+        x = x[:, top:top + self.size, left:left + self.size]
+        y = y[top:top + self.size, left:left + self.size]
+        if self.train and rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std, y
+
+    def pairs(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.pair(i) for i in indices]

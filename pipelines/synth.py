@@ -5,6 +5,10 @@ never overlapping, so every box and mask is exact. Each object has four keypoint
 rectangle corners, ellipse extremes (top, right, bottom, left), triangle vertices plus
 its centroid. Deterministic for a seed.
 
+Each image also gets a per-pixel class map (``labels/<name>.png``, named by the image's
+``class_map`` in the JSON): 0 is the background, else the object's COCO category id, for
+semantic segmentation.
+
 For retrieval, images come in *families*: a family is a fixed set of one to three
 (shape, colour) objects, and its members place and size them differently on different
 backgrounds. `write_dataset` writes train and val splits whose families are disjoint
@@ -185,12 +189,19 @@ def write_dataset(out_dir: str | Path, *, images: int, seed: int = 0, val_fracti
 def _write_split(out: Path, scenes: Iterable[Scene], identities: Sequence[int | None],
                  *, ext: str) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
     coco: dict = {"images": [], "annotations": [], "categories": coco_categories()}
     for i, (scene, identity) in enumerate(zip(scenes, identities, strict=True)):
         height, width = scene.image.shape[:2]
         name = f"images/{i:06d}{ext}"
         Image.fromarray(scene.image).save(out / name, quality=95)
-        entry = {"id": i + 1, "file_name": name, "width": width, "height": height}
+        class_map = np.zeros((height, width), np.uint8)  # 0: background
+        for obj in scene.objects:
+            class_map[obj.mask] = obj.category_id
+        map_name = f"labels/{i:06d}.png"
+        Image.fromarray(class_map).save(out / map_name)
+        entry = {"id": i + 1, "file_name": name, "width": width, "height": height,
+                 "class_map": map_name}
         if identity is not None:
             entry["identity"] = identity
         coco["images"].append(entry)

@@ -1,4 +1,4 @@
-"""`lakelens train detector|embedder`: Ray Train (TorchTrainer, DDP) on a COCO dataset.
+"""`lakelens train detector|embedder|semantic`: Ray Train (TorchTrainer, DDP) on a COCO dataset.
 
 The driver checks the config and the data, starts one training worker per `--workers`
 (gloo on CPU, nccl on GPU), and when training ends copies the best model out of Ray
@@ -34,7 +34,7 @@ from models.registry import DEFAULT_ARCHS, check_arch, ensure_default_weights
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("detector", "embedder")
+KINDS = ("detector", "embedder", "semantic")
 RAY_DIR = "ray"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -86,6 +86,8 @@ class TrainConfig:
             raise LakelensError(f"--task {self.task!r}: choose from {', '.join(DETECTION_TASKS)}")
         if self.kind == "embedder" and self.task != "embed":
             raise LakelensError(f"an embedder's task is 'embed', not {self.task!r}")
+        if self.kind == "semantic" and self.task != "semantic":
+            raise LakelensError(f"a semantic model's task is 'semantic', not {self.task!r}")
         check_arch(self.task, self.model_arch)
         W.validate_spec(self.init, what="--init")
         for name in ("workers", "epochs", "batch_size"):
@@ -195,7 +197,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
     from pipelines.annotate import connect
     from pipelines.cluster.weights import joined_cluster, ship_published
     from pipelines.datasets import split_paths
-    from pipelines.train_loops import detector_loop, embedder_loop
+    from pipelines.train_loops import LOOPS
 
     started = time.perf_counter()
     split_paths(cfg.data, cfg.task)
@@ -211,7 +213,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
         config["weights_files"] = shipped
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
     trainer = TorchTrainer(
-        detector_loop if cfg.kind == "detector" else embedder_loop,
+        LOOPS[cfg.kind],
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker=resources),

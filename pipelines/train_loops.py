@@ -26,6 +26,7 @@ from pipelines.cluster.weights import install_shipped
 from pipelines.datasets import (
     DetectionDataset,
     EmbedDataset,
+    SemanticDataset,
     collate,
     embed_items,
     loader_workers,
@@ -36,7 +37,8 @@ from pipelines.train import TrainConfig, gather, lr_lambda, mean_across, restore
 logger = logging.getLogger(__name__)
 
 IOU_TYPES = {"detect": ("bbox",), "segment": ("bbox", "segm"), "pose": ("bbox", "keypoints")}
-PRIMARY = {"detect": "bbox_AP", "segment": "segm_AP", "pose": "keypoints_AP", "embed": "recall@1"}
+PRIMARY = {"detect": "bbox_AP", "segment": "segm_AP", "pose": "keypoints_AP", "embed": "recall@1",
+           "semantic": "mean_iou"}
 KEPT_STATS = ("AP", "AP50", "AP75")
 RECALL_KS = (1, 2, 4, 8)
 GRAD_CLIP = 10.0
@@ -293,3 +295,61 @@ def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.de
         metrics = retrieval_metrics(emb, labels, RECALL_KS)
     return gather(metrics)[0]
 
+
+
+# ---- semantic segmentation --------------------------------------------------------
+
+
+def semantic_loop(config: dict) -> None:
+    """Per-pixel cross-entropy (IGNORE pixels left out) on square crops; validation scores
+    whole held-out images as annotate would see them (mean IoU, pixel accuracy, fwIoU)."""
+    from models.semantic import build_for_training, input_sizes
+
+    cfg, device, rank, size = _setup(config)
+    paths = split_paths(cfg.data, cfg.task)
+    side = input_sizes(cfg.model_arch, cfg.image_size)[0]
+    train_ds = SemanticDataset(paths["train"], size=side, train=True)
+    val_ds = SemanticDataset(paths["val"], size=side, train=False, vocab=train_ds.vocab)
+    vocab = train_ds.vocab
+    model, info = build_for_training(cfg.model_arch, init=cfg.init, num_classes=vocab.num_classes,
+                                     seed=cfg.seed, image_size=cfg.image_size)
+    model.to(device)
+    sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+                        **_loader_kwargs(cfg, device))
+    meta = {"arch": cfg.model_arch, "task": "semantic", "labels": list(vocab.names),
+            "category_ids": list(vocab.category_ids), "image_size": side, "init": cfg.init,
+            "trained_on": cfg.data, "lakelens_version": version()}
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=train_ds.ignore)
+
+    def forward(ddp: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        with autocast(device):
+            out = ddp(x.to(device, non_blocking=True))
+        y = y.to(device)
+        loss = loss_fn(out["out"].float(), y)
+        if out.get("aux") is not None:  # FCN/DeepLab's auxiliary head, as torchvision trains them
+            loss = loss + 0.5 * loss_fn(out["aux"].float(), y)
+        return loss, len(x)
+
+    _fit(cfg, model, loader, sampler, device, rank, meta, forward,
+         lambda: evaluate_semantic(model, val_ds, info.input_size, device, rank, size),
+         PRIMARY["semantic"])
+
+
+def evaluate_semantic(model: torch.nn.Module, ds: SemanticDataset, sizes: tuple[int, int],
+                      device: torch.device, rank: int, size: int) -> dict[str, float]:
+    """Each rank scores its shard of the val images into a confusion matrix; the summed
+    matrix gives every rank the same mean IoU, pixel accuracy and frequency-weighted IoU."""
+    from models.semantic import evaluate_model, segmentation_metrics
+
+    n = ds.vocab.num_classes
+    conf = evaluate_model(model, ds.pairs(list(range(rank, len(ds), size))), n,
+                          min_size=sizes[0], max_size=sizes[1], device=device)
+    total = sum(gather(conf))
+    stats = segmentation_metrics(total, ds.vocab.names)
+    return {k: v for k, v in stats.items() if k != "per_class_iou"}
+
+
+LOOPS: dict[str, Callable[[dict], None]] = {"detector": detector_loop, "embedder": embedder_loop,
+                                            "semantic": semantic_loop}

@@ -205,10 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take image and category ids from this ground truth")
     co.add_argument("--tasks", help="comma-separated subset of detect,segment,pose")
 
-    r = sub.add_parser("render", help="PNG overlays of results: masks, boxes, skeletons")
+    r = sub.add_parser("render", help="PNG overlays of results: a panel per task (boxes, masks, "
+                                      "skeletons, semantic classes)")
     r.add_argument("results", metavar="DIR")
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    r.add_argument("--min-score", type=float, default=0.5, metavar="S",
+                   help="draw detections, instances and poses scoring at least S, in [0, 1] "
+                        "(default 0.5)")
 
     s = sub.add_parser("synth", help="write a synthetic image lake: COCO train/val splits",
                        description="Shapes with exact boxes, masks, keypoints and an identity per "
@@ -464,11 +468,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pipelines.render import render
-
     if args.limit is not None and args.limit < 1:
         raise LakelensError(f"--limit must be >= 1, got {args.limit}")
-    written, failed = render(args.results, args.out, limit=args.limit)
+    if not 0.0 <= args.min_score <= 1.0:
+        raise LakelensError(f"--min-score must be in [0, 1], got {args.min_score}")
+    from pipelines.render import render
+
+    written, failed = render(args.results, args.out, limit=args.limit, min_score=args.min_score)
     print(f"wrote {written} overlays to {args.out}" + (f" ({failed} images unreadable)" if failed else ""))
     return 0
 

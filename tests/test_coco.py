@@ -106,7 +106,7 @@ def test_render_draws_masks_boxes_and_skeletons_on_the_image(lake: Path, tmp_pat
     from PIL import Image
 
     from models.masks import rle_to_mask
-    from pipelines.render import render
+    from pipelines.render import GAP, render
 
     rows = _rows_from_gt(lake)
     results = _write(tmp_path / "res", rows)
@@ -115,12 +115,24 @@ def test_render_draws_masks_boxes_and_skeletons_on_the_image(lake: Path, tmp_pat
     row = rows[0]
     png = np.asarray(Image.open(tmp_path / "png" / f"{row['image_id']}.png").convert("RGB"))
     original = np.asarray(Image.open(row["uri"]).convert("RGB"))
-    assert png.shape == original.shape
+    h, w = original.shape[:2]
+    assert png.shape[1] == 3 * w + 2 * GAP and png.shape[0] > h  # detect | segment | pose, titled
+    top = png.shape[0] - h
+    panels = [png[top:, n * (w + GAP):n * (w + GAP) + w] for n in range(3)]
+    changed = [np.abs(p.astype(int) - original.astype(int)).sum(axis=2) > 0 for p in panels]
     mask = rle_to_mask(row["instances"][0]["mask"]).astype(bool)
-    changed = np.abs(png.astype(int) - original.astype(int)).sum(axis=2) > 0
-    assert changed[mask].mean() > 0.9  # the mask is tinted
+    assert changed[1][mask].mean() > 0.9  # the segment panel tints the mask
+    assert changed[0][mask].mean() < 0.5  # the detect panel draws no mask
     far = np.ones_like(mask)
     for inst in row["instances"]:
         x0, y0, x1, y1 = (int(v) for v in inst["box"])
-        far[max(0, y0 - 6):y1 + 6, max(0, x0 - 6):x1 + 60] = False  # label text runs right
-    assert changed[far].mean() < 0.02  # the background is left alone
+        far[max(0, y0 - 20):y1 + 20, max(0, x0 - 70):x1 + 70] = False  # boxes and their labels
+    for panel_changed in changed:
+        assert panel_changed[far].mean() < 0.02  # the background is left alone
+    for panel_changed in changed:
+        assert panel_changed.any()  # each panel draws its task
+
+    assert render(str(results), str(tmp_path / "high"), limit=3, min_score=0.95) == (3, 0)
+    png = np.asarray(Image.open(tmp_path / "high" / f"{row['image_id']}.png").convert("RGB"))
+    for n in range(3):  # every score is 0.9: nothing is drawn
+        assert (png[top:, n * (w + GAP):n * (w + GAP) + w] == original).all()

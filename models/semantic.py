@@ -302,7 +302,7 @@ def evaluate_model(model: nn.Module, items: Sequence[tuple[np.ndarray, np.ndarra
                    num_classes: int, *, min_size: int, max_size: int,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """The confusion matrix of `model` over (image uint8[h, w, 3], gt class map [h, w])
-    pairs, each image resized as annotate would, predictions scored at the gt's size."""
+    pairs, each image resized and its prediction mapped back as annotate does."""
     device = torch.device(device)
     conf = np.zeros((num_classes, num_classes), np.int64)
     was_training = model.training
@@ -316,8 +316,9 @@ def evaluate_model(model: nn.Module, items: Sequence[tuple[np.ndarray, np.ndarra
                               mode="bilinear", align_corners=False, antialias=s < 1)[0]
             batch, ((th, tw),) = normalise([t])
             with autocast(device):
-                logits = model(batch)["out"][:, :, :th, :tw].float()
-            pred = F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False)
-            conf += confusion(gt, pred.argmax(dim=1)[0].cpu().numpy(), num_classes)
+                logits = model(batch)["out"][0, :, :th, :tw]
+            # as annotate stores it: argmax on the model's grid, nearest to the image's size
+            pred = resize_nearest(logits.argmax(dim=0).cpu().numpy(), *gt.shape)
+            conf += confusion(gt, pred, num_classes)
     model.train(was_training)
     return conf

@@ -1,7 +1,7 @@
 """`lakelens demo`: the whole product on one machine, offline.
 
-synth a lake -> Ray Train: detector, segmenter, pose model, embedder (tiny archs, random
-init, `workers` DDP workers) -> annotate the val lake with the trained weights -> FAISS
+synth a lake -> Ray Train: detector, segmenter, pose model, semantic U-Net, embedder (tiny
+archs, random init, `workers` DDP workers) -> annotate the val lake with the trained weights -> FAISS
 index -> image queries -> COCO eval + index Recall@K -> overlays. Prints a table; the last
 stdout line is one JSON object with the figures.
 """
@@ -22,7 +22,7 @@ from models.errors import LakelensError
 logger = logging.getLogger(__name__)
 
 ARCHS = {"detect": "fasterrcnn_tiny", "segment": "maskrcnn_tiny", "pose": "keypointrcnn_tiny",
-         "embed": "tiny"}
+         "semantic": "unet_tiny", "embed": "tiny"}
 IMAGE_SIZE = 128  # the synthetic images' side: the detectors see them unscaled
 SCORE_THRESHOLD = 0.3
 
@@ -38,6 +38,8 @@ class DemoConfig:
     detector_epochs: int = 4
     detector_steps: int = 60  # per epoch, per worker (batch 4)
     embedder_epochs: int = 50
+    semantic_epochs: int = 6
+    semantic_steps: int = 40  # per epoch, per worker (batch 8)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +59,11 @@ def _train_configs(cfg: DemoConfig, data: Path, runs: Path) -> dict[str, object]
                              epochs=det_epochs, max_steps_per_epoch=det_steps, batch_size=4,
                              image_size=IMAGE_SIZE, **common)
            for task in ("detect", "segment", "pose")}
+    sem_epochs, sem_steps = (1, 3) if cfg.quick else (cfg.semantic_epochs, cfg.semantic_steps)
+    out["semantic"] = TrainConfig(kind="semantic", task="semantic", arch=ARCHS["semantic"],
+                                  out=str(runs / "semantic"), epochs=sem_epochs,
+                                  max_steps_per_epoch=sem_steps, batch_size=8,
+                                  image_size=IMAGE_SIZE, **common)
     out["embed"] = TrainConfig(kind="embedder", task="embed", arch=ARCHS["embed"],
                                out=str(runs / "embed"), epochs=1 if cfg.quick else cfg.embedder_epochs,
                                max_steps_per_epoch=3 if cfg.quick else None, **common)
@@ -147,7 +154,8 @@ def run(cfg: DemoConfig) -> dict:
         step(f"train {task}", t0)
     t0 = time.perf_counter()
     acfg = AnnotateConfig(sources=(str(val_json.parent / "images"),), out=str(out / "annotations"),
-                          weights=models, score_threshold=SCORE_THRESHOLD, batch_size=8, full=True)
+                          tasks=tuple(models), weights=models, score_threshold=SCORE_THRESHOLD,
+                          batch_size=8, full=True)
     ann = annotate.run(acfg)
     print(ann.describe(), flush=True)
     step("annotate", t0)
@@ -172,6 +180,9 @@ def run(cfg: DemoConfig) -> dict:
         "box_AP": stat("bbox", "AP"), "box_AP50": stat("bbox", "AP50"),
         "mask_AP": stat("segm", "AP"), "mask_AP50": stat("segm", "AP50"),
         "keypoint_AP": stat("keypoints", "AP"), "keypoint_AP50": stat("keypoints", "AP50"),
+        "semantic_mIoU": stat("semantic", "mean_iou"),
+        "semantic_pixel_accuracy": stat("semantic", "pixel_accuracy"),
+        "semantic_fwIoU": stat("semantic", "fw_iou"),
         "recall@1": recall["recall@1"], "recall@4": recall["recall@4"],
         "embed_recall@1": embedded["recall@1"], "embed_map@r": embedded["map@r"],
         "embed_r_precision": embedded["r_precision"],
@@ -208,6 +219,8 @@ def _print_table(figures: dict, result: dict, overlays: int) -> None:
     rows = [("box AP / AP50", f"{fmt(figures['box_AP'])} / {fmt(figures['box_AP50'])}"),
             ("mask AP / AP50", f"{fmt(figures['mask_AP'])} / {fmt(figures['mask_AP50'])}"),
             ("keypoint AP / AP50", f"{fmt(figures['keypoint_AP'])} / {fmt(figures['keypoint_AP50'])}"),
+            ("semantic mIoU / pixel acc / fwIoU", f"{fmt(figures['semantic_mIoU'])} / "
+             f"{fmt(figures['semantic_pixel_accuracy'])} / {fmt(figures['semantic_fwIoU'])}"),
             ("embedder Recall@1 / MAP@R / R-precision", f"{fmt(figures['embed_recall@1'])} / "
              f"{fmt(figures['embed_map@r'])} / {fmt(figures['embed_r_precision'])}"),
             ("index Recall@1 / @4", f"{fmt(figures['recall@1'])} / {fmt(figures['recall@4'])}"),

@@ -8,7 +8,7 @@ from models.errors import LakelensError
 
 TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
 # metric-learning losses (models.metric), named here so the CLI needs no torch to list them
-LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
+LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin", "proxy_anchor", "arcface")
 
 DEFAULT_ARCHS: dict[str, str] = {
     "detect": "fasterrcnn_resnet50_fpn_v2",

@@ -10,6 +10,7 @@ A dataset directory holds two splits in one of two layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,14 @@ def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[Emb
     if not items:
         raise LakelensError(f"no object annotations with boxes in {json_path}")
     return items, unit
+
+
+def contiguous_labels(items: list[EmbedItem]) -> tuple[list[EmbedItem], int]:
+    """The items relabelled 0..C-1 (in the order of their labels), and C. Identities and
+    category ids may be sparse or negative; a loss with a proxy or weight row per label
+    needs them dense."""
+    index = {y: i for i, y in enumerate(sorted({it.label for it in items}))}
+    return [dataclasses.replace(it, label=index[it.label]) for it in items], len(index)
 
 
 class EmbedDataset(torch.utils.data.Dataset):

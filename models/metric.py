@@ -5,6 +5,13 @@ Losses (`--loss`), on L2-normalised embeddings:
 - ``multi_similarity`` (default): Wang et al. 2019, with its pair miner (epsilon 0.1).
 - ``contrastive``: Hadsell, Chopra, LeCun 2006, positives within 0, negatives beyond 1.
 - ``triplet_margin``: every triplet of the batch, margin 0.1.
+- ``proxy_anchor``: Kim et al. 2020, one learned proxy per training identity, margin 0.1,
+  alpha 32; the proxies train in their own optimiser group at 100x the model's LR.
+- ``arcface``: Deng et al. 2019, a learned class-weight matrix, additive angular margin
+  28.6 degrees, scale 64; its weights train at the model's LR, in their own group.
+
+The last two own parameters, so they are modules built per training run
+(``build_loss(name, num_classes=..., dim=...)``); ``metric_loss`` runs the others.
 
 A P x K batch holds P identities with K examples each, so every anchor has positives.
 """
@@ -12,40 +19,78 @@ A P x K batch holds P identities with K examples each, so every anchor has posit
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.errors import LakelensError
 from models.registry import LOSSES
 
+# the losses that own parameters ([num_classes, dim] proxies or class weights), and the
+# multiple of the model's LR their own optimiser group trains at: Kim et al. 2020 train
+# ProxyAnchor's proxies at 100x the backbone's LR; ArcFace's class weights are a
+# classifier layer, trained at the backbone's LR in Deng et al. 2019 (insightface)
+LOSS_LR_SCALE: dict[str, float] = {"proxy_anchor": 100.0, "arcface": 1.0}
 
-@functools.cache
-def _loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+
+class MetricLoss(nn.Module):
+    """A pytorch-metric-learning loss with its miner: ``forward(emb, labels)`` -> scalar.
+
+    emb: float[N, d], unit rows; labels: int64[N], in 0..num_classes-1 for the losses
+    that own parameters. The scalar keeps the graph even when no pair is active (DDP
+    needs every parameter used). ``lr_scale`` is the multiple of the model's LR the
+    loss's own parameters train at (1.0 and no parameters for pair-based losses).
+    """
+
+    def __init__(self, name: str, loss: nn.Module, miner: nn.Module | None = None,
+                 lr_scale: float = 1.0):
+        super().__init__()
+        self.name, self.loss, self.miner, self.lr_scale = name, loss, miner, lr_scale
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(emb, labels, self.miner(emb, labels) if self.miner is not None else None)
+
+
+def build_loss(name: str, *, num_classes: int | None = None, dim: int | None = None) -> MetricLoss:
+    """The named loss as a module. ``proxy_anchor`` and ``arcface`` own parameters, so they
+    need ``num_classes`` (training labels are 0..num_classes-1) and ``dim`` (the embedding
+    size); their parameters are randomly initialised from torch's global RNG.
+    Raises LakelensError naming the valid losses when `name` is unknown."""
     from pytorch_metric_learning import losses, miners
 
+    if name in LOSS_LR_SCALE and (num_classes is None or dim is None or num_classes < 1 or dim < 1):
+        raise LakelensError(f"loss {name!r} owns [num_classes, dim] parameters; got "
+                            f"num_classes={num_classes}, dim={dim}")
     if name == "multi_similarity":
-        loss, miner = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), \
-            miners.MultiSimilarityMiner(epsilon=0.1)
-    elif name == "contrastive":
-        loss, miner = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0), None
-    elif name == "triplet_margin":
-        loss, miner = losses.TripletMarginLoss(margin=0.1), None
-    else:
-        raise LakelensError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+        return MetricLoss(name, losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5),
+                          miners.MultiSimilarityMiner(epsilon=0.1))
+    if name == "contrastive":
+        return MetricLoss(name, losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0))
+    if name == "triplet_margin":
+        return MetricLoss(name, losses.TripletMarginLoss(margin=0.1))
+    if name == "proxy_anchor":
+        return MetricLoss(name, losses.ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32),
+                          lr_scale=LOSS_LR_SCALE[name])
+    if name == "arcface":
+        return MetricLoss(name, losses.ArcFaceLoss(num_classes, dim, margin=28.6, scale=64),
+                          lr_scale=LOSS_LR_SCALE[name])
+    raise LakelensError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
-    def apply(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss(emb, labels, miner(emb, labels) if miner is not None else None)
 
-    return apply
+@functools.cache
+def _parameter_free(name: str) -> MetricLoss:
+    if name in LOSS_LR_SCALE:
+        raise LakelensError(f"loss {name!r} owns parameters; build it with "
+                            "build_loss(name, num_classes=..., dim=...)")
+    return build_loss(name)
 
 
 def metric_loss(name: str, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The named loss of emb (float[N, d], unit rows) with labels (int[N]): a scalar that
-    keeps the graph even when no pair is active (DDP needs every parameter used)."""
-    return _loss(name)(emb, labels)
+    """The named parameter-free loss of emb (float[N, d], unit rows) with labels (int[N])."""
+    return _parameter_free(name)(emb, labels)
 
 
 def retrieval_metrics(emb: np.ndarray, labels: np.ndarray,

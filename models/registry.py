@@ -10,7 +10,7 @@ TASKS: tuple[str, ...] = ("detect", "segment", "pose", "semantic", "embed")
 # what `annotate` runs when --tasks is not given: semantic segmentation is asked for by name
 DEFAULT_TASKS: tuple[str, ...] = ("detect", "segment", "pose", "embed")
 # metric-learning losses (models.metric), named here so the CLI needs no torch to list them
-LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin")
+LOSSES: tuple[str, ...] = ("multi_similarity", "contrastive", "triplet_margin", "proxy_anchor", "arcface")
 
 DEFAULT_ARCHS: dict[str, str] = {
     "detect": "fasterrcnn_resnet50_fpn_v2",

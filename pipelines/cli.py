@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shorter side the model sees (default: the arch's; semantic trains "
                             "on square crops of that side)")
     te.add_argument("--loss", default="multi_similarity", choices=list(LOSSES),
-                    help="pytorch-metric-learning loss (default multi_similarity)")
+                    help="pytorch-metric-learning loss (default multi_similarity); proxy_anchor "
+                         "and arcface learn a proxy per identity, in their own LR group")
     te.add_argument("--p", type=int, default=8, metavar="P", help="identities per batch (default 8)")
     te.add_argument("--k", type=int, default=4, metavar="K", help="examples per identity (default 4)")
     te.add_argument("--dim", type=int, default=128, metavar="D",

@@ -10,6 +10,7 @@ A dataset directory holds two splits in one of two layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,14 +195,21 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    w = image.shape[-1]
-    target = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-    target["boxes"] = boxes
+    """The image mirrored left-right, with its boxes (xyxy) and masks, by torchvision's
+    transforms.v2 on tv_tensors; the other target entries are passed through. Returns plain
+    tensors, in the format the detector loop expects."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    h, w = image.shape[-2:]
+    sample = {"image": tv_tensors.Image(image),
+              "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w))}
     if "masks" in target:
-        target["masks"] = target["masks"].flip(-1)
-    return image.flip(-1), target
+        sample["masks"] = tv_tensors.Mask(target["masks"])
+    # the functional flip: no draw from torch's RNG (the caller draws whether to flip)
+    flipped = {k: v2.functional.horizontal_flip(v) for k, v in sample.items()}
+    out = dict(target) | {k: flipped[k].as_subclass(torch.Tensor) for k in sample if k != "image"}
+    return flipped["image"].as_subclass(torch.Tensor), out
 
 
 def collate(batch: list) -> tuple[list, list]:
@@ -243,6 +251,14 @@ def embed_items(split: Split | str | Path, unit: str = "auto") -> tuple[list[Emb
     if not items:
         raise LakelensError(f"no object annotations with boxes in {json_path}")
     return items, unit
+
+
+def contiguous_labels(items: list[EmbedItem]) -> tuple[list[EmbedItem], int]:
+    """The items relabelled 0..C-1 (in the order of their labels), and C. Identities and
+    category ids may be sparse or negative; a loss with a proxy or weight row per label
+    needs them dense."""
+    index = {y: i for i, y in enumerate(sorted({it.label for it in items}))}
+    return [dataclasses.replace(it, label=index[it.label]) for it in items], len(index)
 
 
 class EmbedDataset(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from models.device import autocast
 from models.errors import LakelensError
+from models.metric import MetricLoss
 from pipelines import version
 from pipelines.cluster.weights import install_shipped
 from pipelines.datasets import (
@@ -28,11 +29,20 @@ from pipelines.datasets import (
     EmbedDataset,
     SemanticDataset,
     collate,
+    contiguous_labels,
     embed_items,
     loader_workers,
     split_paths,
 )
-from pipelines.train import TrainConfig, gather, lr_lambda, mean_across, restore, save_and_report
+from pipelines.train import (
+    LR_FLOOR,
+    TrainConfig,
+    gather,
+    lr_schedule,
+    mean_across,
+    restore,
+    save_and_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +84,13 @@ def _quiet_ray_train() -> None:
 
 
 class _Stepper:
-    """One optimiser step: autocast on GPU (GradScaler for fp16), gradient clipping, a
+    """One optimiser step: autocast on GPU (GradScaler for fp16), gradient clipping (each
+    parameter group on its own, so a loss's proxies do not shrink the model's step), a
     clear error when the loss stops being finite."""
 
-    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    def __init__(self, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device):
-        self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
+        self.optimizer, self.scheduler = optimizer, scheduler
         fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
@@ -91,19 +102,45 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        for group in self.optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], GRAD_CLIP)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return value
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup=min(100, total // 10)))
-    return params, opt, sched
+def _optimizer(model: torch.nn.Module, loss: MetricLoss | None, cfg: TrainConfig,
+               steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.SequentialLR]:
+    """AdamW with the model's parameters in group 0 and, for a loss that owns parameters
+    (proxies, class weights), those in group 1 at `loss.lr_scale` times the LR; one
+    warm-up + cosine schedule (`lr_schedule`) over both."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    own = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
+    if own:
+        groups.append({"params": own, "lr": cfg.learning_rate * loss.lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return opt, lr_schedule(opt, steps_per_epoch * cfg.epochs, floor=LR_FLOOR * cfg.learning_rate)
+
+
+def _prepare_loss(loss: MetricLoss | None) -> torch.nn.Module | None:
+    """A loss that owns parameters goes through DDP, like the model, rather than having
+    its gradients all-reduced by hand: DDP broadcasts rank 0's values when it wraps (each
+    rank seeds torch differently, so their random proxies differ) and averages their
+    gradients in backward, so with the same optimiser steps they stay identical on every
+    rank. DDP refuses a module without parameters: those run as they are."""
+    import ray.train.torch
+
+    if loss is None or not any(p.requires_grad for p in loss.parameters()):
+        return loss
+    return ray.train.torch.prepare_model(loss)
+
+
+def _check_same_on_every_rank(loss: MetricLoss | None) -> None:
+    if loss is None or not any(True for _ in loss.parameters()):
+        return
+    sums = gather(float(sum(p.detach().double().sum() for p in loss.parameters())))
+    assert all(v == sums[0] for v in sums), f"the loss's parameters differ across ranks: {sums}"
 
 
 def _loader_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
@@ -121,17 +158,20 @@ def _log_epoch(rank: int, cfg: TrainConfig, entry: dict) -> None:
 
 def _fit(cfg: TrainConfig, model: torch.nn.Module, loader: DataLoader, sampler: Any,
          device: torch.device, rank: int, meta: dict,
-         forward: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]],
-         evaluate: Callable[[], dict[str, float]], primary: str) -> None:
+         forward: Callable[[torch.nn.Module, torch.nn.Module | None, Any], tuple[torch.Tensor, int]],
+         evaluate: Callable[[], dict[str, float]], primary: str, loss: MetricLoss | None = None) -> None:
     """The epochs both loops share: restore, DDP-wrap, train `steps` steps an epoch
-    (`forward(ddp_model, batch) -> (loss, examples)`), validate, checkpoint, report."""
+    (`forward(ddp_model, ddp_loss, batch) -> (loss, examples)`; `loss`, on the device, is
+    the embedder's loss module, None for detectors), validate, checkpoint, report. Each
+    history entry records `lr`: the model's LR when the epoch ends."""
     import ray.train.torch
 
     steps = min(len(loader), cfg.max_steps_per_epoch or len(loader))
-    params, opt, sched = _optimizer(model, cfg, steps)
-    ws, best = restore(model, opt, sched)
+    opt, sched = _optimizer(model, loss, cfg, steps)
+    ws, best = restore(model, opt, sched, loss, steps_per_epoch=steps, epochs=cfg.epochs)
     ddp = ray.train.torch.prepare_model(model)
-    stepper = _Stepper(params, opt, sched, device)
+    ddp_loss = _prepare_loss(loss)
+    stepper = _Stepper(opt, sched, device)
     for epoch in range(ws.epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         ddp.train()
@@ -139,17 +179,19 @@ def _fit(cfg: TrainConfig, model: torch.nn.Module, loader: DataLoader, sampler: 
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
-            loss, n = forward(ddp, batch)
-            losses.append(stepper(loss, epoch, step))
+            value, n = forward(ddp, ddp_loss, batch)
+            losses.append(stepper(value, epoch, step))
             seen += n
         throughput = seen / (time.perf_counter() - started)
         val = evaluate()
         ws.epoch = epoch + 1
         ws.history.append({"epoch": epoch + 1, "loss": mean_across(float(np.mean(losses))),
                            "val": val, "score": val[primary],
-                           "throughput": mean_across(throughput), "steps": steps})
+                           "throughput": mean_across(throughput), "steps": steps,
+                           "lr": float(sched.get_last_lr()[0])})
+        _check_same_on_every_rank(loss)
         _log_epoch(rank, cfg, ws.history[-1])
-        best = save_and_report(model, opt, sched, ws, best, meta, val)
+        best = save_and_report(model, opt, sched, loss, ws, best, meta, val)
 
 
 # ---- detectors ------------------------------------------------------------------
@@ -175,7 +217,7 @@ def detector_loop(config: dict) -> None:
             "category_ids": list(vocab.category_ids), "init": cfg.init, "trained_on": cfg.data,
             "lakelens_version": version()}
 
-    def forward(ddp: torch.nn.Module, batch: tuple[list, list]) -> tuple[torch.Tensor, int]:
+    def forward(ddp: torch.nn.Module, _loss: None, batch: tuple[list, list]) -> tuple[torch.Tensor, int]:
         images = [im.to(device, non_blocking=True) for im in batch[0]]
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
         with autocast(device):
@@ -241,17 +283,20 @@ def _to_coco(image_id: int, out: dict[str, torch.Tensor], ds: DetectionDataset,
 
 def embedder_loop(config: dict) -> None:
     from models.embedding import build_for_training
-    from models.metric import PKSampler, metric_loss
+    from models.metric import PKSampler, build_loss
 
     cfg, device, rank, size = _setup(config)
     paths = split_paths(cfg.data, cfg.task)
     train_items, unit = embed_items(paths["train"], cfg.unit)
+    # proxy and class-weight losses hold a row per training identity: labels 0..C-1
+    train_items, num_classes = contiguous_labels(train_items)
     val_items, _ = embed_items(paths["val"], unit)
     if len(val_items) <= max(RECALL_KS):
         raise LakelensError(f"the val split has {len(val_items)} {unit}s; Recall@{max(RECALL_KS)} "
                             f"needs more than {max(RECALL_KS)}")
     model, info, crop = build_for_training(cfg.model_arch, init=cfg.init, dim=cfg.dim, seed=cfg.seed)
     model.to(device)
+    loss = build_loss(cfg.loss, num_classes=num_classes, dim=model.dim).to(device)
     train_ds = EmbedDataset(train_items, crop, train=True)
     val_ds = EmbedDataset(val_items, crop, train=False)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, seed=cfg.seed, rank=rank, world_size=size)
@@ -259,15 +304,16 @@ def embedder_loop(config: dict) -> None:
     meta = {"arch": cfg.model_arch, "task": "embed", "dim": model.dim, "unit": unit, "crop": crop,
             "loss": cfg.loss, "init": cfg.init, "trained_on": cfg.data, "lakelens_version": version()}
 
-    def forward(ddp: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def forward(ddp: torch.nn.Module, ddp_loss: torch.nn.Module,
+                batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         x, y = batch
         with autocast(device):
             emb = ddp(x.to(device, non_blocking=True))
         # the loss in float32: its exp(50 * s) terms are too sharp for bf16
-        return metric_loss(cfg.loss, emb.float(), y.to(device)), len(y)
+        return ddp_loss(emb.float(), y.to(device)), len(y)
 
     _fit(cfg, model, loader, sampler, device, rank, meta, forward,
-         lambda: evaluate_embedder(model, val_ds, device, rank, size), PRIMARY["embed"])
+         lambda: evaluate_embedder(model, val_ds, device, rank, size), PRIMARY["embed"], loss)
 
 
 def evaluate_embedder(model: torch.nn.Module, ds: EmbedDataset, device: torch.device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 
 from index.evaluate import recall_at_k
 from models.errors import LakelensError
-from models.metric import LOSSES, PKSampler, metric_loss, retrieval_metrics
+from models.metric import LOSS_LR_SCALE, LOSSES, PKSampler, build_loss, metric_loss, retrieval_metrics
+from pipelines.datasets import EmbedItem, contiguous_labels
 
 
 def _separated() -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +21,10 @@ def _separated() -> tuple[torch.Tensor, torch.Tensor]:
     return emb, torch.tensor([0, 0, 1, 1])
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+PAIR_LOSSES = [name for name in LOSSES if name not in LOSS_LR_SCALE]
+
+
+@pytest.mark.parametrize("loss", PAIR_LOSSES)
 def test_losses_are_zero_when_identities_are_separated(loss: str) -> None:
     emb, labels = _separated()
     assert metric_loss(loss, emb, labels).item() == pytest.approx(0.0, abs=1e-6)
@@ -50,30 +56,96 @@ def test_triplet_margin_known_value() -> None:
     assert metric_loss("triplet_margin", emb, labels).item() == pytest.approx(expected, rel=1e-4)
 
 
+def test_proxy_anchor_known_value() -> None:
+    """Kim et al. 2020, eq. 4, by hand: proxies at 10, 100 and 200 degrees (any norm:
+    cosine similarity), embeddings of identities 0 and 1 only; the positive term averages
+    over the 2 proxies with positives, the negative term over all 3 proxies."""
+    emb = torch.from_numpy(_at([0, 30, 80, 200]))
+    labels = torch.tensor([0, 0, 1, 1])
+    proxies = 3.0 * _at([10, 100, 200])
+    torch.manual_seed(0)
+    loss = build_loss("proxy_anchor", num_classes=3, dim=2)
+    with torch.no_grad():
+        loss.loss.proxies.copy_(torch.from_numpy(proxies))
+    cos = emb.numpy() @ (proxies / 3.0).T  # [4 embeddings, 3 proxies]
+    alpha, delta = 32.0, 0.1
+    y = labels.numpy()
+    pos = [np.log1p(np.exp(-alpha * (cos[y == p, p] - delta)).sum()) for p in (0, 1)]
+    neg = [np.log1p(np.exp(alpha * (cos[y != p, p] + delta)).sum()) for p in (0, 1, 2)]
+    expected = np.mean(pos) + np.sum(neg) / 3
+    assert loss(emb, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_arcface_known_value() -> None:
+    """Deng et al. 2019, by hand: logits s*cos(theta_y + m) for the own class, s*cos(theta_j)
+    for the others (m = 28.6 degrees, s = 64), softmax cross-entropy averaged over the batch."""
+    emb = torch.from_numpy(_at([0, 30, 80, 200]))
+    labels = torch.tensor([0, 0, 1, 2])
+    weights = _at([10, 100, 170])  # class directions; the loss's W is [dim, num_classes]
+    torch.manual_seed(0)
+    loss = build_loss("arcface", num_classes=3, dim=2)
+    with torch.no_grad():
+        loss.loss.W.copy_(torch.from_numpy(2.0 * weights.T))
+    theta = np.arccos(np.clip(emb.numpy() @ weights.T, -1, 1))  # [4, 3]
+    y = labels.numpy()
+    rows = np.arange(len(y))
+    assert (theta[rows, y] <= np.pi - np.radians(28.6)).all()  # the plain cos(theta + m) branch
+    logits = 64.0 * np.cos(theta)
+    logits[rows, y] = 64.0 * np.cos(theta[rows, y] + np.radians(28.6))
+    log_softmax = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    expected = -log_softmax[rows, y].mean()
+    assert loss(emb, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_proxy_losses_own_parameters_and_need_their_sizes() -> None:
+    torch.manual_seed(0)
+    assert build_loss("proxy_anchor", num_classes=5, dim=8).loss.proxies.shape == (5, 8)
+    assert build_loss("arcface", num_classes=5, dim=8).loss.W.shape == (8, 5)
+    assert not list(build_loss("multi_similarity").parameters())
+    assert build_loss("proxy_anchor", num_classes=5, dim=8).lr_scale == 100.0
+    with pytest.raises(LakelensError, match="num_classes=None"):
+        build_loss("arcface", dim=8)
+    emb, labels = _separated()
+    with pytest.raises(LakelensError, match="build_loss"):
+        metric_loss("proxy_anchor", emb, labels)
+
+
+def test_contiguous_labels() -> None:
+    items = [EmbedItem(Path(f"{i}.jpg"), None, y) for i, y in enumerate([70, -3, 70, 12])]
+    relabelled, n = contiguous_labels(items)
+    assert n == 3 and [it.label for it in relabelled] == [2, 0, 2, 1]
+    assert [it.path for it in relabelled] == [it.path for it in items]
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_minimising_the_loss_separates_identities(loss: str) -> None:
-    """Free embeddings, plain gradient descent: the loss falls and Recall@1 reaches 1."""
+    """Free embeddings, plain gradient descent (the loss's own parameters too): the loss
+    falls and Recall@1 reaches 1."""
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(8).repeat_interleave(4)
     raw = torch.randn(len(labels), 16, generator=gen, requires_grad=True)
-    opt = torch.optim.SGD([raw], lr=2.0)
+    torch.manual_seed(0)
+    fn = build_loss(loss, num_classes=8, dim=16)
+    opt = torch.optim.SGD([raw, *fn.parameters()], lr=2.0)
     first = None
     for _ in range(400):
-        value = metric_loss(loss, F.normalize(raw, dim=1), labels)
+        value = fn(F.normalize(raw, dim=1), labels)
         first = value.item() if first is None else first
         opt.zero_grad()
         value.backward()
         opt.step()
-    final = metric_loss(loss, F.normalize(raw, dim=1), labels).item()
+    final = fn(F.normalize(raw, dim=1), labels).item()
     assert final < 0.25 * first
     emb = F.normalize(raw, dim=1).detach().numpy()
     assert recall_at_k(emb, labels.numpy(), (1,))[1] == 1.0
-    assert retrieval_metrics(emb, labels.numpy())["map@r"] > 0.9
+    # ArcFace stops once every example is inside its class's margin, clusters not tight
+    assert retrieval_metrics(emb, labels.numpy())["map@r"] > (0.8 if loss == "arcface" else 0.9)
 
 
 def test_unknown_loss_names_the_choices() -> None:
     emb, labels = _separated()
-    with pytest.raises(LakelensError, match="multi_similarity, contrastive, triplet_margin"):
+    with pytest.raises(LakelensError, match="multi_similarity, contrastive, triplet_margin, "
+                                            "proxy_anchor, arcface"):
         metric_loss("lifted_structure", emb, labels)
 
 

@@ -12,7 +12,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from models.errors import LakelensError
-from pipelines.datasets import DetectionDataset, EmbedDataset, embed_items, split_paths
+from pipelines.datasets import DetectionDataset, EmbedDataset, _hflip, embed_items, split_paths
 from pipelines.synth import CATEGORIES, KEYPOINT_NAMES, write_dataset
 
 
@@ -88,6 +88,25 @@ def test_training_flip_moves_boxes_and_masks_together(dataset: Path) -> None:
         plain = DetectionDataset(ds.split, "segment", train=False)[0][0]
         flips += not torch.equal(image, plain)
     assert 0 < flips < 8
+
+
+def test_flip_moves_boxes_and_masks_with_the_pixels_exactly(dataset: Path) -> None:
+    """transforms.v2's flip, pixel for pixel: the flipped image is the image mirrored, each
+    mask is its mask mirrored, each box spans exactly its mirrored mask's columns."""
+    image, target = DetectionDataset(split_paths(str(dataset))["train"], "segment", train=False)[0]
+    flipped, out = _hflip(image, target)
+    w = image.shape[-1]
+    assert type(flipped) is torch.Tensor and type(out["boxes"]) is torch.Tensor
+    assert torch.equal(flipped, image.flip(-1))
+    assert torch.equal(out["masks"], target["masks"].flip(-1)) and out["masks"].dtype == torch.uint8
+    assert torch.equal(out["labels"], target["labels"]) and torch.equal(out["image_id"], target["image_id"])
+    x0, y0, x1, y1 = target["boxes"].unbind(1)
+    assert torch.equal(out["boxes"], torch.stack([w - x1, y0, w - x0, y1], dim=1))
+    for box, mask, old in zip(out["boxes"], out["masks"], target["masks"], strict=True):
+        cols = np.nonzero(mask.numpy().any(0))[0]
+        old_cols = np.nonzero(old.numpy().any(0))[0]
+        assert (cols.min(), cols.max()) == (w - 1 - old_cols.max(), w - 1 - old_cols.min())
+        assert box[0] <= cols.min() and cols.max() + 1 <= box[2]
 
 
 def test_embed_items_choose_images_when_identified(dataset: Path) -> None:

@@ -8,6 +8,10 @@ clear line.
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +19,24 @@ import torch
 
 from index.store import open_index
 from models.detection import build_detector
-from models.embedding import build_embedder
+from models.embedding import build_embedder, build_for_training
 from models.errors import LakelensError
+from models.metric import build_loss
 from pipelines import annotate
 from pipelines.config import AnnotateConfig
+from pipelines.datasets import contiguous_labels, embed_items, split_paths
 from pipelines.indexing import IndexBuildConfig, build
 from pipelines.synth import CATEGORIES, write_dataset
-from pipelines.train import TrainConfig, run
+from pipelines.train import (
+    LR_FLOOR,
+    TrainConfig,
+    load_state,
+    lr_schedule,
+    resumed_schedule,
+    run,
+    warmup_steps,
+)
+from pipelines.train_loops import _optimizer
 from tests.helpers import read_results
 from tests.test_cli import _one_line_error, lakelens
 
@@ -145,3 +160,156 @@ def test_detector_and_embedder_train_on_a_gpu(ray_local, data: Path, tmp_path: P
     emb = run(TrainConfig(kind="embedder", task="embed", arch="tiny", init="random", data=str(data),
                           out=str(tmp_path / "emb"), workers=1, gpu=True, epochs=2, p=2, k=4))
     assert emb.epochs_run == 2
+
+
+def _embedder_cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = {"kind": "embedder", "task": "embed", "arch": "tiny", "init": "random", "data": str(data),
+            "out": str(out), "workers": 2, "epochs": 4, "p": 2, "k": 2, "dim": 16,
+            "loss": "proxy_anchor", "loader_workers": 1}
+    return TrainConfig(**(base | kw))
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "ray").glob("checkpoint_*") if (p / "state.pt").exists())
+
+
+def _assert_model_file_holds_the_model_alone(path: Path, loss_shape: tuple[int, ...]) -> None:
+    """The embedder checkpoint annotate loads: the model's tensors, no proxies."""
+    state_dict = torch.load(path, weights_only=True)["state_dict"]
+    fresh, _, _ = build_for_training("tiny", init="random", dim=16, seed=0)
+    assert set(state_dict) == set(fresh.state_dict())
+    assert not any(tuple(v.shape) == loss_shape for v in state_dict.values())
+    model, info, _ = build_embedder("tiny", weights=str(path))
+    assert info.embedding_dim == 16
+
+
+def _cosine_tail(t: int, resumed_at: int, lr_then: float, total: int, warmup: int, floor: float) -> float:
+    """CosineAnnealingLR stepped recursively from lr_then at step resumed_at to floor at total."""
+    def c(step: int) -> float:
+        return 1 + math.cos(math.pi * (step - warmup) / (total - warmup))
+    return floor + (lr_then - floor) * c(t) / c(resumed_at)
+
+
+def test_lr_schedule_resumed_with_more_steps_falls_from_where_it_was() -> None:
+    """No Ray: warm-up then cosine as planned; a resume after 12 of 30 steps that now ends
+    after 50 goes on from the same LR to the floor at step 50, the warm-up not repeated."""
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.01},
+                                  {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1.0}])
+
+    opt = optimizer()
+    sched = lr_schedule(opt, 30, floor=0.0005)
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    warmup = warmup_steps(30)
+    assert warmup == 3 and lrs[:4] == pytest.approx([0.001, 0.004, 0.007, 0.01])
+    assert lrs[4:] == pytest.approx([0.0005 + 0.0095 * (1 + math.cos(math.pi * (t - 3) / 27)) / 2
+                                     for t in range(4, 12)])
+    lr_then = sched.get_last_lr()[0]
+    opt2 = optimizer()
+    resumed = lr_schedule(opt2, 50, floor=0.0005)  # its own warm-up would be 5 steps
+    opt2.load_state_dict(opt.state_dict())
+    resumed.load_state_dict(resumed_schedule(sched.state_dict(), 50))
+    after = []
+    for _ in range(12, 50):
+        opt2.step()
+        resumed.step()
+        after.append(resumed.get_last_lr()[0])
+    assert after == pytest.approx([_cosine_tail(t, 12, lr_then, 50, warmup, 0.0005) for t in range(13, 51)])
+    assert max(after) < lr_then and after[-1] == pytest.approx(0.0005)
+    # unchanged total: exactly the planned curve
+    assert resumed_schedule(sched.state_dict(), 30)["_schedulers"][1]["T_max"] == 27
+
+
+@pytest.mark.slow  # two Ray Train runs, 6 epochs in all: ~30-50 s on 2 cores
+def test_proxy_anchor_crashed_run_resumes_with_its_proxies_and_lr_schedule(
+        ray_local, data: Path, tmp_path: Path) -> None:
+    """A 4-epoch proxy_anchor run crashes in epoch 3 (its val images become unreadable),
+    then resumes with --epochs 6: the proxies come back from state.pt (model.pt never
+    holds them), and the LR goes on falling from where it was to the floor at the new
+    end: no warm-up again, no jump back up."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    val_images = sorted((copy / "val" / "images").glob("*.jpg"))
+    saved = {p: p.read_bytes() for p in val_images}
+    out = tmp_path / "run"
+    done = threading.Event()
+
+    def crash_after_two_epochs() -> None:
+        while not done.is_set():
+            if len(_checkpoints(out)) >= 2:
+                for p in val_images:
+                    p.write_bytes(b"not an image")
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=crash_after_two_epochs, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(LakelensError, match="cannot read training image"):
+            run(_embedder_cfg(copy, out, epochs=4))
+    finally:
+        done.set()
+        watcher.join()
+    for p, data_bytes in saved.items():
+        p.write_bytes(data_bytes)
+
+    crashed = _checkpoints(out)[-1]
+    state = torch.load(crashed / "state.pt", weights_only=True)
+    assert state["epoch"] == 2
+    items, num_classes = contiguous_labels(embed_items(split_paths(str(copy), "embed")["train"])[0])
+    proxies = state["loss"]["loss.proxies"]
+    assert proxies.shape == (num_classes, 16) == (12, 16)
+    groups = state["optimizer"]["param_groups"]  # the proxies' own group, at 100x the LR
+    assert groups[1]["initial_lr"] == pytest.approx(100 * groups[0]["initial_lr"])
+    _assert_model_file_holds_the_model_alone(crashed / "model.pt", tuple(proxies.shape))
+    _assert_model_file_holds_the_model_alone(crashed / "best.pt", tuple(proxies.shape))
+
+    # what --resume loads: a fresh loss (other random proxies) gets the saved ones back
+    cfg = _embedder_cfg(copy, out, epochs=6, resume=True)
+    steps = state["history"][0]["steps"]
+    model, _, _ = build_for_training("tiny", init="random", dim=16, seed=0)
+    torch.manual_seed(1)
+    loss = build_loss("proxy_anchor", num_classes=num_classes, dim=16)
+    assert not torch.equal(loss.loss.proxies.detach(), proxies)
+    opt, sched = _optimizer(model, loss, cfg, steps)
+    ws, _ = load_state(crashed, model, opt, sched, loss, steps_per_epoch=steps, epochs=cfg.epochs)
+    assert ws.epoch == 2
+    assert torch.equal(loss.loss.proxies.detach(), proxies)
+
+    summary = run(cfg)
+    assert summary.resumed_from_epoch == 2 and summary.epochs_run == 6
+    _assert_model_file_holds_the_model_alone(out / "model.pt", tuple(proxies.shape))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[:2] == state["history"]
+    assert all(h["steps"] == steps for h in history)
+    lr, floor = cfg.learning_rate, LR_FLOOR * cfg.learning_rate
+    total, warmup = 4 * steps, warmup_steps(4 * steps)  # the crashed run's plan
+    assert warmup >= 1
+    planned = [floor + (lr - floor) * (1 + math.cos(math.pi * (e * steps - warmup) / (total - warmup))) / 2
+               for e in (1, 2)]
+    lrs = [h["lr"] for h in history]
+    assert lrs[:2] == pytest.approx(planned, rel=1e-6)
+    new_total = 6 * steps
+    expected = [_cosine_tail(e * steps, 2 * steps, lrs[1], new_total, warmup, floor) for e in (3, 4, 5, 6)]
+    assert lrs[2:] == pytest.approx(expected, rel=1e-6)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # falling, never back up
+    assert lrs[-1] == pytest.approx(floor, rel=1e-6)
+    latest = torch.load(_checkpoints(out)[-1] / "state.pt", weights_only=True)
+    assert latest["scheduler"]["_milestones"] == [warmup]  # the warm-up was not resized
+    assert latest["scheduler"]["last_epoch"] == new_total
+
+
+def test_arcface_trains_and_keeps_its_class_weights_out_of_model_pt(
+        ray_local, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "arc"
+    summary = run(_embedder_cfg(data, out, loss="arcface", epochs=1))
+    assert summary.epochs_run == 1
+    state = torch.load(_checkpoints(out)[-1] / "state.pt", weights_only=True)
+    weights = state["loss"]["loss.W"]
+    assert weights.shape == (16, 12)
+    assert state["optimizer"]["param_groups"][1]["params"]  # their own LR group
+    _assert_model_file_holds_the_model_alone(out / "model.pt", tuple(weights.shape))

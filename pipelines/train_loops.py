@@ -160,7 +160,7 @@ def _fit(cfg: TrainConfig, model: torch.nn.Module, loader: DataLoader, sampler: 
          device: torch.device, rank: int, meta: dict,
          forward: Callable[[torch.nn.Module, torch.nn.Module | None, Any], tuple[torch.Tensor, int]],
          evaluate: Callable[[], dict[str, float]], primary: str, loss: MetricLoss | None = None) -> None:
-    """The epochs both loops share: restore, DDP-wrap, train `steps` steps an epoch
+    """The epochs every loop shares: restore, DDP-wrap, train `steps` steps an epoch
     (`forward(ddp_model, ddp_loss, batch) -> (loss, examples)`; `loss`, on the device, is
     the embedder's loss module, None for detectors), validate, checkpoint, report. Each
     history entry records `lr`: the model's LR when the epoch ends."""
@@ -368,7 +368,8 @@ def semantic_loop(config: dict) -> None:
             "trained_on": cfg.data, "lakelens_version": version()}
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=train_ds.ignore)
 
-    def forward(ddp: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def forward(ddp: torch.nn.Module, _loss: None,
+                batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         x, y = batch
         with autocast(device):
             out = ddp(x.to(device, non_blocking=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +155,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.vocab = vocab or vocabulary(self.coco, task)
         self.paths = _resolve_images(self.coco, self.split)
         self.image_ids = sorted(self.paths)
+        self.flip_order = keypoint_flip_order(self.vocab.keypoint_names)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -189,15 +191,40 @@ class DetectionDataset(torch.utils.data.Dataset):
             k = len(self.vocab.keypoint_names)
             target["keypoints"] = (torch.from_numpy(np.stack(keypoints)) if keypoints
                                    else torch.zeros((0, k, 3)))
-        if self.train and self.task != "pose" and torch.rand(1).item() < 0.5:
-            image, target = _hflip(image, target)
+        flippable = self.task != "pose" or self.flip_order is not None
+        if self.train and flippable and torch.rand(1).item() < 0.5:
+            image, target = _hflip(image, target, self.flip_order)
         return image, target
 
 
-def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def keypoint_flip_order(names: Sequence[str]) -> list[int] | None:
+    """Where each keypoint goes when the image is mirrored: "left_x" <-> "right_x" (COCO's
+    person), the others stay. None when the names pair no left with a right: what a
+    keypoint means under a mirror is then unknown (the synthetic shapes' p0..p3 are
+    corners whose order flips per shape), and such pose samples are not flipped."""
+    index = {n: i for i, n in enumerate(names)}
+    order, paired = [], False
+    for name in names:
+        for a, b in (("left", "right"), ("right", "left")):
+            if a in name.split("_"):
+                partner = "_".join(b if part == a else part for part in name.split("_"))
+                if partner not in index:
+                    return None
+                order.append(index[partner])
+                paired = True
+                break
+        else:
+            order.append(index[name])
+    return order if paired else None
+
+
+def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor],
+           keypoint_order: list[int] | None = None) -> tuple[torch.Tensor, dict]:
     """The image mirrored left-right, with its boxes (xyxy) and masks, by torchvision's
-    transforms.v2 on tv_tensors; the other target entries are passed through. Returns plain
-    tensors, in the format the detector loop expects."""
+    transforms.v2 on tv_tensors; keypoints by hand: x -> W - x in the boxes' continuous
+    coordinates (v2 mirrors keypoints as pixel indices, W - 1 - x) and left/right swapped
+    by `keypoint_order` (v2 does not swap). The other target entries are passed through.
+    Returns plain tensors, in the format the detector loop expects."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
@@ -209,6 +236,12 @@ def _hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.
     # the functional flip: no draw from torch's RNG (the caller draws whether to flip)
     flipped = {k: v2.functional.horizontal_flip(v) for k, v in sample.items()}
     out = dict(target) | {k: flipped[k].as_subclass(torch.Tensor) for k in sample if k != "image"}
+    if "keypoints" in target:
+        if keypoint_order is None:
+            raise ValueError("flipping keypoints needs their left/right order")
+        kp = target["keypoints"].clone()
+        kp[..., 0] = torch.where(kp[..., 2] > 0, w - kp[..., 0], kp[..., 0])
+        out["keypoints"] = kp[:, keypoint_order]
     return flipped["image"].as_subclass(torch.Tensor), out
 
 

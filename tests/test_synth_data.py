@@ -11,8 +11,16 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from models.detection import COCO_KEYPOINTS
 from models.errors import LakelensError
-from pipelines.datasets import DetectionDataset, EmbedDataset, _hflip, embed_items, split_paths
+from pipelines.datasets import (
+    DetectionDataset,
+    EmbedDataset,
+    _hflip,
+    embed_items,
+    keypoint_flip_order,
+    split_paths,
+)
 from pipelines.synth import CATEGORIES, KEYPOINT_NAMES, write_dataset
 
 
@@ -107,6 +115,31 @@ def test_flip_moves_boxes_and_masks_with_the_pixels_exactly(dataset: Path) -> No
         old_cols = np.nonzero(old.numpy().any(0))[0]
         assert (cols.min(), cols.max()) == (w - 1 - old_cols.max(), w - 1 - old_cols.min())
         assert box[0] <= cols.min() and cols.max() + 1 <= box[2]
+
+
+def test_keypoints_flip_with_the_boxes_and_swap_left_and_right() -> None:
+    """COCO's person: x -> W - x like the boxes' edges, left_* and right_* trade places,
+    invisible keypoints stay (0, 0, 0); names with no left/right pair are not flipped."""
+    order = keypoint_flip_order(COCO_KEYPOINTS)
+    assert order is not None and [COCO_KEYPOINTS[i] for i in order[:5]] == [
+        "nose", "right_eye", "left_eye", "right_ear", "left_ear"]
+    assert keypoint_flip_order(KEYPOINT_NAMES) is None
+    assert keypoint_flip_order(("left_hand", "nose")) is None  # a left without its right
+    w = 40
+    kp = torch.zeros(1, 17, 3)
+    kp[0, 1] = torch.tensor([10.0, 5.0, 2.0])  # left_eye
+    kp[0, 2] = torch.tensor([14.0, 5.0, 1.0])  # right_eye
+    kp[0, 0] = torch.tensor([12.0, 8.0, 2.0])  # nose
+    target = {"boxes": torch.tensor([[8.0, 2.0, 16.0, 12.0]]), "labels": torch.tensor([1]),
+              "keypoints": kp}
+    _, out = _hflip(torch.zeros(3, 20, w), target, order)
+    assert out["boxes"].tolist() == [[24.0, 2.0, 32.0, 12.0]]
+    assert out["keypoints"][0, 0].tolist() == [28.0, 8.0, 2.0]
+    assert out["keypoints"][0, 1].tolist() == [w - 14.0, 5.0, 1.0]  # the old right eye, mirrored
+    assert out["keypoints"][0, 2].tolist() == [w - 10.0, 5.0, 2.0]
+    assert out["keypoints"][0, 3:].abs().sum() == 0
+    with pytest.raises(ValueError, match="left/right order"):
+        _hflip(torch.zeros(3, 20, w), target)
 
 
 def test_embed_items_choose_images_when_identified(dataset: Path) -> None:

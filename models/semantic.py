@@ -1,7 +1,7 @@
 """Semantic segmentation: a class for every pixel. torchvision's FCN, DeepLabV3 (atrous
 convolution and ASPP) and LR-ASPP with their published weights, and a small U-Net
 (encoder-decoder with skip connections, Ronneberger et al. 2015) for CPU runs, tests and
-training from scratch. No Ray here.
+training from scratch, and DeepLabV3's ASPP head on a small CNN (`deeplabv3_tiny`). No Ray here.
 
 Every model maps float[N, 3, H, W] (ImageNet-normalised) to {"out": logits[N, C, H, W]}
 at the input's resolution; class 0 is the background.
@@ -82,6 +82,33 @@ def unet_tiny(*, num_classes: int = len(VOC_LABELS), **_: object) -> UNet:
     return UNet(num_classes)
 
 
+class _TinyStride8(nn.Module):
+    """Three stride-2 conv stages (output stride 8, 96 channels) returning {"out": ...}
+    as torchvision's segmentation backbones do."""
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 96)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for cout in channels:
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, cout),
+                       nn.ReLU(inplace=True), _Block(cout, cout)]
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.out_channels = cin
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.body(x)}
+
+
+def deeplabv3_tiny(*, num_classes: int = len(VOC_LABELS), **_: object) -> tvs.DeepLabV3:
+    """torchvision's DeepLabV3 head (ASPP: atrous convolutions at rates 2, 4, 6 and image
+    pooling) on a small stride-8 CNN: the seeds' DeepLab, trainable on a CPU."""
+    backbone = _TinyStride8()
+    return tvs.DeepLabV3(backbone, tvs.deeplabv3.DeepLabHead(backbone.out_channels, num_classes,
+                                                           atrous_rates=(2, 4, 6)))
+
+
 @dataclass(frozen=True)
 class SemanticArch:
     builder: Callable[..., nn.Module]
@@ -106,6 +133,7 @@ SEMANTIC_ARCHS: dict[str, SemanticArch] = {
         tvs.lraspp_mobilenet_v3_large, tvs.LRASPP_MobileNet_V3_Large_Weights.DEFAULT, 520, 1040,
         ("classifier.high_classifier", "classifier.low_classifier")),
     "unet_tiny": SemanticArch(unet_tiny, None, 128, 512, ("head",)),
+    "deeplabv3_tiny": SemanticArch(deeplabv3_tiny, None, 128, 512, _DEEPLAB_HEAD),
 }
 
 

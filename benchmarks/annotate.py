@@ -1,8 +1,9 @@
 """Annotate throughput: lakelens vs the pipeline a user writes from Ray's docs vs a bare loop.
 
-Per task (a detector, Mask R-CNN, the embedder), on the same synthetic JPEGs and the same
-model (the arch built by lakelens's builder with seeded "random" weights, the same image
-size, score threshold and batch size), in one run:
+Per task (a detector, Mask R-CNN, the embedder; LR-ASPP semantic segmentation on
+request), on the same synthetic JPEGs and the same model (the arch built by lakelens's
+builder with seeded "random" weights, the same image size, score threshold and batch
+size), in one run:
 
 (a) bare: one process, torch threads = --num-cpus; for each file: read, decode
     (lakelens's decode_image at the sizes the model needs), batch, predict. The model is
@@ -40,13 +41,14 @@ from common import emit  # benchmarks/ is sys.path[0] when run as a script
 
 from models.decode import decode_image
 from models.predict import DetectionPredictor, EmbeddingPredictor
+from models.semantic import SemanticPredictor
 from pipelines import annotate
 from pipelines.cluster.local import start_local_ray
 from pipelines.config import AnnotateConfig
 from pipelines.synth import write_lake
 
 ARCHS = {"detect": "fasterrcnn_mobilenet_v3_large_320_fpn", "segment": "maskrcnn_tiny",
-         "embed": "resnet18"}
+         "embed": "resnet18", "semantic": "lraspp_mobilenet_v3_large"}
 SCORE_THRESHOLD = 0.0  # every image carries the model's full quota of boxes
 
 
@@ -84,6 +86,9 @@ def predictor_for(task: str, cfg: AnnotateConfig):
     arch = cfg.arch_for(task)
     if task == "embed":
         return EmbeddingPredictor(arch, weights="random", max_batch=cfg.batch_size)
+    if task == "semantic":
+        return SemanticPredictor(arch, weights="random", image_size=cfg.image_size,
+                                 max_batch=cfg.batch_size)
     return DetectionPredictor(arch, weights="random", image_size=cfg.image_size,
                               score_threshold=cfg.score_threshold, max_batch=cfg.batch_size)
 
@@ -124,6 +129,15 @@ class DocsPredictor:
             self.transform = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
                                          v2.ToDtype(torch.float32, scale=True),
                                          v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        elif task == "semantic":  # torchvision's SemanticSegmentation preset at image_size
+            from torchvision.transforms import v2
+
+            from models.semantic import build_semantic
+
+            self.model = build_semantic(arch, weights="random")[0].eval()
+            self.transform = v2.Compose([v2.Resize(image_size, antialias=True),
+                                         v2.ToDtype(torch.float32, scale=True),
+                                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
         else:
             from models.detection import build_detector
 
@@ -139,6 +153,17 @@ class DocsPredictor:
             if self.task == "embed":
                 x = torch.stack([self.transform(im) for im in images])
                 out["embedding"] = [e.tolist() for e in self.model(x)]
+            elif self.task == "semantic":  # one image at a time: the sizes differ
+                out["semantic"] = []
+                for im in images:
+                    logits = self.model(self.transform(im)[None])["out"]
+                    classes = torch.nn.functional.interpolate(
+                        logits.argmax(1, keepdim=True).float(), size=im.shape[-2:],
+                        mode="nearest")[0, 0].to(torch.uint8).numpy()
+                    out["semantic"].append([
+                        json.dumps({"label": int(c), "counts": mask_utils.encode(
+                            np.asfortranarray(classes == c, dtype=np.uint8))["counts"].decode()})
+                        for c in np.unique(classes) if c != 0])
             else:
                 preds = self.model([im.float() / 255 for im in images])
                 out["boxes"] = [p["boxes"].numpy().tolist() for p in preds]

@@ -38,7 +38,7 @@ class DemoConfig:
     detector_epochs: int = 4
     detector_steps: int = 60  # per epoch, per worker (batch 4)
     embedder_epochs: int = 50
-    semantic_epochs: int = 6
+    semantic_epochs: int = 8
     semantic_steps: int = 40  # per epoch, per worker (batch 8)
     seed: int = 0
 

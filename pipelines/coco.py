@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -210,7 +211,8 @@ def gt_class_map(gt: COCO, image_id: int, root: str, classes: dict[int, int]) ->
     record = gt.imgs[image_id]
     if record.get("class_map"):
         name = record["class_map"]
-        path = f"{root}/{name}" if is_remote(root) else os.path.join(root, name)
+        path = (posixpath.normpath(f"{root}/{name}").replace(":/", "://", 1) if is_remote(root)
+                else os.path.normpath(os.path.join(root, name)))
         with Image.open(io.BytesIO(read_bytes(path))) as im:
             ids = np.asarray(im)
         lut = np.full(256, IGNORE, np.uint8)

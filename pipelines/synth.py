@@ -5,9 +5,12 @@ never overlapping, so every box and mask is exact. Each object has four keypoint
 rectangle corners, ellipse extremes (top, right, bottom, left), triangle vertices plus
 its centroid. Deterministic for a seed.
 
-Each image also gets a per-pixel class map (``labels/<name>.png``, named by the image's
-``class_map`` in the JSON): 0 is the background, else the object's COCO category id, for
-semantic segmentation.
+Each image of a training dataset (`write_dataset`) also gets a per-pixel class map
+(``OUT/labels/<split>/<name>.png``, named by the image's ``class_map`` in the JSON,
+relative to the JSON's folder): 0 is the background, else the object's COCO category id,
+for semantic segmentation. The maps live outside the split folders, so annotating
+``OUT/train`` does not take them for images. A lake to annotate (`write_lake`) has none
+(its class maps follow from the instance masks, exactly).
 
 For retrieval, images come in *families*: a family is a fixed set of one to three
 (shape, colour) objects, and its members place and size them differently on different
@@ -141,7 +144,7 @@ def write_lake(out_dir: str | Path, *, images: int, seed: int = 0, width: int = 
     """Write `images` random scenes and a COCO `annotations.json`; returns the JSON's path."""
     rng = np.random.default_rng(seed)
     scenes = (make_scene(rng, width=width, height=height) for _ in range(images))
-    return _write_split(Path(out_dir), scenes, [None] * images, ext=ext)
+    return _write_split(Path(out_dir), scenes, [None] * images, ext=ext, class_maps=False)
 
 
 def all_families() -> list[Family]:
@@ -182,26 +185,27 @@ def write_dataset(out_dir: str | Path, *, images: int, seed: int = 0, val_fracti
         split_rng = np.random.default_rng([seed, 1 if split == "train" else 2])
         scenes = (make_scene(split_rng, width=width, height=height, size=(0.2, 0.45),
                              family=chosen[f]) for f in ids)
-        paths.append(_write_split(out / split, scenes, ids, ext=ext))
+        paths.append(_write_split(out / split, scenes, ids, ext=ext, class_maps=True))
     return paths[0], paths[1]
 
 
 def _write_split(out: Path, scenes: Iterable[Scene], identities: Sequence[int | None],
-                 *, ext: str) -> Path:
+                 *, ext: str, class_maps: bool) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    if class_maps:
+        (out.parent / "labels" / out.name).mkdir(parents=True, exist_ok=True)
     coco: dict = {"images": [], "annotations": [], "categories": coco_categories()}
     for i, (scene, identity) in enumerate(zip(scenes, identities, strict=True)):
         height, width = scene.image.shape[:2]
         name = f"images/{i:06d}{ext}"
         Image.fromarray(scene.image).save(out / name, quality=95)
-        class_map = np.zeros((height, width), np.uint8)  # 0: background
-        for obj in scene.objects:
-            class_map[obj.mask] = obj.category_id
-        map_name = f"labels/{i:06d}.png"
-        Image.fromarray(class_map).save(out / map_name)
-        entry = {"id": i + 1, "file_name": name, "width": width, "height": height,
-                 "class_map": map_name}
+        entry = {"id": i + 1, "file_name": name, "width": width, "height": height}
+        if class_maps:
+            class_map = np.zeros((height, width), np.uint8)  # 0: background
+            for obj in scene.objects:
+                class_map[obj.mask] = obj.category_id
+            entry["class_map"] = f"../labels/{out.name}/{i:06d}.png"
+            Image.fromarray(class_map).save(out.parent / "labels" / out.name / f"{i:06d}.png")
         if identity is not None:
             entry["identity"] = identity
         coco["images"].append(entry)

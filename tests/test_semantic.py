@@ -137,7 +137,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                          seed=3, ext=".png")
 
 
-@pytest.mark.parametrize("arch", ["unet_tiny", "deeplabv3_tiny"])
+@pytest.mark.parametrize("arch", ["unet_tiny", pytest.param("deeplabv3_tiny", marks=pytest.mark.slow)])
 def test_a_model_trained_here_segments_held_out_images(shapes: tuple[Path, Path], arch: str) -> None:
     """The small U-Net, and DeepLabV3's ASPP head on a small CNN, trained for 300 steps on
     synthetic shapes: held-out images' mean IoU well above an untrained model's."""

@@ -303,6 +303,7 @@ def test_proxy_anchor_crashed_run_resumes_with_its_proxies_and_lr_schedule(
     assert latest["scheduler"]["last_epoch"] == new_total
 
 
+@pytest.mark.slow  # the default run trains the default loss through Ray Train; unit tests cover arcface
 def test_arcface_trains_and_keeps_its_class_weights_out_of_model_pt(
         ray_local, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "arc"

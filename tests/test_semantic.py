@@ -168,6 +168,18 @@ def test_a_model_trained_here_segments_held_out_images(shapes: tuple[Path, Path]
     assert set(after["per_class_iou"]) == set(LABELS)
 
 
+def _annotate_and_eval(val: Path, checkpoint: Path, out: Path) -> dict:
+    """`lakelens annotate` the split's images with the checkpoint, then `lakelens eval`:
+    the semantic part of DIR/eval.json."""
+    proc = lakelens("annotate", str(val.parent / "images"), "--out", str(out), "--tasks", "semantic",
+                    "--weights", f"semantic={checkpoint}", "--num-cpus", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = lakelens("eval", str(out), "--gt", str(val))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "mean IoU" in ev.stdout
+    return json.loads((out / "eval.json").read_text())["tasks"]["semantic"]
+
+
 def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
         shapes: tuple[Path, Path], tmp_path: Path) -> None:
     """A 4-class U-Net checkpoint (seeded, untrained: what it predicts does not matter,
@@ -187,14 +199,7 @@ def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
     expected = segmentation_metrics(evaluate_model(
         loaded, held_out.pairs(list(range(len(held_out)))), 4, min_size=96, max_size=192), LABELS)
 
-    out = tmp_path / "lake-table"
-    proc = lakelens("annotate", str(val.parent / "images"), "--out", str(out), "--tasks", "semantic",
-                    "--weights", f"semantic={ckpt}", "--num-cpus", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = lakelens("eval", str(out), "--gt", str(val))
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    assert "mean IoU" in ev.stdout
-    report = json.loads((out / "eval.json").read_text())["tasks"]["semantic"]
+    report = _annotate_and_eval(val, ckpt, tmp_path / "lake-table")
     assert report["images"] == len(held_out) and report["size_mismatch"] == 0
     for key in ("mean_iou", "pixel_accuracy", "fw_iou"):
         assert report["stats"][key] == pytest.approx(expected[key], abs=1e-9), key
@@ -254,12 +259,6 @@ def test_train_semantic_with_ray_train_then_annotate_and_eval(tmp_path: Path) ->
     best = metrics["best"]
     # all background scores ~0.21 (its IoU ~0.85 / 4 classes): past that, it learned shapes
     assert best["mean_iou"] > 0.3, metrics["history"]
-    out = tmp_path / "lake-table"
-    ann = lakelens("annotate", str(val.parent / "images"), "--out", str(out), "--tasks", "semantic",
-                   "--weights", f"semantic={run / 'model.pt'}", "--num-cpus", "2")
-    assert ann.returncode == 0, ann.stderr[-3000:]
-    ev = lakelens("eval", str(out), "--gt", str(val))
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    stats = json.loads((out / "eval.json").read_text())["tasks"]["semantic"]["stats"]
+    stats = _annotate_and_eval(val, run / "model.pt", tmp_path / "lake-table")["stats"]
     assert stats["mean_iou"] == pytest.approx(best["mean_iou"], abs=1e-6)
     assert stats["pixel_accuracy"] == pytest.approx(best["pixel_accuracy"], abs=1e-6)

@@ -89,6 +89,9 @@ class TrainConfig:
             raise LakelensError(f"an embedder's task is 'embed', not {self.task!r}")
         if self.kind == "semantic" and self.task != "semantic":
             raise LakelensError(f"a semantic model's task is 'semantic', not {self.task!r}")
+        if self.kind == "semantic" and self.batch_size < 2 and "deeplabv3" in self.model_arch:
+            raise LakelensError(f"{self.model_arch} trains on --batch-size 2 or more (BatchNorm in "
+                                "its ASPP image-pooling branch sees one value per image)")
         check_arch(self.task, self.model_arch)
         W.validate_spec(self.init, what="--init")
         for name in ("workers", "epochs", "batch_size"):

@@ -361,8 +361,14 @@ def semantic_loop(config: dict) -> None:
                                      seed=cfg.seed, image_size=cfg.image_size)
     model.to(device)
     sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
+    # full batches only (as torchvision's segmentation reference trains): DeepLab's ASPP
+    # image-pooling branch normalises one value per channel per image, and BatchNorm
+    # cannot train on a batch of one
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         **_loader_kwargs(cfg, device))
+    if len(loader) == 0:
+        raise LakelensError(f"the train split has {len(train_ds)} images: fewer than --batch-size "
+                            f"{cfg.batch_size} for each of the {size} workers")
     meta = {"arch": cfg.model_arch, "task": "semantic", "labels": list(vocab.names),
             "category_ids": list(vocab.category_ids), "image_size": side, "init": cfg.init,
             "trained_on": cfg.data, "lakelens_version": version()}

@@ -244,6 +244,21 @@ def test_cli_refuses_an_unknown_semantic_arch_in_one_line(tmp_path: Path) -> Non
         "lakelens: error: unknown semantic arch 'segnet'; choose from " + ", ".join(sorted(SEMANTIC_ARCHS))]
 
 
+def test_train_semantic_mistakes_are_one_line(tmp_path: Path) -> None:
+    from models.errors import LakelensError
+    from pipelines.train import TrainConfig
+
+    with pytest.raises(LakelensError, match="choose from"):
+        TrainConfig(kind="semantic", task="semantic", arch="segnet", data=".", out=str(tmp_path))
+    with pytest.raises(LakelensError, match="--batch-size 2 or more"):
+        TrainConfig(kind="semantic", task="semantic", arch="deeplabv3_tiny", batch_size=1,
+                    init="random", data=".", out=str(tmp_path))
+    proc = lakelens("train", "semantic", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                    "--arch", "unet_tiny", "--init", "random")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "lacks" in proc.stderr
+
+
 @pytest.mark.slow
 def test_train_semantic_with_ray_train_then_annotate_and_eval(tmp_path: Path) -> None:
     """`lakelens train semantic` (2 DDP workers) -> model.pt -> annotate -> eval: the

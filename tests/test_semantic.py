@@ -277,3 +277,20 @@ def test_train_semantic_with_ray_train_then_annotate_and_eval(tmp_path: Path) ->
     stats = _annotate_and_eval(val, run / "model.pt", tmp_path / "lake-table")["stats"]
     assert stats["mean_iou"] == pytest.approx(best["mean_iou"], abs=1e-6)
     assert stats["pixel_accuracy"] == pytest.approx(best["pixel_accuracy"], abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_class_maps_match_cpu_within_autocast_tolerance() -> None:
+    """bf16/fp16 autocast on CUDA: the same argmax as fp32 on CPU for nearly every pixel of
+    a trained-shape model's input (random weights: ties are rare but possible)."""
+    images = [np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8) for i in range(3)]
+    cpu = SemanticPredictor("deeplabv3_mobilenet_v3_large", weights="random", image_size=96,
+                            device="cpu")(images)
+    gpu_pred = SemanticPredictor("deeplabv3_mobilenet_v3_large", weights="random", image_size=96,
+                                 device="cuda")
+    assert gpu_pred.device.type == "cuda"
+    gpu = gpu_pred(images)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a["classes"].shape == b["classes"].shape
+        assert (a["classes"] == b["classes"]).mean() > 0.98
+        assert np.abs(a["scores"].astype(np.float32) - b["scores"].astype(np.float32)).mean() < 0.02

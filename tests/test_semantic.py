@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.errors import LakelensError
 from models.masks import rle_to_mask
 from models.semantic import (
     SEMANTIC_ARCHS,
@@ -168,11 +169,12 @@ def test_a_model_trained_here_segments_held_out_images(shapes: tuple[Path, Path]
     assert set(after["per_class_iou"]) == set(LABELS)
 
 
-def _annotate_and_eval(val: Path, checkpoint: Path, out: Path) -> dict:
-    """`lakelens annotate` the split's images with the checkpoint, then `lakelens eval`:
-    the semantic part of DIR/eval.json."""
-    proc = lakelens("annotate", str(val.parent / "images"), "--out", str(out), "--tasks", "semantic",
-                    "--weights", f"semantic={checkpoint}", "--num-cpus", "2")
+def _annotate_and_eval(val: Path, checkpoint: Path, out: Path, *more: str) -> dict:
+    """`lakelens annotate` the split's images with the checkpoint (and `more` arguments),
+    then `lakelens eval`: the semantic part of DIR/eval.json."""
+    tasks = "semantic,embed" if "--index" in more else "semantic"
+    proc = lakelens("annotate", str(val.parent / "images"), "--out", str(out), "--tasks", tasks,
+                    "--weights", f"semantic={checkpoint}", "--num-cpus", "2", *more)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = lakelens("eval", str(out), "--gt", str(val))
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -183,8 +185,9 @@ def _annotate_and_eval(val: Path, checkpoint: Path, out: Path) -> dict:
 def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
         shapes: tuple[Path, Path], tmp_path: Path) -> None:
     """A 4-class U-Net checkpoint (seeded, untrained: what it predicts does not matter,
-    only that every path agrees) -> annotate --tasks semantic -> eval's mean IoU equals
-    the one computed straight from the model on the same images."""
+    only that every path agrees) -> annotate --tasks semantic,embed --index -> eval's mean
+    IoU equals the one computed straight from the model on the same images, and `serve`'s
+    region filter picks exactly the images whose table rows have that class over min_area."""
     _, val = shapes
     torch.manual_seed(5)
     model = UNet(num_classes=4).eval()
@@ -199,11 +202,44 @@ def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
     expected = segmentation_metrics(evaluate_model(
         loaded, held_out.pairs(list(range(len(held_out)))), 4, min_size=96, max_size=192), LABELS)
 
-    report = _annotate_and_eval(val, ckpt, tmp_path / "lake-table")
+    out = tmp_path / "lake-table"
+    report = _annotate_and_eval(val, ckpt, out, "--arch", "embed=tiny", "--weights", "embed=random",
+                                "--index", str(tmp_path / "index"))
     assert report["images"] == len(held_out) and report["size_mismatch"] == 0
     for key in ("mean_iou", "pixel_accuracy", "fw_iou"):
         assert report["stats"][key] == pytest.approx(expected[key], abs=1e-9), key
     assert 0.0 < report["stats"]["mean_iou"] < 1.0
+
+    from index.store import open_index
+    from pipelines.lake.table import open_table
+    from pipelines.serve.app import ApiError, make_filter
+    from pipelines.serve.facets import Facets, Filter
+
+    index, table = open_index(str(tmp_path / "index")), open_table(str(out))
+    facets = Facets(table, index.ids)
+    rows = table.current_table(["image_id", "width", "height", "semantic"]).to_pylist()
+    assert set(facets.region_counts()) <= set(CATEGORIES) and facets.region_counts()
+    def frac(r: dict, name: str) -> float:
+        return max([s["area"] / (r["width"] * r["height"]) for s in r["semantic"] or []
+                    if s["label_name"] == name] or [0.0])
+
+    median = float(np.median([frac(r, "ellipse") for r in rows]))
+    sizes = []
+    for region, min_area in [("ellipse", 0.0), ("ellipse", median), ("rectangle", 0.2), ("triangle", 0.5)]:
+        want = {r["image_id"] for r in rows if any(
+            s["label_name"] == region and s["area"] / (r["width"] * r["height"]) >= min_area
+            for s in r["semantic"] or [])}
+        mask = facets.mask(Filter(region=region, min_area=min_area))
+        got = {index.ids.image_ids[int(i)].as_py() for i in np.flatnonzero(mask)}
+        assert got == want, (region, min_area)
+        sizes.append(len(got))
+    assert 0 < sizes[1] < len(rows), sizes  # the median area splits the lake
+    assert facets.region_counts()["ellipse"] == len(
+        {r["image_id"] for r in rows if any(s["label_name"] == "ellipse" for s in r["semantic"] or [])})
+    with pytest.raises(LakelensError, match="unknown region 'sky'"):
+        facets.mask(Filter(region="sky"))
+    with pytest.raises(ApiError, match="min_area must be in"):
+        make_filter(region="ellipse", min_area=1.5)
 
 
 def test_a_version_2_table_reads_null_semantic_and_gains_the_column(tmp_path: Path) -> None:

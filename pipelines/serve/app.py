@@ -5,10 +5,10 @@ Endpoints (JSON; OpenAPI at /docs):
   POST /search/vector        {"vectors": [[...]], ...} or {"vector": [...], ...}
   POST /search/image         multipart upload(s) named `image`, embedded by the index's embedder
   GET  /images/{image_id}    the image, resized (?size=), with ?overlay=1 what the models saw
-  GET  /labels               labels in the table and how many images have each
+  GET  /labels               labels (and semantic regions) in the table, images with each
   GET  /health, GET /stats
 Every search takes k, nprobe and the filters label, min_count, min_score, min_width,
-min_height, since, until, run_id (see pipelines.serve.facets).
+min_height, since, until, run_id, region, min_area (see pipelines.serve.facets).
 
 Bad input is a 4xx with {"error": "<one line>"}; an unexpected failure is a 500 with no
 traceback in the answer (it goes to the log). Clients never make the service fetch a URL:
@@ -70,6 +70,8 @@ class VectorQuery(BaseModel):
     since: str | None = None
     until: str | None = None
     run_id: str | None = None
+    region: str | None = None
+    min_area: float = 0.0
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -86,14 +88,18 @@ def _when(value: str | None, name: str) -> datetime | None:
 def make_filter(label: str | None = None, min_count: int = 1, min_score: float = 0.5,
                 min_width: int | None = None, min_height: int | None = None,
                 since: str | None = None, until: str | None = None,
-                run_id: str | None = None) -> Filter:
+                run_id: str | None = None, region: str | None = None,
+                min_area: float = 0.0) -> Filter:
     if min_count < 1:
         raise ApiError(400, f"min_count must be >= 1, got {min_count}")
     if not 0.0 <= min_score <= 1.0:
         raise ApiError(400, f"min_score must be in [0, 1], got {min_score}")
+    if not 0.0 <= min_area <= 1.0:
+        raise ApiError(400, f"min_area must be in [0, 1] (a fraction of the image), got {min_area}")
     return Filter(label=label or None, min_count=min_count, min_score=min_score,
                   min_width=min_width, min_height=min_height, since=_when(since, "since"),
-                  until=_when(until, "until"), run_id=run_id or None)
+                  until=_when(until, "until"), run_id=run_id or None, region=region or None,
+                  min_area=min_area)
 
 
 def filter_params(label: Annotated[str | None, Query(description="a label the models saw")] = None,
@@ -102,8 +108,12 @@ def filter_params(label: Annotated[str | None, Query(description="a label the mo
                   min_width: int | None = None, min_height: int | None = None,
                   since: Annotated[str | None, Query(description="annotated at or after (ISO)")] = None,
                   until: Annotated[str | None, Query(description="annotated before (ISO)")] = None,
-                  run_id: str | None = None) -> Filter:
-    return make_filter(label, min_count, min_score, min_width, min_height, since, until, run_id)
+                  run_id: str | None = None,
+                  region: Annotated[str | None, Query(description="a semantic class in the image")] = None,
+                  min_area: Annotated[float, Query(description="`region` covers >= this fraction")] = 0.0,
+                  ) -> Filter:
+    return make_filter(label, min_count, min_score, min_width, min_height, since, until, run_id,
+                       region, min_area)
 
 
 FilterParams = Annotated[Filter, Depends(filter_params)]
@@ -216,9 +226,10 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
     def labels(request: Request, min_score: float = 0.5) -> dict:
         snap = engine_of(request).current()
         if snap.facets is None:
-            return {"source": None, "labels": {}}
+            return {"source": None, "labels": {}, "regions": {}}
         return {"source": snap.facets.source, "min_score": min_score,
-                "labels": snap.facets.label_counts(min_score)}
+                "labels": snap.facets.label_counts(min_score),
+                "regions": snap.facets.region_counts()}
 
     @app.get("/search")
     async def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,
@@ -244,7 +255,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             raise RequestValidationError(e.errors()) from None
         check_k(q.k, q.nprobe)
         flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
-                          q.until, q.run_id)
+                          q.until, q.run_id, q.region, q.min_area)
         if (q.vector is None) == (q.vectors is None):
             raise ApiError(400, "give exactly one of 'vector' (one query) or 'vectors' (a list)")
         rows = [q.vector] if q.vector is not None else q.vectors

@@ -2,7 +2,9 @@
 
 Built once per (index version, table version) from the current view of the annotations
 table, streamed in record batches: per row width, height, annotated_at and run; per
-detection (of the `detect` task, else `segment`) its row, label code and score. A filter
+detection (of the `detect` task, else `segment`) its row, label code and score; per
+semantic region (a class present in the row's `semantic` column) its row, class code and
+the fraction of the image it covers. A filter
 is a few vectorised passes over those arrays and becomes a bool mask over index rows,
 which the index turns into an ID selector inside the FAISS search.
 """
@@ -37,10 +39,13 @@ class Filter:
     since: datetime | None = None
     until: datetime | None = None
     run_id: str | None = None
+    region: str | None = None  # a semantic class covering at least min_area of the image
+    min_area: float = 0.0
 
     def is_empty(self) -> bool:
         return (self.label is None and self.min_width is None and self.min_height is None
-                and self.since is None and self.until is None and self.run_id is None)
+                and self.since is None and self.until is None and self.run_id is None
+                and self.region is None)
 
 
 class Facets:
@@ -60,8 +65,13 @@ class Facets:
         self.source = label_source(table)
         det_rows, det_labels, det_scores = [], [], []
         self.labels: dict[str, int] = {}
+        self.regions: dict[str, int] = {}
+        seg_rows, seg_labels, seg_fracs = [], [], []
+        semantic = table.model("semantic") is not None
         columns = ["image_id", "width", "height", "annotated_at", "run_id"]
         columns.append(self.source)
+        if semantic:
+            columns.append("semantic")
         for batch in table.current(columns, batch_rows=batch_rows):
             rows = ids.rows_of(batch.column("image_id"))
             hit = rows >= 0
@@ -87,9 +97,25 @@ class Facets:
                 det_rows.append(np.repeat(r, counts))
                 det_labels.append(_decode(lab, names_col.indices))
                 det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
+            if semantic:
+                regions = batch.column("semantic").filter(mask)
+                counts = pc.list_value_length(regions).fill_null(0).to_numpy()
+                flat = pc.list_flatten(regions)
+                if len(flat):
+                    names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
+                    lab = [self.regions.setdefault(x, len(self.regions))
+                           for x in names_col.dictionary.to_pylist()]
+                    rr = np.repeat(r, counts)
+                    pixels = np.maximum(self.width[rr].astype(np.float64) * self.height[rr], 1.0)
+                    seg_rows.append(rr)
+                    seg_labels.append(_decode(lab, names_col.indices))
+                    seg_fracs.append((flat.field("area").fill_null(0).to_numpy() / pixels).astype(np.float32))
         self.det_row = np.concatenate(det_rows) if det_rows else np.zeros(0, np.int64)
         self.det_label = np.concatenate(det_labels) if det_labels else np.zeros(0, np.int32)
         self.det_score = np.concatenate(det_scores) if det_scores else np.zeros(0, np.float32)
+        self.seg_row = np.concatenate(seg_rows) if seg_rows else np.zeros(0, np.int64)
+        self.seg_label = np.concatenate(seg_labels) if seg_labels else np.zeros(0, np.int32)
+        self.seg_frac = np.concatenate(seg_fracs) if seg_fracs else np.zeros(0, np.float32)
         logger.info("facets: %d of %d index rows in table version %d, %d %s, %d labels",
                     int(self.present.sum()), n, self.table_version, len(self.det_row),
                     self.source, len(self.labels))
@@ -101,6 +127,12 @@ class Facets:
             if keep.any() else np.zeros((2, 0), np.int64)
         per = np.bincount(pairs[1].astype(np.int64), minlength=len(self.labels))
         names = sorted(self.labels, key=self.labels.get)
+        return {name: int(per[i]) for i, name in enumerate(names) if per[i]}
+
+    def region_counts(self) -> dict[str, int]:
+        """Images per semantic class (present anywhere in the image)."""
+        per = np.bincount(self.seg_label.astype(np.int64), minlength=len(self.regions))
+        names = sorted(self.regions, key=self.regions.get)
         return {name: int(per[i]) for i, name in enumerate(names) if per[i]}
 
     def mask(self, f: Filter) -> np.ndarray | None:
@@ -123,6 +155,12 @@ class Facets:
             keep &= self.at_us >= _us(f.since)
         if f.until is not None:
             keep &= self.at_us < _us(f.until)
+        if f.region is not None:
+            if f.region not in self.regions:
+                known = ", ".join(sorted(self.regions)[:20]) or "none"
+                raise LakelensError(f"unknown region {f.region!r}; the table's semantic classes: {known}")
+            hits = (self.seg_label == self.regions[f.region]) & (self.seg_frac >= f.min_area)
+            keep &= np.bincount(self.seg_row[hits], minlength=self.rows) > 0
         if f.run_id is not None:
             if f.run_id not in self.runs:
                 raise LakelensError(f"unknown run_id {f.run_id!r}: no current row was written by it")

@@ -87,29 +87,18 @@ class Facets:
             runs = batch.column("run_id").filter(mask).cast(pa.string()).dictionary_encode()
             codes = [self.runs.setdefault(name, len(self.runs)) for name in runs.dictionary.to_pylist()]
             self.run[r] = _decode(codes, runs.indices)
-            dets = batch.column(self.source).filter(mask)
-            counts = pc.list_value_length(dets).fill_null(0).to_numpy()
-            flat = pc.list_flatten(dets)
-            if len(flat):
-                names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
-                lab = [self.labels.setdefault(x, len(self.labels))
-                       for x in names_col.dictionary.to_pylist()]
-                det_rows.append(np.repeat(r, counts))
-                det_labels.append(_decode(lab, names_col.indices))
-                det_scores.append(flat.field("score").fill_null(0).to_numpy().astype(np.float32))
-            if semantic:
-                regions = batch.column("semantic").filter(mask)
-                counts = pc.list_value_length(regions).fill_null(0).to_numpy()
-                flat = pc.list_flatten(regions)
-                if len(flat):
-                    names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
-                    lab = [self.regions.setdefault(x, len(self.regions))
-                           for x in names_col.dictionary.to_pylist()]
-                    rr = np.repeat(r, counts)
-                    pixels = np.maximum(self.width[rr].astype(np.float64) * self.height[rr], 1.0)
-                    seg_rows.append(rr)
-                    seg_labels.append(_decode(lab, names_col.indices))
-                    seg_fracs.append((flat.field("area").fill_null(0).to_numpy() / pixels).astype(np.float32))
+            found = _entries(batch.column(self.source).filter(mask), r, self.labels)
+            if found is not None:
+                det_rows.append(found[0])
+                det_labels.append(found[1])
+                det_scores.append(found[2].field("score").fill_null(0).to_numpy().astype(np.float32))
+            found = _entries(batch.column("semantic").filter(mask), r, self.regions) if semantic else None
+            if found is not None:
+                rr, codes, flat = found
+                pixels = np.maximum(self.width[rr].astype(np.float64) * self.height[rr], 1.0)
+                seg_rows.append(rr)
+                seg_labels.append(codes)
+                seg_fracs.append((flat.field("area").fill_null(0).to_numpy() / pixels).astype(np.float32))
         self.det_row = np.concatenate(det_rows) if det_rows else np.zeros(0, np.int64)
         self.det_label = np.concatenate(det_labels) if det_labels else np.zeros(0, np.int32)
         self.det_score = np.concatenate(det_scores) if det_scores else np.zeros(0, np.float32)
@@ -173,6 +162,20 @@ def label_source(table: LakeTable) -> str:
     with a segment model and no detect model, else `detections` (the schema has both
     columns; a task that was not asked leaves its column null)."""
     return "instances" if table.model("segment") and not table.model("detect") else "detections"
+
+
+def _entries(lists: pa.Array, rows: np.ndarray, names: dict[str, int]
+             ) -> tuple[np.ndarray, np.ndarray, pa.StructArray] | None:
+    """A list<struct{label_name, ...}> column of the given index rows, flattened: each
+    entry's row, its name's code (new names added to `names`) and the entries; None when
+    there is none."""
+    counts = pc.list_value_length(lists).fill_null(0).to_numpy()
+    flat = pc.list_flatten(lists)
+    if not len(flat):
+        return None
+    names_col = flat.field("label_name").cast(pa.string()).dictionary_encode()
+    codes = [names.setdefault(x, len(names)) for x in names_col.dictionary.to_pylist()]
+    return np.repeat(rows, counts), _decode(codes, names_col.indices), flat
 
 
 def _decode(codes: list[int], indices: pa.Array) -> np.ndarray:

@@ -221,19 +221,39 @@ def build_for_training(arch: str, *, init: str, num_classes: int, seed: int = 0,
     return model.train(), info
 
 
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """float [3, h, w] in [0, 1] -> ImageNet-normalised, as every model here expects."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def fit(image: np.ndarray, min_size: int, max_size: int, device: torch.device) -> torch.Tensor:
+    """uint8 [h, w, 3] -> float [3, h', w'] in [0, 1] on `device`, the shorter side at
+    `min_size` unless the longer would pass `max_size` (every side >= 1 pixel)."""
+    if not image.flags.writeable or not image.flags.c_contiguous:
+        image = np.array(image, order="C")  # torch refuses read-only views (Arrow buffers)
+    t = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
+    h, w = t.shape[-2:]
+    s = min(min_size / min(h, w), max_size / max(h, w))
+    th, tw = max(1, round(h * s)), max(1, round(w * s))
+    if (th, tw) != (h, w):
+        t = F.interpolate(t[None], size=(th, tw), mode="bilinear", align_corners=False,
+                          antialias=s < 1)[0]
+    return t
+
+
 def normalise(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """float [3, h, w] tensors in [0, 1] -> one ImageNet-normalised batch, zero-padded
     (after normalising) at the bottom/right to a common multiple of PAD_TO; and each
     image's (h, w) in it."""
     device = images[0].device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in images]
     ph = -(-max(h for h, _ in sizes) // PAD_TO) * PAD_TO
     pw = -(-max(w for _, w in sizes) // PAD_TO) * PAD_TO
     batch = torch.zeros((len(images), 3, ph, pw), device=device)
     for i, (t, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-        batch[i, :, :h, :w] = (t - mean) / std
+        batch[i, :, :h, :w] = standardise(t)
     return batch, sizes
 
 
@@ -257,20 +277,8 @@ class SemanticPredictor:
             out += self._forward(images[i:i + self.max_batch])
         return out
 
-    def _fit(self, image: np.ndarray) -> torch.Tensor:
-        if not image.flags.writeable or not image.flags.c_contiguous:
-            image = np.array(image, order="C")  # torch refuses read-only views (Arrow buffers)
-        t = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float().div_(255.0)
-        h, w = t.shape[-2:]
-        s = min(self.min_size / min(h, w), self.max_size / max(h, w))
-        th, tw = max(1, round(h * s)), max(1, round(w * s))
-        if (th, tw) != (h, w):
-            t = F.interpolate(t[None], size=(th, tw), mode="bilinear", align_corners=False,
-                              antialias=s < 1)[0]
-        return t
-
     def _forward(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        batch, sizes = normalise([self._fit(im) for im in images])
+        batch, sizes = normalise([fit(im, self.min_size, self.max_size, self.device) for im in images])
         with torch.inference_mode(), autocast(self.device):
             logits = self.model(batch)["out"]
         probs = logits.float().softmax(dim=1)
@@ -337,12 +345,7 @@ def evaluate_model(model: nn.Module, items: Sequence[tuple[np.ndarray, np.ndarra
     model.eval()
     with torch.inference_mode():
         for image, gt in items:
-            t = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 255
-            h, w = t.shape[-2:]
-            s = min(min_size / min(h, w), max_size / max(h, w))
-            t = F.interpolate(t[None], size=(max(1, round(h * s)), max(1, round(w * s))),
-                              mode="bilinear", align_corners=False, antialias=s < 1)[0]
-            batch, ((th, tw),) = normalise([t])
+            batch, ((th, tw),) = normalise([fit(image, min_size, max_size, device)])
             with autocast(device):
                 logits = model(batch)["out"][0, :, :th, :tw]
             # as annotate stores it: argmax on the model's grid, nearest to the image's size

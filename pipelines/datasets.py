@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from models.embedding import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from models.embedding import preprocess
 from models.errors import LakelensError
 from pipelines.coco import load_gt
 
@@ -392,6 +392,8 @@ class SemanticDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.nn.functional as F
 
+        from models.semantic import standardise
+
         image, classes = self.pair(i)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
         y = torch.from_numpy(classes.astype(np.int64))
@@ -408,8 +410,7 @@ class SemanticDataset(torch.utils.data.Dataset):
         y = y[top:top + self.size, left:left + self.size]
         if self.train and rng.random() < 0.5:
             x, y = x.flip(-1), y.flip(-1)
-        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return (x - mean) / std, y
+        return standardise(x), y
 
     def pairs(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         return [self.pair(i) for i in indices]

@@ -62,17 +62,22 @@ def encode_semantic(out: dict[str, Any], *, scale: tuple[float, float], width: i
     classes = np.asarray(out["classes"])
     full = resize_nearest(classes, height, width)
     skip = 0 if labels and labels[0] == "__background__" else None
+    # per class, in one pass each: pixels in the original, score sum and pixels on the grid
+    area = np.bincount(full.ravel().astype(np.int64))
+    grid = classes.ravel().astype(np.int64)
+    score_sum = np.bincount(grid, weights=np.asarray(out["scores"], np.float64).ravel(),
+                            minlength=len(area))
+    grid_px = np.bincount(grid, minlength=len(area))
+    full_f = np.asfortranarray(full)
     rows = []
-    for label in np.unique(full).tolist():
+    for label in np.flatnonzero(area).tolist():
         if label == skip:
             continue
-        mask = np.asfortranarray(full == label, dtype=np.uint8)
-        rle = mask_utils.encode(mask)
-        rows.append({"label": int(label), "label_name": _label_name(labels, int(label)),
+        rle = mask_utils.encode((full_f == label).astype(np.uint8, order="F"))
+        rows.append({"label": label, "label_name": _label_name(labels, label),
                      "mask": {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")},
-                     "area": int(mask_utils.area(rle)),
-                     "mean_score": float(np.asarray(out["scores"], np.float32)[classes == label].mean())
-                     if (classes == label).any() else 0.0})
+                     "area": int(area[label]),
+                     "mean_score": float(score_sum[label] / grid_px[label]) if grid_px[label] else 0.0})
     return rows
 
 

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser(
         "results", help="counts, SQL and upkeep of an annotations table",
         description="Without options: counts of the current view by status, stage and error "
-                    "type. --sql runs DuckDB over the current view (the table is named "
-                    "'results'; 'history' holds every row).")
+                    "type. --sql runs DuckDB over the current view (the view is named "
+                    "'current', also 'results'; 'history' holds every row).")
     rs.add_argument("table", metavar="DIR", help="an annotate --out DIR (local or URI)")
     rs.add_argument("--sql", metavar="QUERY",
                     help="e.g. \"SELECT uri, len(detections) AS n FROM results ORDER BY n DESC LIMIT 5\"")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --out: every row, superseded ones included")
     rs.add_argument("--out", metavar="FILE", help="write the rows (.parquet or .csv) instead of printing")
     rs.add_argument("--compact", action="store_true",
-                    help="merge small files and delete unreferenced ones (takes the run lock)")
+                    help="rebuild due snapshot parts and delete unreferenced files (takes the run lock)")
     rs.add_argument("--retention-hours", type=int, default=168, metavar="H",
                     help="--compact keeps files any version of the last H hours needs (default 168)")
 
@@ -370,9 +370,9 @@ def _results(args: argparse.Namespace) -> int:
 
     if args.compact:
         done = results.compact(args.table, retention_hours=args.retention_hours)
-        print(f"compacted {args.table}: {done['files_removed']} files rewritten into "
-              f"{done['files_added']}, {done['vacuumed']} unreferenced files deleted; table "
-              f"version {done['version']}")
+        print(f"compacted {args.table}: {done['rebuilt']} snapshot parts rebuilt "
+              f"({done['rows_rewritten']} rows), {done['vacuumed']} unreferenced files deleted; "
+              f"table version {done['version']}")
         return 0
     if args.sql or args.out or args.history:
         table = results.query(args.table, args.sql, history=args.history)

@@ -1,9 +1,10 @@
 """`lakelens index build|update`: index jobs over the lake table's current view.
 
 build streams the embeddings of the current view (at one table version) into a new
-index version; update adds what the table committed since the version the index saw
-(rows with committed_in > table_version) and marks the vectors of rows closed since then
-as dead; it rebuilds instead when the index has outgrown its type, and says why.
+index version; update reads the images the log changed since the version the index saw
+(their latest rows with committed_in > table_version): their old vectors become dead, and
+the new rows with an embedding are added; it rebuilds instead when the index has outgrown
+its type (or was built from a schema 3 table), and says why.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import pyarrow.parquet as pq
 
 from index import build as B
 from index import store
-from index.source import BATCH_ROWS, COLUMNS, EmbeddingSource
+from index.source import BATCH_ROWS, COLUMNS, EmbeddingSource, vectors_of
 from models.errors import LakelensError
 from pipelines import version
-from pipelines.lake.table import LakeTable, col, open_table
+from pipelines.lake.table import LakeTable, open_table
+from pipelines.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +35,16 @@ MAX_DEAD_FRACTION = 0.3  # more replaced vectors than this: rebuild
 IVF_GROWTH = 4.0  # an IVF index trained on n vectors is rebuilt past this many times n
 
 
-def table_source(table: LakeTable, where: pc.Expression | None = None) -> EmbeddingSource:
-    """The current view's embeddings at the table's loaded version."""
+def table_source(table: LakeTable) -> EmbeddingSource:
+    """The current view's embeddings at the table's loaded version (streamed part by part)."""
     model = table.model("embed")
     if model is None or not table.embedding_dim:
         raise LakelensError(f"no embeddings in {table.out!r}: run `lakelens annotate --tasks embed` first")
-    flt = pc.field("is_current") & (col("status") == "ok") & pc.field("embedding").is_valid()
-    if where is not None:
-        flt = flt & where
-    dataset = table.dataset()
-    # One file at a time: Arrow's dataset scanner reads ahead without bound when its
-    # consumer (FAISS adding vectors) is slower than the disk -- measured +0.6 GiB at 1M
-    # vectors of dim 256 -- and a filtered count_rows() keeps what it decoded.
-    count = sum(f.count_rows(filter=flt) for f in dataset.get_fragments(filter=flt))
+    flt = pc.field("embedding").is_valid()
+    count = sum(b.num_rows for b in table.current(["image_id"], where=flt, batch_rows=65_536))
 
     def scan(batch_rows: int):
-        for fragment in dataset.get_fragments(filter=flt):
-            for batch in fragment.to_batches(schema=dataset.schema, columns=COLUMNS, filter=flt,
-                                             batch_size=batch_rows, batch_readahead=0,
-                                             fragment_readahead=0):
-                if batch.num_rows:
-                    yield batch
+        yield from table.current(COLUMNS, where=flt, batch_rows=batch_rows)
 
     embedder = {"arch": model["arch"], "weights": model["weights_id"], "spec": model["spec"]}
     return EmbeddingSource(table.out, int(table.embedding_dim), embedder, count, scan)
@@ -133,6 +124,7 @@ def build(cfg: IndexBuildConfig) -> dict:
         "factory_requested": cfg.factory, "dim": src.dim,
         "metric": cfg.metric, "count": index.ntotal, "vectors": index.ntotal,
         "embedder": src.embedder, "table": table.uri, "table_version": table.version,
+        "table_schema": SCHEMA_VERSION,
         "search_params": params, "recall_at_10": round(recall, 4),
         "recall_queries": int(len(queries)), "train_sample": int(n_train),
         "built_on": "gpu" if gpu else "cpu", "build_s": round(time.perf_counter() - started, 3),
@@ -171,11 +163,21 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
     if seen is None:
         raise LakelensError(f"{index_dir} was not built from a lakelens table; rebuild it with "
                             "`lakelens index build`")
+    if manifest.get("table_schema") != SCHEMA_VERSION:  # built before the table's migration
+        logger.info("rebuilding %s: it was built from a schema %s table", index_dir,
+                    manifest.get("table_schema", "3"))
+        m = build(IndexBuildConfig(results=results, out=index_dir,
+                                   factory=manifest.get("factory_requested", "auto"),
+                                   metric=manifest["metric"]))
+        return {**m, "last_update": {"rebuilt": "the table was migrated to schema " + SCHEMA_VERSION,
+                                     "added": m["count"], "replaced": 0, "table_version": table.version,
+                                     "seconds": round(time.perf_counter() - started, 3)}}
     if table.embedding_dim != opened.dim:
         raise LakelensError(f"{results} has embeddings of dim {table.embedding_dim}; the index "
                             f"holds dim {opened.dim}")
-    src = table_source(table, where=pc.field("committed_in") > seen)
-    old, new = manifest["embedder"], src.embedder
+    model = table.model("embed") or {}
+    new = {"arch": model.get("arch"), "weights": model.get("weights_id")}
+    old = manifest["embedder"]
     if (old["arch"], old["weights"]) != (new["arch"], new["weights"]):
         raise LakelensError(f"{results} was embedded with {new['arch']} ({new['weights']}); the "
                             f"index holds {old['arch']} ({old['weights']}): rebuild instead")
@@ -189,29 +191,32 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
     hashes = ids.column("content_hash").to_pylist()
     live = opened.live.copy().tolist()
     row_of = {iid: r for r, iid in enumerate(image_ids) if live[r]}
-    closed = 0
-    for batch in table.dataset().scanner(columns=["image_id"], filter=pc.field("closed_in") > seen,
-                                         batch_size=batch_rows).to_batches():
-        for iid in batch.column("image_id").to_pylist():
-            r = row_of.pop(iid, None)
-            if r is not None:
-                live[r] = False
-                closed += 1
-    added = replaced = 0
-    for rows in src.batches(batch_rows):
-        batch_ids, batch_uris = rows.image_ids.to_pylist(), rows.uris.to_pylist()
-        for j, (iid, h) in enumerate(zip(batch_ids, rows.content_hashes.to_pylist(), strict=True)):
-            r = row_of.get(iid)
-            if r is not None:  # an image indexed twice (e.g. an index built mid-run): newest wins
-                live[r] = False
-                replaced += 1
-            row_of[iid] = len(image_ids)
-            image_ids.append(iid)
-            uris.append(batch_uris[j])
-            hashes.append(h)
-            live.append(True)
-        index.add(np.ascontiguousarray(rows.vectors))
-        added += len(batch_ids)
+    closed = added = replaced = 0
+    dim = int(table.embedding_dim or opened.dim)
+    for part in table.parts():  # the images changed since `seen`, one part at a time
+        for batch in table.changes(part, seen, ["image_id", "uri", "content_hash", "status", "embedding"],
+                                   batch_rows=batch_rows):
+            for iid in batch.column("image_id").to_pylist():
+                r = row_of.pop(iid, None)
+                if r is not None:
+                    live[r] = False
+                    closed += 1
+            keep = pc.and_(pc.equal(batch.column("status"), "ok"), pc.is_valid(batch.column("embedding")))
+            batch = batch.filter(keep)
+            if not batch.num_rows:
+                continue
+            for iid, uri, h in zip(batch.column("image_id").to_pylist(), batch.column("uri").to_pylist(),
+                                   batch.column("content_hash").to_pylist(), strict=True):
+                row_of[iid] = len(image_ids)
+                image_ids.append(iid)
+                uris.append(uri)
+                hashes.append(h)
+                live.append(True)
+            index.add(vectors_of(batch.column("embedding"), dim))
+            added += batch.num_rows
+    if not added and not closed:  # only empty commits (lock fences) since: nothing to rewrite
+        return {**manifest, "last_update": {"added": 0, "replaced": 0, "removed": 0, "seconds": 0.0,
+                                            "table_version": seen, "unchanged": True}}
     n_live = int(sum(live))
     reason = rebuild_reason(manifest, n_live, index.ntotal)
     if reason:

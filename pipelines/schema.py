@@ -1,15 +1,15 @@
 """The annotations table: one explicit pyarrow schema, versioned.
 
-One Delta table holds results and errors (a `status` column) so that a chunk's result
-rows and error rows land in one commit or not at all. Every image has exactly one row
-with `is_current = true`; older rows of changed images stay as history.
+The log holds results, errors and tombstones (a `status` column) so that a chunk's rows
+land in one commit or not at all; nothing in it is rewritten by a night. Every listed
+image has exactly one row in the current view (pipelines.lake.table).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"  # 3: the semantic column (a version 2 table gains it at its next annotate)
+SCHEMA_VERSION = "4"  # 4: append-only log + per-part snapshot (2, 3: one SCD2 table, migrated in place)
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -51,17 +51,23 @@ TASK_COLUMNS = {"detect": "detections", "segment": "instances", "pose": "poses",
 TASK_TYPES = {"detections": pa.list_(DETECTION), "instances": pa.list_(INSTANCE),
               "poses": pa.list_(POSE), "semantic": pa.list_(SEMANTIC),
               "embedding": pa.list_(pa.float32())}
-STATUSES = ("ok", "error")
+STATUSES = ("ok", "error")  # a current row's status
+ROW_STATUSES = ("ok", "error", "tombstone")  # what the log holds
+WATERMARK = "watermark"  # the status of a snapshot part's one bookkeeping row
+REASONS = ("new", "changed", "retry", "full", "stale", "crashed", "vanished", "forgotten", "migrated")
 
+# Schema 4: the log (DIR/log) is append-only; a night appends new and changed images'
+# rows and tombstones. The snapshot (DIR/current) holds one row per live image, rebuilt
+# one part at a time (pipelines.lake.upkeep); the current view = snapshot minus images
+# with log rows since the part's watermark, plus their latest such rows.
 TABLE_SCHEMA = pa.schema([
     _f("image_id", pa.string(), "sha256 of the canonical URI, 32 hex digits"),
-    _f("bucket", pa.int32(), "hash partition of image_id (the table is partitioned by it)"),
-    _f("uri", pa.string(), "where the image was read from"),
+    _f("uri", pa.string(), "where the image was read from (null on a forgotten image's tombstone)"),
     _f("content_hash", pa.string(), "sha256 of the file's bytes (null if unreadable)"),
     _f("size", pa.int64(), "object size in bytes when listed"),
     _f("fingerprint", pa.string(),
        "cheap change detector: size:mtime_ns locally, etag:<ETag> or size:mtime on object stores"),
-    _f("status", pa.string(), "ok (a result) or error"),
+    _f("status", pa.string(), "ok (a result), error, or tombstone (the image is gone)"),
     _f("error_stage", pa.string(),
        "list, read, decode, detect, segment, pose, semantic, embed, encode or crash"),
     _f("error_type", pa.string(), "short error class, e.g. TruncatedImageError, WorkerCrashed"),
@@ -74,10 +80,12 @@ TABLE_SCHEMA = pa.schema([
     _f("models", pa.list_(MODEL), "what made each task column"),
     _f("run_id", pa.string(), "the run that wrote the row"),
     _f("annotated_at", pa.timestamp("us", tz="UTC"), "when the row was written"),
-    _f("is_current", pa.bool_(), "true on exactly one row per image: its latest state"),
-    _f("committed_in", pa.int64(), "table version of the commit that wrote the row"),
-    _f("closed_in", pa.int64(), "table version that superseded the row (null while current)"),
-    _f("closed_at", pa.timestamp("us", tz="UTC"), "when the row stopped being current"),
-    _f("closed_by", pa.string(), "run that superseded the row"),
-    _f("close_reason", pa.string(), "changed, retried, full (re-annotated) or vanished (--prune)"),
+    _f("committed_in", pa.int64(), "log version of the commit that wrote the row (the latest wins)"),
+    _f("reason", pa.string(), "why the row was written: " + ", ".join(REASONS)),
 ])
+SNAPSHOT_SCHEMA = pa.schema([*TABLE_SCHEMA, _f(
+    "part", pa.string(), "the snapshot's partition: image ids starting with this hex prefix")])
+
+# Schema 3 (DIR/table, one table with SCD2 history): read by `lakelens migrate` and kept
+# as the history before the migration.
+LEGACY_COLUMNS = ("bucket", "is_current", "closed_in", "closed_at", "closed_by", "close_reason")

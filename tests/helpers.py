@@ -101,7 +101,6 @@ def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None
     already has a current row is closed and replaced, as annotate does for changed images."""
     from datetime import UTC, datetime
 
-    from pipelines.lake.sources import bucket_of
     from pipelines.lake.table import create_or_open, save_meta
     from pipelines.schema import TABLE_SCHEMA
 
@@ -117,44 +116,36 @@ def write_results(directory: Path, vectors: np.ndarray, *, ids: list[str] | None
     save_meta(table)
     models = [{"task": "embed", "arch": embedder[0], "weights": embedder[1]}]
     emb = pa.array([v.tolist() for v in vectors] + [None] * null_rows, pa.list_(pa.float32()))
-    buckets = [bucket_of(i, table.buckets) for i in all_ids]
     cols = {
-        "image_id": all_ids, "bucket": buckets,
+        "image_id": all_ids,
         "uri": [f"/lake/{i}.jpg" for i in all_ids],
         "content_hash": hashes + ["x"] * null_rows, "status": ["ok"] * total,
         "width": [64] * total, "height": [48] * total, "embedding": emb,
         "models": [models] * total, "run_id": [run_id] * total,
-        "annotated_at": [datetime.now(UTC)] * total, "is_current": [True] * total,
+        "annotated_at": [datetime.now(UTC)] * total, "reason": ["new"] * total,
     }
     rows = pa.table({f.name: (cols[f.name] if isinstance(cols.get(f.name), pa.Array) else
                               pa.array(cols[f.name], f.type)) if f.name in cols else pa.nulls(total, f.type)
                      for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
-    present = set(table.current_table(["image_id"], status=None).column("image_id").to_pylist())
-    again = [(i, b) for i, b in zip(all_ids, buckets, strict=True) if i in present]
-    closes = pa.table({"image_id": [i for i, _ in again],
-                       "bucket": pa.array([b for _, b in again], pa.int32()),
-                       "reason": ["changed"] * len(again)}) if again else None
     seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
-    table.commit(rows, closes, run_id=run_id, seq=seq, epoch=1)
+    table.commit(rows, run_id=run_id, seq=seq, epoch=1)
     return directory
 
 
 def commit_rows(directory: Path, rows: list[dict], *, run_id: str = "r") -> Path:
-    """Commit hand-made result rows (dicts of TABLE_SCHEMA columns; status, bucket and
-    history fields filled in) as one chunk of DIR's lake table, created if missing."""
+    """Commit hand-made result rows (dicts of TABLE_SCHEMA columns; status and run fields
+    filled in) as one chunk of DIR's lake table, created if missing."""
     from datetime import UTC, datetime
 
-    from pipelines.lake.sources import bucket_of
     from pipelines.lake.table import create_or_open
     from pipelines.schema import TABLE_SCHEMA
 
     table = create_or_open(str(directory), buckets=4)
-    full = [{"status": "ok", "is_current": True, "run_id": run_id,
-             "annotated_at": datetime.now(UTC), **r, "bucket": bucket_of(r["image_id"], 4)}
+    full = [{"status": "ok", "run_id": run_id, "reason": "new", "annotated_at": datetime.now(UTC), **r}
             for r in rows]
     data = pa.Table.from_pylist(full, schema=TABLE_SCHEMA)
     seq = (table.dt.transaction_version(f"lakelens.run.{run_id}") or 0) + 1
-    table.commit(data, None, run_id=run_id, seq=seq, epoch=1)
+    table.commit(data, run_id=run_id, seq=seq, epoch=1)
     return directory
 
 

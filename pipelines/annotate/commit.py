@@ -1,8 +1,12 @@
 """The commit loop: pipeline rows -> table rows, a chunk at a time, one Delta commit each.
 
 The driver is the only writer. It holds at most one chunk of rows, turns them into
-TABLE_SCHEMA rows (results and errors alike), and commits them together with the closing
-of the rows they supersede. Counts for the run summary are kept as it goes.
+TABLE_SCHEMA rows (results and errors alike) and appends them to the log in one commit:
+a row supersedes the image's earlier ones by being later (nothing is rewritten). A chunk
+is committed when it holds chunk_size images, CHUNK_BYTES of rows, or CHUNK_SECONDS
+after the previous commit, so a large night writes large files and a crash loses at
+most one chunk of work (never a row: the rerun's diff finds what did not land).
+Counts for the run summary are kept as it goes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,7 +26,8 @@ from pipelines.schema import TABLE_SCHEMA, TASK_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-CLOSE_REASON = {"changed": "changed", "retry": "retried", "full": "full"}
+CHUNK_BYTES = 128 * 2**20  # rows held before a commit: one large file per commit
+CHUNK_SECONDS = 300.0  # at most this long between commits while rows come in
 RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "semantic", "embed"}
 PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
 
@@ -56,7 +60,9 @@ class Committer:
     arrivals: Counter = field(default_factory=Counter)  # whole seconds since start -> rows out
     _pending: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
+    _pending_bytes: int = 0
     _started: float = field(default_factory=time.perf_counter)
+    _last_commit: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         by_task = {m.task: m for m in self.models}
@@ -70,48 +76,54 @@ class Committer:
         self.arrivals[int(time.perf_counter() - self._started)] += batch.num_rows
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
+        self._pending_bytes += batch.nbytes
         while self._pending_rows >= self.chunk_size:
             table = pa.concat_tables(self._pending, promote_options="default")
             self._commit(table.slice(0, self.chunk_size))
             rest = table.slice(self.chunk_size)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            self._pending_bytes = rest.nbytes
+        if self._pending_rows and (self._pending_bytes >= CHUNK_BYTES
+                                   or time.perf_counter() - self._last_commit >= CHUNK_SECONDS):
+            self.flush()
 
     def flush(self) -> None:
         if self._pending_rows:
             self._commit(pa.concat_tables(self._pending, promote_options="default"))
-        self._pending, self._pending_rows = [], 0
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
     def add_crashed(self, todo: pa.Table, message: str) -> None:
         """Images whose worker died every time they were tried: error rows."""
         n = todo.num_rows
         cols = {c: todo.column(c) for c in todo.column_names}
-        cols.update({"error_stage": pa.array(["crash"] * n), "error_type": pa.array(["WorkerCrashed"] * n),
-                     "error_message": pa.array([message] * n)})
+        cols.update({"kind": pa.array(["crashed"] * n), "error_stage": pa.array(["crash"] * n),
+                     "error_type": pa.array(["WorkerCrashed"] * n), "error_message": pa.array([message] * n)})
         self.add(pa.table(cols))
 
-    def close_vanished(self, gone: pa.Table) -> None:
-        """--prune: close the current rows of images no longer listed (no new row)."""
-        for start in range(0, gone.num_rows, self.chunk_size):
-            part = gone.slice(start, self.chunk_size)
-            closes = pa.table({"image_id": part.column("image_id"), "bucket": part.column("bucket"),
-                               "reason": pa.array(["vanished"] * part.num_rows)})
+    def close_vanished(self, gone: pa.Table, chunk: int = 100_000) -> int:
+        """--prune: a tombstone for each image no longer listed (image_id, uri, fingerprint)."""
+        for start in range(0, gone.num_rows, chunk):
+            part = gone.slice(start, chunk)
+            n = part.num_rows
+            cols = {"image_id": part.column("image_id"), "uri": part.column("uri"),
+                    "fingerprint": part.column("fingerprint"), "status": pa.array(["tombstone"] * n),
+                    "reason": pa.array(["vanished"] * n), "run_id": pa.array([self.run_id] * n),
+                    "annotated_at": pa.array([datetime.now(UTC)] * n,
+                                             TABLE_SCHEMA.field("annotated_at").type)}
+            rows = pa.table({f.name: cols[f.name] if f.name in cols else pa.nulls(n, f.type)
+                             for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
             self.seq += 1
-            self.table.commit(None, closes, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
-                              info={"vanished": part.num_rows})
+            self.table.commit(rows, run_id=self.run_id, seq=self.seq, epoch=self.epoch, info={"vanished": n})
+        return gone.num_rows
 
     def _commit(self, batch: pa.Table) -> None:
         batch = _first_per_id(batch)
         rows = self._table_rows(batch)
-        kinds = batch.column("kind")
-        closing = batch.filter(pc.not_equal(kinds, "new"))
-        closes = pa.table({
-            "image_id": closing.column("image_id"), "bucket": closing.column("bucket"),
-            "reason": pa.array([CLOSE_REASON[k] for k in closing.column("kind").to_pylist()],
-                               pa.string())}) if closing.num_rows else None
         ok = int(pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0)
         self.seq += 1
-        version = self.table.commit(rows, closes, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
+        version = self.table.commit(rows, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
                                     info={"rows": rows.num_rows, "ok": ok})
+        self._last_commit = time.perf_counter()
         failed = rows.filter(pc.equal(rows.column("status"), "error"))
         self.error_kinds.update(zip(failed.column("error_stage").to_pylist(),
                                     failed.column("error_type").to_pylist(), strict=True))
@@ -147,8 +159,9 @@ class Committer:
                 cols[f.name] = pa.array([self.run_id] * n, f.type)
             elif f.name == "annotated_at":
                 cols[f.name] = pa.array([now] * n, f.type)
-            elif f.name == "is_current":
-                cols[f.name] = pa.array(np.ones(n, bool))
+            elif f.name == "reason":
+                cols[f.name] = (batch.column("kind").cast(pa.string()) if "kind" in names
+                                else pa.array(["new"] * n, pa.string()))
             elif f.name in names:
                 cols[f.name] = batch.column(f.name).cast(f.type)
             else:

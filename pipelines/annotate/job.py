@@ -55,11 +55,12 @@ from pipelines.lake.lock import acquire
 from pipelines.lake.sources import is_remote, plan_sources
 from pipelines.lake.table import (
     LakeTable,
+    NeedsMigration,
     create_or_open,
     location,
+    open_table,
     output_fs,
     save_meta,
-    upgrade,
     write_json,
 )
 from pipelines.schema import TASK_COLUMNS, TASK_TYPES
@@ -232,6 +233,9 @@ class RunSummary:
     max_error_rate: float = 0.5
     index: dict = field(default_factory=dict)
     steady_images_per_s: float | None = None  # between the 10th and 90th percentile of rows out
+    stale: int = 0  # results of another embedder redone (a --full run cut short)
+    unlistable: int = 0  # images under directories that could not be listed (kept as they were)
+    unlisted_dirs: tuple[str, ...] = ()
 
     @property
     def tried(self) -> int:
@@ -249,7 +253,8 @@ class RunSummary:
         return {"listed": self.listed, "new": self.new, "changed": self.changed,
                 "unchanged": self.unchanged, "vanished": self.vanished, "retried": self.retried,
                 "annotated": self.annotated, "errors": self.errors, "crashed": self.crashed,
-                "read_retries": self.read_retries, "skipped_non_images": self.skipped_non_images}
+                "read_retries": self.read_retries, "skipped_non_images": self.skipped_non_images,
+                "stale": self.stale, "unlistable": self.unlistable}
 
     def describe(self) -> str:
         skipped = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
@@ -260,6 +265,9 @@ class RunSummary:
                 + f", in {self.wall_s:.1f} s ({self.images_per_s:.2f} images/s). ")
         if skipped:
             text += f"Skipped non-image files: {skipped}. "
+        if self.unlisted_dirs:
+            text += (f"Could not list {len(self.unlisted_dirs)} directories ({self.unlistable} images "
+                     f"under them kept as they were): {', '.join(self.unlisted_dirs[:3])}. ")
         text += (f"Table {location(self.out, 'table')} at version {self.table_version}; run record "
                  f"{self.out}/runs/{self.run_id}.json.")
         if self.index:
@@ -356,11 +364,23 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     started = time.perf_counter()
     run_id = new_run_id()
     plan_src = plan_sources(cfg.sources)
-    table = create_or_open(cfg.out, buckets=cfg.buckets)
+    try:
+        table = create_or_open(cfg.out, buckets=cfg.buckets)
+        legacy = False
+    except NeedsMigration:
+        table, legacy = None, True
     # Weights are checked in the driver before anything starts: a bad checkpoint or missing
     # default weights is one line, not an actor failure.
     infos = resolve_models(cfg)
     with acquire(cfg.out, run_id) as lock:
+        epoch = lock.epoch
+        if legacy:  # a schema 2/3 table: migrated in place, under the lock, before anything
+            from pipelines.lake.upkeep import migrate_locked
+
+            epoch = migrate_locked(cfg.out, epoch=epoch, run_id=run_id)["epoch"]
+            table = open_table(cfg.out)
+        else:  # the lock's epoch lands in the table at once: an owner it replaced is fenced
+            epoch = table.fence(epoch, run_id=run_id)
         connect(cfg)
         fs, root = output_fs(cfg.out)
         staging_root = f"{root}/_lakelens/staging"
@@ -368,7 +388,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
             fs.delete_dir(old.path)  # left by a crashed run; under the lock nobody uses them
         staging = location(cfg.out, "_lakelens", "staging", run_id)
         try:
-            summary = _run_locked(cfg, run_id, table, lock.epoch, infos, plan_src, staging, started)
+            summary = _run_locked(cfg, run_id, table, epoch, infos, plan_src, staging, started)
         finally:
             try:
                 fs.delete_dir(f"{staging_root}/{run_id}")
@@ -379,18 +399,24 @@ def run(cfg: AnnotateConfig) -> RunSummary:
 
 def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                 infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
-    upgrade(table)  # under the lock: no commit of ours races the schema change
     base_version = table.version
-    skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, table.buckets)
-    counts = D.diff(table.uri, base_version, staging, table.buckets, full=cfg.full, prune=cfg.prune)
+    parts = table.parts()
+    skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, parts)
+    embed = next((i for i in infos if i.task == "embed"), None)
+    counts = D.diff(cfg.out, staging, parts, full=cfg.full, prune=cfg.prune,
+                    embed_weights=embed.weights_id if embed else None)
+    if counts.unlisted_dirs:
+        logger.warning("run %s: %d directories could not be listed (their %d images are kept, not "
+                       "taken for vanished): %s", run_id, len(counts.unlisted_dirs), counts.unlistable,
+                       ", ".join(counts.unlisted_dirs[:5]))
     if counts.listed == 0:
         kinds = ", ".join(f"{n} {e}" for e, n in sorted(skipped.items())) or "none"
         raise LakelensError(f"no images found in {', '.join(cfg.sources)} (non-image files "
                             f"skipped: {kinds})")
     record_models(table, infos, cfg.full)
-    logger.info("run %s: %d listed: %d new, %d changed, %d earlier errors to retry, %d unchanged, "
-                "%d vanished", run_id, counts.listed, counts.new, counts.changed, counts.retry,
-                counts.unchanged, counts.vanished)
+    logger.info("run %s: %d listed: %d new, %d changed, %d earlier errors to retry, %d made by "
+                "another embedder, %d unchanged, %d vanished", run_id, counts.listed, counts.new,
+                counts.changed, counts.retry, counts.stale, counts.unchanged, counts.vanished)
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
     crashed = 0
     if counts.todo:
@@ -407,11 +433,15 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
             _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
                                    stats_dir=f"{staging}/actors", weights_files=shipped), committer)
         if committer.annotated + committer.errors < counts.todo:
-            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped)
+            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped,
+                                    parts=parts, since=base_version)
     if cfg.prune and counts.vanished:
         gone = D.read_bucket_files(staging, "vanished")
         if gone is not None:
             committer.close_vanished(gone)
+    from pipelines.lake.upkeep import run_upkeep
+
+    upkeep = run_upkeep(table)
     wall = time.perf_counter() - started
     actors = actor_stats(f"{staging}/actors") if counts.todo else []
     _log_actors(run_id, actors, wall)
@@ -422,12 +452,13 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         run_id=run_id, out=cfg.out, listed=counts.listed, new=counts.new, changed=counts.changed,
         unchanged=counts.unchanged, vanished=counts.vanished, retried=counts.retry,
         annotated=committer.annotated, errors=committer.errors, crashed=crashed,
-        read_retries=committer.read_retries, skipped=skipped, wall_s=wall,
+        read_retries=committer.read_retries, skipped=skipped, wall_s=wall, stale=counts.stale,
+        unlistable=counts.unlistable, unlisted_dirs=counts.unlisted_dirs,
         table_version=table.version, top_errors=committer.top_errors(),
         error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate,
         steady_images_per_s=pool_steady_rate(actors, infos[-1].task)
         or committer.throughput()["steady_images_per_s"])
-    if cfg.index and (counts.todo or counts.vanished):
+    if cfg.index:  # every run: an index left behind by an earlier failure catches up
         from pipelines import indexing
 
         summary = dataclasses.replace(summary, index=indexing.sync(cfg.index, cfg.out))
@@ -435,7 +466,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
               "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
               "counts": summary.counts(), "skipped": skipped, "top_errors": summary.top_errors,
               "table_version_before": base_version, "table_version": summary.table_version,
-              "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors,
+              "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors, "upkeep": upkeep,
+              "unlisted_dirs": list(counts.unlisted_dirs),
               "decode_nodes": dict(committer.decode_nodes),
               "images_per_s": round(summary.images_per_s, 3), **committer.throughput(),
               "steady_images_per_s": summary.steady_images_per_s,
@@ -476,13 +508,14 @@ def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,
                   infos: list[ModelInfo], plan: PoolPlan, committer: Committer,
-                  shipped: dict[str, ray.ObjectRef] | None = None) -> int:
+                  shipped: dict[str, ray.ObjectRef] | None = None, *, parts: list[str],
+                  since: int) -> int:
     """Images the pass did not commit (their blocks failed every retry): once more, one
     image per block; what is still missing then crashed its worker every time."""
     if cfg.limit:
         return 0  # a --limit run leaves the rest for later on purpose
     table.refresh()
-    lost = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="todo",
+    lost = D.find_missing(cfg.out, staging, parts, run_id=run_id, since=since, source="todo",
                           dest="lost")
     if not lost:
         return 0
@@ -493,7 +526,7 @@ def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: s
         _consume(build_dataset(cfg, again, infos, plan, rows_per_block=1,
                                stats_dir=f"{staging}/actors", weights_files=shipped), committer)
     table.refresh()
-    still = D.find_missing(table.uri, staging, table.buckets, run_id=run_id, source="lost",
+    still = D.find_missing(cfg.out, staging, parts, run_id=run_id, since=since, source="lost",
                            dest="crashed")
     if still:
         rows = D.read_bucket_files(staging, "crashed")

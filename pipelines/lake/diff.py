@@ -2,13 +2,16 @@
 
 1. Listing: directories (spread over tasks by pipelines.lake.sources.plan_sources),
    manifests (read by Ray Data) and globs become listing rows in Ray tasks. Each task
-   writes its rows, keyed by image_id, into per-bucket staging files
-   (STAGING/listing/b=K/*.parquet) and returns only counts.
-2. Diff: one task per bucket reads that bucket's listing files and that partition of the
-   table's current view (the table is partitioned by the same bucket), joins them on
-   image_id and writes what to annotate (STAGING/todo/K.parquet) and what vanished.
+   writes its rows, keyed by image_id, into per-part staging files
+   (STAGING/listing/p=PART/*.parquet; a part is a hex prefix of image_id, as in the
+   snapshot) and returns only counts. Directories that could not be listed are staged
+   too (STAGING/unlisted): nothing under them is taken for vanished.
+2. Diff: one task per snapshot part reads that part's listing files and that part's
+   current view (pipelines.lake.table), joins them on image_id and writes what to
+   annotate (STAGING/todo/PART.parquet) and what vanished. Parts split as the lake grows
+   (pipelines.lake.upkeep), so a task's rows stay bounded whatever the lake's size.
 
-No process ever holds more than one bucket of the lake, and the driver holds counts only.
+No process ever holds more than one part of the lake, and the driver holds counts only.
 A listing task that Ray retries writes its files again under new names: the diff drops
 duplicate image ids, so a retry cannot list an image twice.
 """
@@ -30,13 +33,13 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.lake import sources as S
-from pipelines.lake.table import col, output_fs
+from pipelines.lake.table import col, open_table, output_fs, part_filter, part_index
 
 logger = logging.getLogger(__name__)
 
-TODO_SCHEMA = pa.schema([("image_id", pa.string()), ("bucket", pa.int32()), ("uri", pa.string()),
+TODO_SCHEMA = pa.schema([("image_id", pa.string()), ("part", pa.string()), ("uri", pa.string()),
                          ("size", pa.int64()), ("fingerprint", pa.string()), ("kind", pa.string())])
-KINDS = ("new", "changed", "retry", "full")  # what to annotate; the rest: unchanged, vanished
+KINDS = ("new", "changed", "retry", "stale", "full")  # what to annotate; the rest: unchanged, vanished
 GLOB_BATCH = 50_000
 TODO_GROUP = 256  # images per block entering the annotate pipeline (and lost with a dead task)
 MAX_BLOCKS = 100_000
@@ -48,14 +51,17 @@ class DiffCounts:
     new: int = 0
     changed: int = 0
     retry: int = 0  # error rows of earlier runs tried again (transient errors)
+    stale: int = 0  # results made by another embedder than this run's (a --full cut short)
     full: int = 0  # unchanged images re-annotated because of --full
     unchanged: int = 0
     vanished: int = 0  # current rows whose image was not listed
+    unlistable: int = 0  # current rows under a directory that could not be listed (kept)
+    unlisted_dirs: tuple[str, ...] = ()  # directories that could not be listed (first few)
     skipped: dict[str, int] = field(default_factory=dict)  # non-image files by extension
 
     @property
     def todo(self) -> int:
-        return self.new + self.changed + self.retry + self.full
+        return self.new + self.changed + self.retry + self.stale + self.full
 
 
 LIST_CPUS = 0.5  # listing and staging wait on the store (LIST calls, small writes) more than they compute
@@ -135,61 +141,79 @@ def _expand_globs(globs: list[str], staging: str) -> list[str]:
     return out
 
 
-# -- staging the listing by bucket --------------------------------------------------------
+# -- staging the listing by part -----------------------------------------------------------
 
-def stage_listing(ds: ray.data.Dataset, staging: str, buckets: int) -> dict[str, int]:
-    """Write the listing into per-bucket staging files; returns non-images by extension."""
+def part_dir(part: str) -> str:
+    return f"p={part or '_'}"
+
+
+def stage_listing(ds: ray.data.Dataset, staging: str, parts: list[str]) -> dict[str, int]:
+    """Write the listing into per-part staging files; returns non-images by extension."""
     skipped: Counter = Counter()
     stats = ds.map_batches(_stage_batch, batch_format="pyarrow", batch_size=S.LIST_BATCH,
-                           fn_kwargs={"staging": staging, "buckets": buckets}, num_cpus=LIST_CPUS)
+                           fn_kwargs={"staging": staging, "parts": parts}, num_cpus=LIST_CPUS)
     for row in stats.iter_rows():
         skipped.update(json.loads(row["skipped"]))
     return dict(skipped)
 
 
-def _stage_batch(batch: pa.Table, *, staging: str, buckets: int) -> pa.Table:
+def _stage_batch(batch: pa.Table, *, staging: str, parts: list[str]) -> pa.Table:
+    fs, root = output_fs(staging)
+    name = uuid.uuid4().hex
+    if "list_error" in batch.column_names:
+        failed = pc.is_valid(batch.column("list_error"))
+        if pc.any(failed).as_py():
+            fs.create_dir(f"{root}/unlisted", recursive=True)
+            pq.write_table(batch.filter(failed).select(["uri", "list_error"]),
+                           f"{root}/unlisted/{name}.parquet", filesystem=fs)
+            batch = batch.filter(pc.invert(failed))
     glob_rows = batch.column("is_image")
     images = batch.filter(glob_rows)
     others = batch.filter(pc.invert(glob_rows))
     skipped = Counter(S.extension(u) for u in others.column("uri").to_pylist())
     uris = images.column("uri").to_pylist()
-    ids = [S.image_id(u) for u in uris]
-    bucket = np.fromiter((S.bucket_of(i, buckets) for i in ids), dtype=np.int32, count=len(ids))
+    ids = pa.array([S.image_id(u) for u in uris], pa.string())
     fps = [S.fingerprint(s, m, e) for s, m, e in zip(
         images.column("size").to_pylist(), images.column("mtime_ns").to_pylist(),
         images.column("etag").to_pylist(), strict=True)]
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "bucket": pa.array(bucket),
+    idx = part_index(ids, parts) if len(ids) else np.zeros(0, np.int64)
+    table = pa.table({"image_id": ids, "part": pa.array(np.asarray(parts, dtype=object)[idx], pa.string()),
                       "uri": images.column("uri"), "size": images.column("size"),
                       "fingerprint": pa.array(fps, pa.string())})
-    fs, root = output_fs(staging)
-    order = np.argsort(bucket, kind="stable")
-    table, sorted_b = table.take(pa.array(order)), bucket[order]
-    starts = np.flatnonzero(np.r_[True, sorted_b[1:] != sorted_b[:-1]]) if len(order) else []
-    name = uuid.uuid4().hex
+    order = np.argsort(idx, kind="stable")
+    table, sorted_p = table.take(pa.array(order)), idx[order]
+    starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]]) if len(order) else []
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else len(order)
-        b = int(sorted_b[start])
-        fs.create_dir(f"{root}/listing/b={b}", recursive=True)
-        pq.write_table(table.slice(start, end - start), f"{root}/listing/b={b}/{name}.parquet",
+        d = part_dir(parts[int(sorted_p[start])])
+        fs.create_dir(f"{root}/listing/{d}", recursive=True)
+        pq.write_table(table.slice(start, end - start), f"{root}/listing/{d}/{name}.parquet",
                        filesystem=fs)
     return pa.table({"listed": [table.num_rows], "skipped": [json.dumps(skipped)]})
 
 
+def unlisted_dirs(staging: str) -> list[str]:
+    """Directories (and prefixes) that could not be listed this run."""
+    t = read_bucket_files(staging, "unlisted")
+    return sorted(set(t.column("uri").to_pylist())) if t is not None else []
+
+
 # -- the diff -------------------------------------------------------------------------------
 
-def diff(table_uri: str, version: int, staging: str, buckets: int, *, full: bool,
-         prune: bool) -> DiffCounts:
-    """Classify every listed image against the table's current view at `version`."""
-    tasks = ray.data.from_items([{"bucket": b} for b in range(buckets)],
-                                override_num_blocks=buckets)
-    out = tasks.map_batches(_diff_bucket, batch_size=1, batch_format="pyarrow", fn_kwargs={
-        "table_uri": table_uri, "version": version, "staging": staging, "full": full,
-        "prune": prune})
+def diff(out: str, staging: str, parts: list[str], *, full: bool, prune: bool,
+         embed_weights: str | None = None) -> DiffCounts:
+    """Classify every listed image against the table's current view, part by part."""
+    unlisted = unlisted_dirs(staging)
+    tasks = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=max(1, len(parts)))
+    out_ds = tasks.map_batches(_diff_part, batch_size=1, batch_format="pyarrow", fn_kwargs={
+        "out": out, "staging": staging, "full": full, "prune": prune, "unlisted": unlisted,
+        "embed_weights": embed_weights})
     totals: Counter = Counter()
-    for row in out.iter_rows():
+    for row in out_ds.iter_rows():
         totals.update(json.loads(row["counts"]))
     return DiffCounts(**{k: int(totals.get(k, 0)) for k in (
-        "listed", "new", "changed", "retry", "full", "unchanged", "vanished")})
+        "listed", "new", "changed", "retry", "stale", "full", "unchanged", "vanished", "unlistable")},
+        unlisted_dirs=tuple(unlisted[:20]))
 
 
 def read_bucket_files(staging: str, sub: str) -> pa.Table | None:
@@ -201,64 +225,103 @@ def read_bucket_files(staging: str, sub: str) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
 
 
-def current_rows(table_uri: str, bucket: int, columns: list[str], *, version: int | None = None,
-                 where: pc.Expression | None = None) -> pa.Table:
-    """One partition of the table's current view."""
-    from deltalake import DeltaTable
+def current_rows(out: str, part: str, columns: list[str], *, where: pc.Expression | None = None) -> pa.Table:
+    """One part's current view (results and errors)."""
+    from pipelines.schema import TABLE_SCHEMA
 
-    dt = DeltaTable(table_uri, version=version)
-    flt = pc.field("is_current") if where is None else pc.field("is_current") & where
-    return dt.to_pyarrow_dataset(partitions=[("bucket", "=", str(bucket))]).to_table(
-        columns=columns, filter=flt)
+    batches = list(open_table(out).current_part(part, columns, status=None, where=where))
+    schema = pa.schema([TABLE_SCHEMA.field(c) for c in columns])
+    return pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()
 
 
-def _diff_bucket(batch: pa.Table, *, table_uri: str, version: int, staging: str, full: bool,
-                 prune: bool) -> pa.Table:
-    b = int(batch.column("bucket")[0].as_py())
-    listed = read_bucket_files(staging, f"listing/b={b}")
+def _embed_weights(models: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each row's embed weights id (null when the row has no embedding model)."""
+    models = models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models
+    out = np.full(len(models), None, dtype=object)
+    if len(models):
+        flat = pc.list_flatten(models)
+        parents = pc.list_parent_indices(models).to_numpy()
+        embed = pc.fill_null(pc.equal(pc.struct_field(flat, "task"), "embed"), False).to_numpy(
+            zero_copy_only=False)
+        weights = np.asarray(pc.struct_field(flat, "weights").to_pylist(), dtype=object)
+        out[parents[embed]] = weights[embed]
+    return pa.array(out, pa.string())
+
+
+def _diff_part(batch: pa.Table, *, out: str, staging: str, full: bool, prune: bool,
+               unlisted: list[str], embed_weights: str | None) -> pa.Table:
+    part = batch.column("part")[0].as_py()
+    listed = read_bucket_files(staging, f"listing/{part_dir(part)}")
     if listed is None:
         listed = pa.schema([f for f in TODO_SCHEMA if f.name != "kind"]).empty_table()
     if pc.count_distinct(listed.column("image_id")).as_py() != listed.num_rows:
         listed = _first_per_id(listed)
-    current = current_rows(table_uri, b, ["image_id", "fingerprint", "status", "error_retryable"],
-                           version=version)
-    current = current.rename_columns(["image_id", "t_fingerprint", "t_status", "t_retryable"])
+    current = current_rows(out, part, ["image_id", "uri", "fingerprint", "status", "error_retryable",
+                                       "models"])
+    t_embed = _embed_weights(current.column("models"))
+    current = pa.table({"image_id": current.column("image_id"), "t_uri": current.column("uri"),
+                        "t_fingerprint": current.column("fingerprint"), "t_status": current.column("status"),
+                        "t_retryable": current.column("error_retryable"), "t_embed": t_embed})
     joined = listed.join(current, keys="image_id", join_type="full outer", use_threads=False)
     in_list = pc.is_valid(joined.column("uri"))
     in_table = pc.is_valid(joined.column("t_status"))
     fp, t_fp = joined.column("fingerprint"), joined.column("t_fingerprint")
-    same = pc.or_(pc.fill_null(pc.equal(fp, t_fp), False), pc.and_(pc.is_null(fp), pc.is_null(t_fp)))
+    # a failed stat (no fingerprint) is not a change: the row stays as it is
+    same = pc.or_(pc.fill_null(pc.equal(fp, t_fp), False), pc.is_null(fp))
     retryable = pc.and_(pc.fill_null(joined.column("t_retryable"), False),
                         pc.equal(joined.column("t_status"), "error"))
     both = pc.and_(in_list, in_table)
+    unchanged_bytes = pc.and_(both, same)
     kinds = {
         "new": pc.and_(in_list, pc.invert(in_table)),
         "changed": pc.and_(both, pc.invert(same)),
-        "retry": pc.and_(pc.and_(both, same), pc.fill_null(retryable, False)),
+        "retry": pc.and_(unchanged_bytes, pc.fill_null(retryable, False)),
     }
-    kinds["unchanged"] = pc.and_(pc.and_(both, same), pc.invert(kinds["retry"]))
+    stale = pc.and_(unchanged_bytes, pc.invert(kinds["retry"]))
+    if embed_weights is not None:
+        other = pc.and_(pc.equal(joined.column("t_status"), "ok"),
+                        pc.not_equal(pc.fill_null(joined.column("t_embed"), ""), embed_weights))
+        kinds["stale"] = pc.fill_null(pc.and_(stale, other), False)
+        kinds["unchanged"] = pc.and_(stale, pc.invert(kinds["stale"]))
+    else:
+        kinds["unchanged"] = stale
     if full:
         kinds["full"] = kinds.pop("unchanged")
         kinds["unchanged"] = pc.and_(in_list, pc.invert(in_list))
     vanished = pc.and_(in_table, pc.invert(in_list))
+    if unlisted:
+        uris = joined.column("t_uri")
+        under = None
+        for d in unlisted:
+            hit = pc.fill_null(pc.starts_with(uris, d.rstrip("/") + "/"), False)
+            under = hit if under is None else pc.or_(under, hit)
+        kept = pc.and_(vanished, under)
+        vanished = pc.and_(vanished, pc.invert(under))
+    else:
+        kept = pc.and_(in_list, pc.invert(in_list))
     counts = {k: int(pc.sum(v).as_py() or 0) for k, v in kinds.items()}
     counts["vanished"] = int(pc.sum(vanished).as_py() or 0)
+    counts["unlistable"] = int(pc.sum(kept).as_py() or 0)
     counts["listed"] = listed.num_rows
     kind = pa.array([None] * joined.num_rows, pa.string())
     for k in KINDS:
         if k in kinds:
             kind = pc.if_else(kinds[k], k, kind)
-    todo = joined.append_column("kind", kind).filter(pc.is_valid(kind)).select(TODO_SCHEMA.names)
+    todo = joined.append_column("kind", kind).filter(pc.is_valid(kind))
+    todo = todo.set_column(todo.schema.get_field_index("part"), "part",
+                           pa.array([part] * todo.num_rows, pa.string())).select(TODO_SCHEMA.names)
     fs, root = output_fs(staging)
+    name = part or "_"
     fs.create_dir(f"{root}/todo", recursive=True)
     if todo.num_rows:
-        pq.write_table(todo.cast(TODO_SCHEMA), f"{root}/todo/{b}.parquet", filesystem=fs,
+        pq.write_table(todo.cast(TODO_SCHEMA), f"{root}/todo/{name}.parquet", filesystem=fs,
                        row_group_size=TODO_GROUP)
     if prune and counts["vanished"]:
         fs.create_dir(f"{root}/vanished", recursive=True)
-        gone = joined.filter(vanished).select(["image_id"])
-        gone = gone.append_column("bucket", pa.array([b] * gone.num_rows, pa.int32()))
-        pq.write_table(gone, f"{root}/vanished/{b}.parquet", filesystem=fs)
+        gone = joined.filter(vanished)
+        gone = pa.table({"image_id": gone.column("image_id"), "uri": gone.column("t_uri"),
+                         "fingerprint": gone.column("t_fingerprint")})
+        pq.write_table(gone, f"{root}/vanished/{name}.parquet", filesystem=fs)
     return pa.table({"counts": [json.dumps(counts)]})
 
 
@@ -296,30 +359,35 @@ def _read_group(batch: pa.Table, *, staging: str) -> pa.Table:
 
 # -- after a pass: what did not land --------------------------------------------------------
 
-def find_missing(table_uri: str, staging: str, buckets: int, *, run_id: str, source: str,
+def find_missing(out: str, staging: str, parts: list[str], *, run_id: str, since: int, source: str,
                  dest: str) -> int:
-    """Images of STAGING/source/* with no current row written by `run_id` (their blocks
-    were lost to crashed workers) into STAGING/dest/; returns how many."""
-    tasks = ray.data.from_items([{"bucket": b} for b in range(buckets)],
-                                override_num_blocks=buckets)
-    out = tasks.map_batches(_missing_bucket, batch_size=1, batch_format="pyarrow", fn_kwargs={
-        "table_uri": table_uri, "staging": staging, "run_id": run_id, "source": source,
+    """Images of STAGING/source/* with no log row written by `run_id` after version
+    `since` (their blocks were lost to crashed workers) into STAGING/dest/; returns how many."""
+    tasks = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=max(1, len(parts)))
+    result = tasks.map_batches(_missing_part, batch_size=1, batch_format="pyarrow", fn_kwargs={
+        "out": out, "staging": staging, "run_id": run_id, "since": since, "source": source,
         "dest": dest})
-    return sum(int(r["missing"]) for r in out.iter_rows())
+    return sum(int(r["missing"]) for r in result.iter_rows())
 
 
-def _missing_bucket(batch: pa.Table, *, table_uri: str, staging: str, run_id: str, source: str,
-                    dest: str) -> pa.Table:
-    b = int(batch.column("bucket")[0].as_py())
+def _missing_part(batch: pa.Table, *, out: str, staging: str, run_id: str, since: int, source: str,
+                  dest: str) -> pa.Table:
+    part = batch.column("part")[0].as_py()
     fs, root = output_fs(staging)
-    path = f"{root}/{source}/{b}.parquet"
+    name = part or "_"
+    path = f"{root}/{source}/{name}.parquet"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return pa.table({"missing": [0]})
     todo = pq.read_table(path, filesystem=fs)
-    done = current_rows(table_uri, b, ["image_id"], where=col("run_id") == run_id)
+    flt = (pc.field("committed_in") > since) & (col("run_id") == run_id)
+    if part_filter(part) is not None:
+        flt = flt & part_filter(part)
+    table = open_table(out)
+    done = table.log_dataset(since).to_table(columns=["image_id"], filter=flt)
+    done = done.cast(pa.schema([("image_id", pa.string())]))
     left = todo.join(done, keys="image_id", join_type="left anti", use_threads=False)
     if left.num_rows:
         fs.create_dir(f"{root}/{dest}", recursive=True)
-        pq.write_table(left.select(TODO_SCHEMA.names).cast(TODO_SCHEMA), f"{root}/{dest}/{b}.parquet",
+        pq.write_table(left.select(TODO_SCHEMA.names).cast(TODO_SCHEMA), f"{root}/{dest}/{name}.parquet",
                        filesystem=fs, row_group_size=1)  # one image per block: isolated
     return pa.table({"missing": [left.num_rows]})

@@ -1,8 +1,8 @@
 """`lakelens results`: what a table holds, SQL over it with DuckDB, and its upkeep.
 
-DuckDB reads the table version's Parquet files (local tables) or deltalake's pyarrow
-dataset (object stores), with no DuckDB extension to download: `results` is the current
-view (`is_current`), `history` every row ever committed.
+DuckDB scans deltalake's pyarrow datasets of the log and the snapshot (no DuckDB
+extension to download, no list of files in the SQL): `current` is the current view (one
+row per image), `history` every row ever committed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from models.errors import LakelensError
 from pipelines.lake.lock import acquire
 from pipelines.lake.table import open_table
-from pipelines.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -27,27 +26,46 @@ DEFAULT_SQL = "SELECT * EXCLUDE (embedding) FROM results"
 MAX_PRINT_ROWS = 50
 
 
+def current_sql(log: str, snapshot: str, floor: int | str) -> str:
+    """The current view in SQL over the log and the snapshot (any engine with QUALIFY:
+    DuckDB, Spark, Databricks; README). `floor`: at most the lowest part watermark, e.g.
+    `(SELECT min(committed_in) FROM snapshot WHERE status = 'watermark')`."""
+    return (f"WITH changed AS (SELECT * FROM {log} WHERE committed_in > {floor}), "
+            "latest AS (SELECT * FROM changed QUALIFY row_number() OVER "
+            "(PARTITION BY image_id ORDER BY committed_in DESC) = 1) "
+            f"SELECT * EXCLUDE (part) FROM {snapshot} s WHERE s.status IN ('ok', 'error') "
+            "AND s.image_id NOT IN (SELECT image_id FROM changed) "
+            "UNION ALL BY NAME SELECT * FROM latest WHERE status IN ('ok', 'error')")
+
+
 def connect(out: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with `results` (current view) and `history` (every row)."""
+    """A DuckDB connection with `current` (one row per image; also named `results`),
+    `history` (every row appended since schema 4, and a migrated table's rows before),
+    `log` and `snapshot`. Each is an Arrow dataset scan: DuckDB pushes filters and
+    projections into it, streams it, and never needs a list of every file."""
     table = open_table(out)
     con = duckdb.connect()
-    files = table.dt.file_uris()
-    if files and all(os.path.isabs(f) for f in files):
-        # DuckDB reads the table version's Parquet files itself. Going through pyarrow's
-        # dataset instead, a string filter fails on the files delta-rs rewrote in Arrow
-        # string_view (delta-io/delta-rs#4579).
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        columns = ", ".join(f'"{f.name}"' for f in TABLE_SCHEMA)
-        # unioned by name with an empty table of the full schema: a column no file has yet
-        # (a version 2 table's semantic) reads as null
-        con.register("_lakelens_schema", TABLE_SCHEMA.empty_table())
-        con.execute(f"CREATE VIEW history AS SELECT {columns} FROM (SELECT * FROM read_parquet([{listed}], "
-                    "hive_partitioning = true, hive_types = {'bucket': INTEGER}, union_by_name = true) "
-                    "UNION ALL BY NAME SELECT * FROM _lakelens_schema)")
-    else:  # an empty table, or one on an object store (pyarrow's filesystems reach it)
-        con.register("history", table.dataset())
-    con.execute("CREATE VIEW results AS SELECT * FROM history WHERE is_current")
+    log, snap = table.log_dataset(), table.snapshot_dataset()
+    con.register("_log", log)
+    con.register("_snapshot", snap)
+    con.execute("CREATE VIEW log AS SELECT * FROM _log")
+    con.execute("CREATE VIEW snapshot AS SELECT * FROM _snapshot")
+    legacy = _legacy_dataset(out)
+    if legacy is not None:
+        con.register("_legacy", legacy)
+        con.execute("CREATE VIEW history AS SELECT * FROM log UNION ALL BY NAME SELECT * FROM _legacy")
+    else:
+        con.execute("CREATE VIEW history AS SELECT * FROM log")
+    con.execute(f"CREATE VIEW current AS {current_sql('log', 'snapshot', table.floor())}")
+    con.execute("CREATE VIEW results AS SELECT * FROM current")
     return con
+
+
+def _legacy_dataset(out: str):
+    from pipelines.lake.upkeep import _legacy
+
+    dt = _legacy(out)
+    return dt.to_pyarrow_dataset() if dt is not None else None
 
 
 def query(out: str, sql: str | None, *, history: bool = False) -> pa.Table:
@@ -88,8 +106,8 @@ def summary(out: str) -> str:
     """Counts of the current view by status, stage and error type, and the last runs."""
     table = open_table(out)
     con = connect(out)
-    total, current = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE is_current) FROM history").fetchone()
+    total = con.execute("SELECT count(*) FROM history").fetchone()[0]
+    current = con.execute("SELECT count(*) FROM current").fetchone()[0]
     lines = [f"{out}: table version {table.version}, {current} images ({total} rows with history)"]
     for status, n in con.execute(
             "SELECT status, count(*) FROM results GROUP BY status ORDER BY status").fetchall():
@@ -103,7 +121,7 @@ def summary(out: str) -> str:
                   for stage, etype, retry, n in errors]
     runs = con.execute(
         "SELECT run_id, count(*) AS n, strftime(min(annotated_at), '%Y-%m-%d %H:%M:%S') AS first_at "
-        "FROM history GROUP BY run_id ORDER BY first_at DESC LIMIT 5").fetchall()
+        "FROM log GROUP BY run_id ORDER BY first_at DESC LIMIT 5").fetchall()
     if runs:
         lines.append("  latest runs (rows written, first commit UTC):")
         lines += [f"    {run} {n} {at}" for run, n, at in runs]
@@ -111,9 +129,16 @@ def summary(out: str) -> str:
 
 
 def compact(out: str, *, retention_hours: int) -> dict:
-    """optimize + vacuum under the run lock (so no run commits meanwhile)."""
+    """Upkeep now (due snapshot parts rebuilt, pending erasures done), then vacuum files no
+    version within `retention_hours` needs, under the run lock (no run commits meanwhile)."""
+    from pipelines.lake.upkeep import run_upkeep
+
     if retention_hours < 1:
         raise LakelensError(f"--retention-hours must be >= 1, got {retention_hours}")
     table = open_table(out)
-    with acquire(out, f"compact-{uuid.uuid4().hex[:6]}"):
-        return table.compact(retention_hours=retention_hours)
+    with acquire(out, f"compact-{uuid.uuid4().hex[:6]}") as lock:
+        table.fence(lock.epoch, run_id="compact")
+        done = run_upkeep(table)
+        done["vacuumed"] = table.vacuum(retention_hours=retention_hours)
+        done["version"] = table.version
+        return done

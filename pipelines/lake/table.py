@@ -1,16 +1,26 @@
-"""The annotations table: one Delta Lake table per output DIR.
+"""The annotations table (schema 4): an append-only log and a per-part snapshot.
 
-DIR/table/          the Delta table (TABLE_SCHEMA, partitioned by `bucket`)
-DIR/lakelens.json   schema version, bucket count, embedding dim, each task's model spec
+DIR/log/            Delta, append-only, unpartitioned (TABLE_SCHEMA). A night appends its
+                    new and changed images' rows and tombstones, each commit one file sorted
+                    by image_id; nothing in it is rewritten by a night.
+DIR/current/        Delta, partitioned by `part` (a hex prefix of image_id): one row per
+                    live image as of the part's watermark (a log version), rebuilt one part
+                    at a time by pipelines.lake.upkeep; each part also holds one `watermark`
+                    row (status = 'watermark', committed_in = the watermark).
+DIR/table/          a schema 2/3 table, kept as the history before `lakelens migrate`.
+DIR/lakelens.json   schema version, initial parts, embedding dim, each task's model spec
 DIR/runs/ID.json    one record per run
 DIR/_lakelens/      the run lock and per-run staging files (never read by other tools)
 
-Commits are per chunk: a chunk's result and error rows, and the closing of the rows they
-supersede, land in one Delta commit (an append, or a merge when rows are closed) or not
-at all. Every commit carries two app transactions: `lakelens.run.<run_id>` = chunk
-sequence number (a commit that is retried after an unknown outcome is recognised as
-done) and `lakelens.lock` = the lock epoch (a writer whose lock was taken over is
-fenced off instead of committing beside the new owner).
+The current view of a part = its snapshot rows whose image has no log row after the
+watermark, plus, of the images that do, their latest log row unless it is a tombstone.
+Readers without lakelens do the same with one floor for every part (README).
+
+Commits are per chunk: a chunk's rows land in one Delta commit or not at all. Every commit
+carries two app transactions: `lakelens.run.<run_id>` = chunk sequence number (a commit
+retried after an unknown outcome is recognised as done) and `lakelens.lock` = the lock
+epoch (a writer whose lock was taken over is fenced off). Taking the lock commits its
+epoch at once (LakeTable.fence).
 """
 
 from __future__ import annotations
@@ -21,27 +31,35 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import CommitProperties, Transaction
 
 from models.errors import LakelensError
 from pipelines.lake.sources import is_remote
-from pipelines.schema import SCHEMA_VERSION, TABLE_SCHEMA
+from pipelines.schema import SCHEMA_VERSION, SNAPSHOT_SCHEMA, STATUSES, TABLE_SCHEMA, WATERMARK
 
 logger = logging.getLogger(__name__)
 
-TABLE_DIR = "table"
+LOG_DIR = "log"
+SNAPSHOT_DIR = "current"
+LEGACY_DIR = "table"  # schema 2/3
+TABLE_DIR = LOG_DIR
 META_FILE = "lakelens.json"
 DEFAULT_BUCKETS = 16
 FENCE_APP = "lakelens.lock"
-CLOSE_REASONS = ("changed", "retried", "full", "vanished")
+PART_APP = "lakelens.part."  # + part name: the log version the part's snapshot reflects
+HEX = "0123456789abcdef"
+ROW_GROUP = 8192  # rows per Parquet row group: image_id ranges prune reads inside a file
+TARGET_FILE_BYTES = 256 * 2**20
+WRITER = WriterProperties(max_row_group_size=ROW_GROUP, compression="ZSTD")
+LEGACY_VERSIONS = ("2", "3")
 
 
 def output_fs(out: str) -> tuple[pafs.FileSystem, str]:
@@ -94,25 +112,100 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
         return None
 
 
+# -- parts: hex prefixes of image_id ------------------------------------------------------
+
+def initial_parts(buckets: int) -> list[str]:
+    """16^k parts for a new table, k the smallest with 16^k >= buckets (1 part for 1)."""
+    level = 0
+    while 16**level < buckets:
+        level += 1
+    parts = [""]
+    for _ in range(level):
+        parts = [p + h for p in parts for h in HEX]
+    return parts
+
+
+def part_bounds(part: str) -> tuple[str, str | None]:
+    """[lo, hi) of the image ids in `part` (lo "": from the start, hi None: to the end; ids
+    are hex, but any string falls in exactly one part)."""
+    lo = "" if not part.strip("0") else part
+    head = part.rstrip("f")
+    if not head:
+        return lo, None
+    return lo, head[:-1] + HEX[HEX.index(head[-1]) + 1]
+
+
+def part_filter(part: str) -> pc.Expression | None:
+    lo, hi = part_bounds(part)
+    flt = col("image_id") >= lo if lo else None
+    if hi is not None:
+        upper = col("image_id") < hi
+        flt = upper if flt is None else flt & upper
+    return flt
+
+
+def part_index(image_ids: pa.Array | pa.ChunkedArray, parts: list[str]) -> np.ndarray:
+    """For each id, the index in (sorted, prefix-free, covering) `parts` of its part."""
+    ids = np.asarray(image_ids.to_numpy(zero_copy_only=False), dtype=str)
+    return np.maximum(np.searchsorted(np.asarray(parts, dtype=str), ids, side="right") - 1, 0)
+
+
+def _and(*exprs: pc.Expression | None) -> pc.Expression | None:
+    out = None
+    for e in exprs:
+        if e is not None:
+            out = e if out is None else out & e
+    return out
+
+
+def latest_keys(rows: pa.Table) -> pa.Table:
+    """(image_id, committed_in) of each image's latest row in `rows`."""
+    if not rows.num_rows:
+        return pa.table({"image_id": pa.array([], pa.string()), "committed_in": pa.array([], pa.int64())})
+    agg = rows.select(["image_id", "committed_in"]).group_by("image_id", use_threads=False).aggregate(
+        [("committed_in", "max")])
+    return pa.table({"image_id": agg.column("image_id").cast(pa.string()),
+                     "committed_in": agg.column("committed_in_max")})
+
+
+def is_latest(batch: pa.RecordBatch | pa.Table, keys: pa.Table) -> pa.Array:
+    """Mask of the rows of `batch` that are their image's latest (per `keys`)."""
+    idx = pc.index_in(batch.column("image_id").cast(pa.string()), value_set=keys.column("image_id"))
+    want = pc.take(keys.column("committed_in"), idx)
+    return pc.fill_null(pc.equal(want, batch.column("committed_in")), False)
+
+
+def _status_filter(status: str | None) -> pc.Expression:
+    if status is None:
+        return col("status").isin(list(STATUSES))
+    return col("status") == status
+
+
 @dataclass
 class LakeTable:
-    """An opened annotations table (the Delta table plus lakelens's sidecar)."""
+    """An opened annotations table (log + snapshot + lakelens's sidecar)."""
 
     out: str
-    dt: DeltaTable
+    log: DeltaTable
+    snap: DeltaTable
     meta: dict
 
     @property
-    def uri(self) -> str:
-        return location(self.out, TABLE_DIR)
+    def dt(self) -> DeltaTable:
+        """The log (its version is the table's version)."""
+        return self.log
 
     @property
-    def buckets(self) -> int:
-        return int(self.meta["buckets"])
+    def uri(self) -> str:
+        return location(self.out, LOG_DIR)
+
+    @property
+    def snapshot_uri(self) -> str:
+        return location(self.out, SNAPSHOT_DIR)
 
     @property
     def version(self) -> int:
-        return int(self.dt.version())
+        return int(self.log.version())
 
     @property
     def embedding_dim(self) -> int | None:
@@ -123,123 +216,208 @@ class LakeTable:
         return self.meta.get("models", {}).get(task)
 
     def refresh(self) -> None:
-        self.dt.update_incremental()
+        self.log.update_incremental()
+        self.snap.update_incremental()
+
+    # -- parts and watermarks --------------------------------------------------------------
+
+    def part_stats(self) -> dict[str, int]:
+        """part -> rows in its snapshot files (the watermark row included)."""
+        actions = pa.table(self.snap.get_add_actions(flatten=True))
+        if not actions.num_rows:
+            return {}
+        parts = actions.column("partition.part").to_pylist()
+        counts = actions.column("num_records").to_pylist()
+        out: dict[str, int] = {}
+        for p, n in zip(parts, counts, strict=True):
+            out[p or ""] = out.get(p or "", 0) + int(n or 0)
+        return out
+
+    def parts(self) -> list[str]:
+        """The snapshot's parts, sorted: every part with files, plus the initial parts no
+        split has refined yet."""
+        have = set(self.part_stats())
+        for p in self.meta.get("parts", [""]):
+            if p not in have and not any(h.startswith(p) for h in have):
+                have.add(p)
+        return sorted(have)
+
+    def watermark(self, part: str) -> int:
+        """The log version `part`'s snapshot reflects (-1: none; read the whole log)."""
+        v = self.snap.transaction_version(PART_APP + part)
+        return -1 if v is None else int(v)
+
+    def floor(self) -> int:
+        """The lowest watermark of any part: log rows after it hold every change since."""
+        return min((self.watermark(p) for p in self.parts()), default=-1)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def log_dataset(self, since: int = -1) -> pds.Dataset:
+        """The log's files that can hold rows committed after `since`."""
+        if since < 0:
+            return self.log.to_pyarrow_dataset()
+        return self.log.to_pyarrow_dataset(file_pruning_predicate=f"committed_in > {since}")
+
+    def snapshot_dataset(self) -> pds.Dataset:
+        return self.snap.to_pyarrow_dataset()
 
     def dataset(self) -> pds.Dataset:
-        return self.dt.to_pyarrow_dataset()
+        """Every row ever appended to the log (the history since schema 4)."""
+        return self.log_dataset()
+
+    def changed_keys(self, part: str, since: int) -> pa.Table:
+        """(image_id, committed_in) of the latest log row after `since` of each image in
+        `part` that has one."""
+        flt = _and(part_filter(part), pc.field("committed_in") > since)
+        rows = self.log_dataset(since).to_table(columns=["image_id", "committed_in"], filter=flt)
+        return latest_keys(rows)
+
+    def changes(self, part: str, since: int, columns: list[str], *, where: pc.Expression | None = None,
+                keys: pa.Table | None = None, batch_rows: int = 16_384) -> Iterator[pa.RecordBatch]:
+        """The latest log row after `since` of each image of `part` that has one (tombstones
+        included unless `where` excludes them)."""
+        keys = self.changed_keys(part, since) if keys is None else keys
+        if not keys.num_rows:
+            return
+        read = list(dict.fromkeys([*columns, "image_id", "committed_in"]))
+        flt = _and(part_filter(part), pc.field("committed_in") > since, where)
+        scanner = self.log_dataset(since).scanner(columns=read, filter=flt, batch_size=batch_rows,
+                                                  batch_readahead=1, fragment_readahead=1)
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                batch = batch.filter(is_latest(batch, keys))
+                if batch.num_rows:
+                    yield batch.select(columns)
+
+    def current_part(self, part: str, columns: list[str] | None = None, *, status: str | None = "ok",
+                     where: pc.Expression | None = None,
+                     batch_rows: int = 16_384) -> Iterator[pa.RecordBatch]:
+        """One part's current view: snapshot rows of images unchanged since the watermark,
+        then the latest log rows of the images changed since."""
+        columns = list(columns or TABLE_SCHEMA.names)
+        mark = self.watermark(part)
+        keys = self.changed_keys(part, mark)
+        flt = _and(pc.field("part") == part, _status_filter(status), where)
+        if keys.num_rows:
+            flt = flt & pc.invert(col("image_id").isin(keys.column("image_id")))
+        scanner = self.snapshot_dataset().scanner(columns=columns, filter=flt, batch_size=batch_rows,
+                                                  batch_readahead=1, fragment_readahead=1)
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                yield batch
+        yield from self.changes(part, mark, columns, where=_and(_status_filter(status), where),
+                                keys=keys, batch_rows=batch_rows)
 
     def current(self, columns: list[str] | None = None, *, status: str | None = "ok",
                 where: pc.Expression | None = None, batch_rows: int = 16_384) -> Iterator[pa.RecordBatch]:
-        """Record batches of the current view (one row per image), streamed."""
-        flt = pc.field("is_current")
-        if status is not None:
-            flt = flt & (col("status") == status)
-        if where is not None:
-            flt = flt & where
-        dataset = self.dataset()
-        # a version 2 table not annotated since the upgrade has no semantic column yet
-        missing = [c for c in columns or [] if c not in dataset.schema.names]
-        scanner = dataset.scanner(columns=[c for c in columns if c not in missing] if missing
-                                  else columns, filter=flt, batch_size=batch_rows,
-                                  batch_readahead=1, fragment_readahead=1)
-        for batch in scanner.to_batches():
-            if batch.num_rows and missing:
-                arrays = {name: batch.column(name) for name in batch.schema.names}
-                arrays |= {c: pa.nulls(batch.num_rows, TABLE_SCHEMA.field(c).type) for c in missing}
-                batch = pa.RecordBatch.from_pydict({c: arrays[c] for c in columns})
-            if batch.num_rows:
-                yield batch
+        """Record batches of the current view (one row per image), streamed part by part:
+        no more than one part's changed ids is held."""
+        for part in self.parts():
+            yield from self.current_part(part, columns, status=status, where=where, batch_rows=batch_rows)
 
     def current_table(self, columns: list[str] | None = None, *, status: str | None = "ok",
                       where: pc.Expression | None = None) -> pa.Table:
-        batches = list(self.current(columns, status=status, where=where))
-        if not batches:
-            schema = TABLE_SCHEMA if columns is None else pa.schema(
-                [TABLE_SCHEMA.field(c) for c in columns])
-            return schema.empty_table()
-        return pa.Table.from_batches(batches)
+        """The current view as one table: for tests and small lookups only."""
+        schema = pa.schema([TABLE_SCHEMA.field(c) for c in columns or TABLE_SCHEMA.names])
+        batches = [pa.Table.from_batches([b]).cast(schema) for b in
+                   self.current(columns, status=status, where=where)]
+        return pa.concat_tables(batches) if batches else schema.empty_table()
 
-    def commit(self, rows: pa.Table | None, closes: pa.Table | None, *, run_id: str, seq: int,
-               epoch: int, info: dict | None = None) -> int | None:
-        """Land one chunk: `rows` (TABLE_SCHEMA, is_current) and the closing of the current
-        rows named by `closes` (image_id, bucket, reason), in one commit. Returns the new
-        version, or None when this chunk was already committed."""
-        self.refresh()
-        app = f"lakelens.run.{run_id}"
-        done = self.dt.transaction_version(app)
-        if done is not None and done >= seq:
-            logger.info("chunk %d of run %s is already committed", seq, run_id)
-            return None
-        fence = self.dt.transaction_version(FENCE_APP)
+    def lookup(self, image_id: str, columns: list[str], *, status: str | None = "ok") -> dict | None:
+        """One image's current row (reads only its part), or None."""
+        parts = self.parts()
+        part = parts[int(part_index(pa.array([image_id]), parts)[0])]
+        rows = [r for b in self.current_part(part, columns, status=status,
+                                             where=col("image_id") == image_id) for r in b.to_pylist()]
+        return rows[0] if rows else None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def fence(self, epoch: int, *, run_id: str) -> int:
+        """Commit the lock epoch into the log at once (an empty commit), so that an owner
+        whose lock was taken over is refused at its next commit. Returns the epoch in
+        force: at least one above any the table has seen (a lock file that was reset)."""
+        self.log.update_incremental()
+        seen = self.log.transaction_version(FENCE_APP)
+        if seen is not None and seen >= epoch:
+            epoch = int(seen) + 1
+        props = CommitProperties(app_transactions=[Transaction(FENCE_APP, epoch)],
+                                 custom_metadata={"lakelens.run_id": run_id, "lakelens.fence": str(epoch)},
+                                 max_commit_retries=0)
+        write_deltalake(self.log, TABLE_SCHEMA.empty_table(), mode="append", commit_properties=props)
+        self.log.update_incremental()
+        return epoch
+
+    def check_fence(self, epoch: int) -> None:
+        fence = self.log.transaction_version(FENCE_APP)
         if fence is not None and fence > epoch:
             raise LakelensError(
                 f"the lock on {self.out} was taken over by a newer run (lock epoch {fence} > "
                 f"{epoch}); this run stops without committing more")
+
+    def commit(self, rows: pa.Table, *, run_id: str, seq: int, epoch: int,
+               info: dict | None = None) -> int | None:
+        """Append one chunk of rows (TABLE_SCHEMA: results, errors, tombstones) in one
+        commit. Returns the new version, or None when this chunk was already committed."""
+        self.log.update_incremental()
+        app = f"lakelens.run.{run_id}"
+        done = self.log.transaction_version(app)
+        if done is not None and done >= seq:  # delta-rs would accept a lower one: checked here
+            logger.info("chunk %d of run %s is already committed", seq, run_id)
+            return None
+        self.check_fence(epoch)
+        if not rows.num_rows:
+            return None
         version = self.version + 1
         props = CommitProperties(
             app_transactions=[Transaction(app, seq), Transaction(FENCE_APP, epoch)],
             custom_metadata={"lakelens.run_id": run_id, "lakelens.chunk": str(seq),
                              **{f"lakelens.{k}": str(v) for k, v in (info or {}).items()}},
             max_commit_retries=0)
-        n = rows.num_rows if rows is not None else 0
-        if rows is not None and n:
-            rows = _with(rows, "committed_in", pa.array([version] * n, pa.int64())).cast(TABLE_SCHEMA)
+        rows = _with(rows, "committed_in", pa.array(np.full(rows.num_rows, version), pa.int64()))
+        rows = rows.select(TABLE_SCHEMA.names).cast(TABLE_SCHEMA).sort_by("image_id")
         try:
-            if closes is None or not closes.num_rows:
-                if not n:
-                    return None
-                write_deltalake(self.dt, rows, mode="append", commit_properties=props)
-            else:
-                self._merge(rows, closes, run_id=run_id, version=version, props=props)
+            write_deltalake(self.log, rows, mode="append", commit_properties=props,
+                            writer_properties=WRITER, target_file_size=TARGET_FILE_BYTES)
         except Exception:
-            self.refresh()
-            done = self.dt.transaction_version(app)
+            self.log.update_incremental()
+            done = self.log.transaction_version(app)
             if done is not None and done >= seq:  # the commit landed; its answer was lost
                 return self.version
             raise
-        self.refresh()
+        self.log.update_incremental()
         return self.version
 
-    def _merge(self, rows: pa.Table | None, closes: pa.Table, *, run_id: str, version: int,
-               props: CommitProperties) -> None:
-        now = datetime.now(UTC)
-        m = closes.num_rows
-        stubs = {f.name: pa.nulls(m, f.type) for f in TABLE_SCHEMA}
-        stubs.update({"image_id": closes.column("image_id"),
-                      "bucket": closes.column("bucket").cast(pa.int32()),
-                      "run_id": pa.array([run_id] * m), "annotated_at": pa.array([now] * m,
-                                                                                 TABLE_SCHEMA.field("annotated_at").type)})
-        stub = pa.table(stubs, schema=TABLE_SCHEMA)
-        stub = stub.append_column("_close", closes.column("image_id")).append_column(
-            "_reason", closes.column("reason"))
-        parts = [stub]
-        if rows is not None and rows.num_rows:
-            k = rows.num_rows
-            parts.insert(0, rows.append_column("_close", pa.nulls(k, pa.string())).append_column(
-                "_reason", pa.nulls(k, pa.string())))
-        source = pa.concat_tables(parts)
-        (self.dt.merge(source, predicate="t.bucket = s.bucket AND t.image_id = s._close AND t.is_current",
-                       source_alias="s", target_alias="t", commit_properties=props)
-         .when_matched_update({"is_current": "false", "closed_in": str(version),
-                               "closed_at": "s.annotated_at", "closed_by": "s.run_id",
-                               "close_reason": "s._reason"})
-         .when_not_matched_insert_all(predicate="s._close IS NULL", except_cols=["_close", "_reason"])
-         .execute())
+    def write_part(self, replaces: list[str], rows: pa.Table, *, version: int, children: list[str]) -> None:
+        """Replace the snapshot's parts `replaces` by `rows` (SNAPSHOT_SCHEMA, sorted by
+        image_id, parts among `children`) plus one watermark row per child, in one commit
+        that records every child's watermark."""
+        marks = pa.table({"part": pa.array(children, pa.string()),
+                          "status": pa.array([WATERMARK] * len(children)),
+                          "committed_in": pa.array([version] * len(children), pa.int64())})
+        marks = pa.table({f.name: marks.column(f.name) if f.name in marks.column_names
+                          else pa.nulls(len(children), f.type) for f in SNAPSHOT_SCHEMA},
+                         schema=SNAPSHOT_SCHEMA)
+        data = pa.concat_tables([marks, rows.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)])
+        names = sorted(set(replaces) | set(children))
+        quoted = ", ".join("'" + p + "'" for p in names)
+        props = CommitProperties(app_transactions=[Transaction(PART_APP + c, version) for c in children],
+                                 custom_metadata={"lakelens.upkeep": ",".join(replaces)},
+                                 max_commit_retries=0)
+        write_deltalake(self.snap, data, mode="overwrite", predicate=f"part IN ({quoted})",
+                        partition_by=["part"], commit_properties=props, writer_properties=WRITER,
+                        target_file_size=TARGET_FILE_BYTES)
+        self.snap.update_incremental()
 
-    def history(self) -> pa.Table:
-        """Every row ever committed (current and superseded)."""
-        return self.dataset().to_table()
-
-    def compact(self, *, retention_hours: int) -> dict:
-        """Rewrite small files into large ones, then delete files no version within
-        `retention_hours` needs. Returns what was done."""
-        optimized = self.dt.optimize.compact()
-        removed = self.dt.vacuum(retention_hours=retention_hours, dry_run=False,
-                                 enforce_retention_duration=False)
-        self.refresh()
-        return {"files_added": optimized.get("numFilesAdded", 0),
-                "files_removed": optimized.get("numFilesRemoved", 0),
-                "vacuumed": len(removed), "version": self.version}
+    def vacuum(self, *, retention_hours: int) -> int:
+        """Delete the files no version within `retention_hours` needs (log and snapshot)."""
+        removed = 0
+        for dt in (self.log, self.snap):
+            removed += len(dt.vacuum(retention_hours=retention_hours, dry_run=False,
+                                     enforce_retention_duration=False))
+            dt.update_incremental()
+        return removed
 
 
 def _with(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -249,47 +427,70 @@ def _with(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def col(name: str) -> pc.Expression:
     """A filter's reference to a table column. String columns are cast to string: files that
-    delta-rs rewrote (merge, optimize) carry Arrow `string_view`, and pyarrow's scanner cannot
-    compare those with a string literal (delta-io/delta-rs#4579)."""
-    typ = TABLE_SCHEMA.field(name).type
+    delta-rs rewrote carry Arrow `string_view`, and pyarrow's scanner cannot compare those
+    with a string literal (delta-io/delta-rs#4579)."""
+    typ = SNAPSHOT_SCHEMA.field(name).type
     return pc.field(name).cast(typ) if pa.types.is_string(typ) else pc.field(name)
 
 
+def _root(out: str) -> str:
+    if out.rstrip("/").endswith("/" + LOG_DIR) or out.rstrip("/").endswith("/" + LEGACY_DIR):
+        return out.rstrip("/").rsplit("/", 1)[0]
+    return out
+
+
+class NeedsMigration(LakelensError):
+    """The table is of an older schema: `lakelens migrate DIR` (or the next annotate)."""
+
+
 def open_table(out: str) -> LakeTable:
-    """Open DIR's table for reading. DIR may also be given as DIR/table."""
-    if out.rstrip("/").endswith("/" + TABLE_DIR):
-        out = out.rstrip("/")[: -len(TABLE_DIR) - 1]
+    """Open DIR's table for reading. DIR may also be given as DIR/log."""
+    out = _root(out)
     fs, root = output_fs(out)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise LakelensError(f"{out!r} does not exist; create a table with "
                             "`lakelens annotate SOURCE --out DIR`")
     meta = read_json(fs, f"{root}/{META_FILE}")
-    try:
-        dt = DeltaTable(location(out, TABLE_DIR))
-    except TableNotFoundError as e:
+    if meta is None:
         hint = " (it holds loose Parquet files of lakelens < 0.2: re-annotate it)" if _has_loose(
             fs, root) else ""
         raise LakelensError(f"{out!r} holds no lakelens table{hint}; create one with "
-                            "`lakelens annotate SOURCE --out DIR`") from e
+                            "`lakelens annotate SOURCE --out DIR`")
+    version = str(meta.get("schema_version"))
+    if version in LEGACY_VERSIONS:
+        raise NeedsMigration(f"{out!r} holds a table of schema {version}; bring it to schema "
+                             f"{SCHEMA_VERSION} with `lakelens migrate {out}` (the next annotate "
+                             "does it too)")
+    if version != SCHEMA_VERSION:
+        raise LakelensError(f"{out!r} has table schema version {version}; this lakelens reads "
+                            f"{SCHEMA_VERSION} (and migrates {', '.join(LEGACY_VERSIONS)})")
+    try:
+        log = DeltaTable(location(out, LOG_DIR))
+        snap = DeltaTable(location(out, SNAPSHOT_DIR))
+    except TableNotFoundError as e:
+        raise LakelensError(f"{out!r} is damaged: {e}") from e
     except OSError as e:
         raise LakelensError(f"cannot open the table in {out!r}: {e}") from e
-    if meta is None:
-        raise LakelensError(f"{out}/{META_FILE} is missing: {out!r} is not a lakelens table")
-    if str(meta.get("schema_version")) not in READABLE_VERSIONS:
-        raise LakelensError(f"{out!r} has table schema version {meta.get('schema_version')}; "
-                            f"this lakelens reads {SCHEMA_VERSION}")
-    return LakeTable(out, dt, meta)
-
-
-READABLE_VERSIONS = (SCHEMA_VERSION, "2")  # 2 lacks the semantic column: read as null
+    return LakeTable(out, log, snap, meta)
 
 
 def _has_loose(fs: pafs.FileSystem, root: str) -> bool:
     return fs.get_file_info(f"{root}/results").type == pafs.FileType.Directory
 
 
+def create_tables(out: str) -> None:
+    """DIR/log and DIR/current, empty (existing ones are left as they are)."""
+    DeltaTable.create(location(out, LOG_DIR), TABLE_SCHEMA, mode="ignore",
+                      name="lakelens_log", description="lakelens annotations: append-only log",
+                      configuration={"delta.appendOnly": "false"})
+    DeltaTable.create(location(out, SNAPSHOT_DIR), SNAPSHOT_SCHEMA, mode="ignore", partition_by=["part"],
+                      name="lakelens_current",
+                      description="lakelens annotations: one row per live image, by part")
+
+
 def create_or_open(out: str, *, buckets: int = DEFAULT_BUCKETS) -> LakeTable:
-    """Open DIR's table, creating an empty one (and DIR) when there is none."""
+    """Open DIR's table, creating an empty one (and DIR) when there is none. An older
+    schema raises NeedsMigration."""
     fs, root = output_fs(out)
     try:
         fs.create_dir(root, recursive=True)
@@ -300,33 +501,13 @@ def create_or_open(out: str, *, buckets: int = DEFAULT_BUCKETS) -> LakeTable:
             raise LakelensError(f"--out {out} holds loose Parquet results of an older lakelens; "
                                 "choose a new directory")
         try:
-            DeltaTable.create(location(out, TABLE_DIR), TABLE_SCHEMA, mode="ignore",
-                              partition_by=["bucket"], name="lakelens_annotations",
-                              description="lakelens annotations: one current row per image",
-                              configuration={"delta.appendOnly": "false"})
+            create_tables(out)
         except OSError as e:
             raise LakelensError(f"--out {out} is not writable: {e}") from e
         write_json(fs, f"{root}/{META_FILE}", {"schema_version": SCHEMA_VERSION,
-                                               "buckets": buckets, "embedding_dim": None,
+                                               "parts": initial_parts(buckets), "embedding_dim": None,
                                                "models": {}})
     return open_table(out)
-
-
-def upgrade(table: LakeTable) -> None:
-    """Bring a version 2 table to this schema: add the columns it lacks (one metadata
-    commit; old files read them as null). Called by a writer holding the run lock."""
-    if str(table.meta.get("schema_version")) == SCHEMA_VERSION:
-        return
-    from deltalake.schema import Field
-
-    have = set(table.dt.schema().to_arrow().names)
-    new = [f for f in TABLE_SCHEMA if f.name not in have]
-    if new:
-        table.dt.alter.add_columns([Field.from_arrow(f) for f in new])
-        logger.info("%s: table schema %s -> %s (added %s)", table.out,
-                    table.meta.get("schema_version"), SCHEMA_VERSION, ", ".join(f.name for f in new))
-    table.meta["schema_version"] = SCHEMA_VERSION
-    save_meta(table)
 
 
 def save_meta(table: LakeTable) -> None:

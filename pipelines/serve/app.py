@@ -356,20 +356,15 @@ def _cookie(header: str, name: str) -> str:
 def _overlay(snap: Snapshot, image_id: str, pixels: np.ndarray):
     """The image with its row's detections, masks and poses drawn, from the table version
     the snapshot's facets were read at; None when that version has no current row for it."""
-    from pipelines.lake.sources import bucket_of
-    from pipelines.lake.table import col
     from pipelines.render import render_row
 
     if snap.facets is None:
         return None
     table = snap.facets.table
-    names = set(table.dataset().schema.names)
-    columns = ["width", "height"] + [c for c in ("detections", "instances", "poses") if c in names]
-    where = (col("bucket") == bucket_of(image_id, table.buckets)) & (col("image_id") == image_id)
-    rows = table.current_table(columns, where=where).to_pylist()
-    if not rows:
+    found = table.lookup(image_id, ["width", "height", "detections", "instances", "poses"])
+    if found is None:
         return None
-    row = {"detections": None, "instances": None, "poses": None, **rows[0]}
+    row = {"detections": None, "instances": None, "poses": None, **found}
     return render_row(row, pixels)
 
 

@@ -80,7 +80,7 @@ def test_results_follow_the_schema_and_are_consistent(zoo_run) -> None:
         assert results.schema.field(field.name).type == field.type, field.name
     assert set(results.column("run_id").to_pylist()) == {summary.run_id}
     assert set(results.column("status").to_pylist()) == {"ok"}
-    assert all(results.column("is_current").to_pylist())
+    assert set(results.column("reason").to_pylist()) == {"new"}
     assert set(errors.column("status").to_pylist()) == {"error"}
     n_instances = n_poses = 0
     for row in results.to_pylist():

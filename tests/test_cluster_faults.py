@@ -52,7 +52,7 @@ def test_removing_a_node_mid_run_accounts_for_every_image(cluster, tmp_path: Pat
     summary = result["summary"]
     assert summary.annotated + summary.errors == 150
     assert_one_current_row_each(out, [str(p) for p in paths])
-    assert len(DeltaTable(str(out / "table")).to_pandas()) == 150
+    assert len(DeltaTable(str(out / "log")).to_pandas()) == 150
 
 
 def test_a_poison_image_is_isolated_as_worker_crashed(cluster, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Listing SOURCE arguments: directories, globs, manifests, URIs (real Ray tasks), and the
-per-bucket staging that feeds the diff."""
+per-part staging that feeds the diff."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def tree(tmp_path: Path) -> Path:
 def listed(sources: list[str], tmp_path: Path) -> tuple[list[str], dict[str, int]]:
     plan = plan_sources(sources)
     staging = str(tmp_path / "staging")
-    skipped = D.stage_listing(D.listing_dataset(plan, staging), staging, 4)
-    rows = [D.read_bucket_files(staging, f"listing/b={b}") for b in range(4)]
+    parts = ["0", "4", "8", "c"]  # staging by part: each holds the ids from its prefix up to the next
+    skipped = D.stage_listing(D.listing_dataset(plan, staging), staging, parts)
+    rows = [D.read_bucket_files(staging, f"listing/{D.part_dir(p)}") for p in parts]
     table = pa.concat_tables([r for r in rows if r is not None])
     return sorted(table.column("uri").to_pylist()), skipped
 
@@ -50,7 +51,7 @@ def test_glob_file_uri_manifests_and_duplicates(ray_local, tree: Path) -> None:
     uris, skipped = listed([str(tree / "a" / "*.*"), f"file://{tree}/a/one.JPG",
                             str(tree / "list.txt"), str(tree / "m.parquet")], tree)
     # Manifests keep every entry (a listed non-image becomes an error row); the staging
-    # keeps duplicates, which the diff drops per bucket.
+    # keeps duplicates, which the diff drops per part.
     assert set(uris) == {str(tree / "a/one.JPG"), str(tree / "a/three.webp"), "/nowhere/missing.jpg",
                          str(tree / "a/readme.md"), str(tree / "a/b/two.png")}
     assert skipped == {".md": 1}  # the glob's readme.md

@@ -30,7 +30,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -189,6 +189,15 @@ class LakeTable:
     log: DeltaTable
     snap: DeltaTable
     meta: dict
+    _cache: dict = field(default_factory=dict, repr=False)  # per (log, snapshot) version
+
+    def _cached(self, key: tuple, make):
+        key = (self.log.version(), self.snap.version(), *key)
+        if key not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = make()
+        return self._cache[key]
 
     @property
     def dt(self) -> DeltaTable:
@@ -223,6 +232,9 @@ class LakeTable:
 
     def part_stats(self) -> dict[str, int]:
         """part -> rows in its snapshot files (the watermark row included)."""
+        return self._cached(("stats",), self._part_stats)
+
+    def _part_stats(self) -> dict[str, int]:
         actions = pa.table(self.snap.get_add_actions(flatten=True))
         if not actions.num_rows:
             return {}
@@ -236,6 +248,9 @@ class LakeTable:
     def parts(self) -> list[str]:
         """The snapshot's parts, sorted: every part with files, plus the initial parts no
         split has refined yet."""
+        return list(self._cached(("parts",), self._parts))
+
+    def _parts(self) -> list[str]:
         have = set(self.part_stats())
         for p in self.meta.get("parts", [""]):
             if p not in have and not any(h.startswith(p) for h in have):
@@ -244,8 +259,11 @@ class LakeTable:
 
     def watermark(self, part: str) -> int:
         """The log version `part`'s snapshot reflects (-1: none; read the whole log)."""
-        v = self.snap.transaction_version(PART_APP + part)
-        return -1 if v is None else int(v)
+        def read() -> int:
+            v = self.snap.transaction_version(PART_APP + part)
+            return -1 if v is None else int(v)
+
+        return self._cached(("mark", part), read)
 
     def floor(self) -> int:
         """The lowest watermark of any part: log rows after it hold every change since."""
@@ -256,11 +274,12 @@ class LakeTable:
     def log_dataset(self, since: int = -1) -> pds.Dataset:
         """The log's files that can hold rows committed after `since`."""
         if since < 0:
-            return self.log.to_pyarrow_dataset()
-        return self.log.to_pyarrow_dataset(file_pruning_predicate=f"committed_in > {since}")
+            return self._cached(("log",), self.log.to_pyarrow_dataset)
+        return self._cached(("log", since), lambda: self.log.to_pyarrow_dataset(
+            file_pruning_predicate=f"committed_in > {since}"))
 
     def snapshot_dataset(self) -> pds.Dataset:
-        return self.snap.to_pyarrow_dataset()
+        return self._cached(("snap",), self.snap.to_pyarrow_dataset)
 
     def dataset(self) -> pds.Dataset:
         """Every row ever appended to the log (the history since schema 4)."""

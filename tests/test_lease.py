@@ -231,3 +231,20 @@ def test_other_object_stores_keep_a_best_effort_lease(caplog) -> None:
     assert lock.epoch == 1
     lock.check()
     lock.release()
+
+
+def test_a_renewal_that_landed_unanswered_keeps_the_lease(bucket: str) -> None:
+    """A write of ours whose answer was lost (timeout) leaves a version we hold no ETag for:
+    the same run and epoch, so still ours, not a takeover."""
+    import dataclasses
+    import json
+
+    out = f"{bucket}/unanswered"
+    lock = acquire(out, "run-y", lease_s=30)
+    store = lease_store(out)
+    landed = dataclasses.replace(lock.owner, expires_at=datetime.now(UTC).isoformat())
+    store.client.put_object(Bucket=store.bucket, Key=store.key,
+                            Body=json.dumps(dataclasses.asdict(landed)).encode())
+    lock.check()
+    lock.release()
+    assert read_owner(out).released and read_owner(out).run_id == "run-y"

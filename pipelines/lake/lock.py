@@ -328,34 +328,42 @@ class LeaseLock(TableLock):
                 owner = dataclasses.replace(
                     self.owner, expires_at=(_now() + timedelta(seconds=self.lease_s)).isoformat())
                 try:
-                    self._tag = self.store.replace(_encode(owner), self._tag)
-                    self.owner = owner
-                except LeaseConflict:
-                    self._lost = self._taken_over()
-                    logger.error("lost the lease: %s", self._lost)
-                    return
+                    try:
+                        self._tag = self.store.replace(_encode(owner), self._tag)
+                        self.owner = owner
+                    except LeaseConflict:
+                        now = self.store.read()
+                        if not self._still_ours(now):
+                            logger.error("lost the lease: %s", self._lose(now))
+                            return
                 except OSError as e:
                     logger.warning("cannot renew the lease %s: %s", self.store.uri, e)
 
-    def _taken_over(self, now: LeaseVersion | None = None) -> str:
-        if now is None:
-            try:
-                now = self.store.read()
-            except OSError:
-                now = None
+    def _still_ours(self, now: LeaseVersion | None) -> bool:
+        """Whether NOW, a version we hold no tag for, is our own lease after all (a write
+        of ours that landed but whose answer was lost); if so, keep it. A takeover always
+        changes the run id or the epoch."""
         who = _parse(now.data) if now is not None else None
-        return (f"the lease {self.store.uri} was taken over by "
-                f"{who.describe() if who else 'nobody (it was deleted)'}")
+        mine = (self.owner.run_id, self.owner.epoch, self.owner.host, self.owner.pid)
+        if who is None or who.released or (who.run_id, who.epoch, who.host, who.pid) != mine:
+            return False
+        self._tag, self.owner = now.tag, who
+        return True
+
+    def _lose(self, now: LeaseVersion | None) -> str:
+        who = _parse(now.data) if now is not None else None
+        self._lost = (f"the lease {self.store.uri} was deleted" if now is None else
+                      f"the lease {self.store.uri} was taken over by "
+                      f"{who.describe() if who else 'another writer (unreadable)'}")
+        return self._lost
 
     def check(self) -> None:
         with self._mutex:
             if self._lost is not None:
                 raise LockHeld(self._lost)
             now = self.store.read()
-            if now is None or now.tag != self._tag:
-                self._lost = self._taken_over(now) if now is not None else (
-                    f"the lease {self.store.uri} was deleted")
-                raise LockHeld(self._lost)
+            if now is None or (now.tag != self._tag and not self._still_ours(now)):
+                raise LockHeld(self._lose(now))
 
     def release(self) -> None:
         if self._released:
@@ -367,13 +375,19 @@ class LeaseLock(TableLock):
                 logger.warning("did not release the lease: %s", self._lost)
                 return
             try:
-                self._tag = self.store.replace(_encode(dataclasses.replace(self.owner, released=True)),
-                                               self._tag)
-            except LeaseConflict:
-                self._lost = self._taken_over()
-                logger.warning("did not release the lease: %s", self._lost)
-            except OSError as e:
+                try:
+                    self._tag = self.store.replace(self._released_data(), self._tag)
+                except LeaseConflict:
+                    now = self.store.read()
+                    if not self._still_ours(now):
+                        logger.warning("did not release the lease: %s", self._lose(now))
+                        return
+                    self._tag = self.store.replace(self._released_data(), self._tag)
+            except (LeaseConflict, OSError) as e:
                 logger.warning("could not release the lease %s: %s", self.store.uri, e)
+
+    def _released_data(self) -> bytes:
+        return _encode(dataclasses.replace(self.owner, released=True))
 
 
 def _expired(owner: LockOwner) -> bool:

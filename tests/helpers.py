@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(log_dir: Path) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 (a separate process, a real HTTP endpoint) for the
+    block. Yields the AWS_* variables that point boto3, pyarrow and delta-rs at it; set
+    them in the environment (monkeypatch) so that lakelens and its child processes see them."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    log = log_dir / "moto.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+                time.sleep(0.2)
+        yield {"AWS_ACCESS_KEY_ID": "lakelens-test", "AWS_SECRET_ACCESS_KEY": "lakelens-test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.lake.lock import LeaseLock, LockHeld, acquire, read_owner
+from pipelines.lake.lock import FsLeaseStore, LeaseLock, LockHeld, acquire, read_owner
 
 REPO = Path(__file__).resolve().parent.parent
 HOLD = ("import sys, time\n"
@@ -66,21 +66,25 @@ def test_release_and_epochs(tmp_path: Path, caplog) -> None:
 
 
 def test_lease_refuses_a_live_owner_and_takes_over_an_expired_one(tmp_path: Path) -> None:
-    fs = pafs.LocalFileSystem()
-    first = LeaseLock(fs, str(tmp_path), "lease-a", lease_s=60, settle_s=0.01)
+    def take(run_id: str) -> LeaseLock:  # the best-effort lease (no conditional writes)
+        store = FsLeaseStore(pafs.LocalFileSystem(), f"{tmp_path}/_lakelens/lease.json", "lease",
+                             settle_s=0.01)
+        return LeaseLock(store, str(tmp_path), run_id, lease_s=60)
+
+    first = take("lease-a")
     with pytest.raises(LockHeld, match="lease-a"):
-        LeaseLock(fs, str(tmp_path), "lease-b", lease_s=60, settle_s=0.01)
+        take("lease-b")
     first._stop.set()  # the owner stops renewing (it died); let its lease expire
     lease = tmp_path / "_lakelens" / "lease.json"
     data = json.loads(lease.read_text())
     data["expires_at"] = "2000-01-01T00:00:00+00:00"
     lease.write_text(json.dumps(data))
-    second = LeaseLock(fs, str(tmp_path), "lease-b", lease_s=60, settle_s=0.01)
+    second = take("lease-b")
     assert second.epoch == first.epoch + 1
     with pytest.raises(LockHeld, match="lease-b"):
         first.check()  # the old owner learns it lost the lease
     second.release()
     time.sleep(0.01)
-    third = LeaseLock(fs, str(tmp_path), "lease-c", lease_s=60, settle_s=0.01)
+    third = take("lease-c")
     assert third.epoch == second.epoch + 1
     third.release()

@@ -5,16 +5,12 @@ export, eval, render and query against them. The S3 server is a real one on loop
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipelines.synth import write_lake
-from tests.helpers import free_port
+from tests.helpers import moto_s3
 from tests.test_cli import lakelens  # the AWS_* variables the fixture set reach it via the environment
 
 BUCKET = "lakes"
@@ -26,38 +22,17 @@ TINY = ["--tasks", "detect,embed", "--arch", "detect=fasterrcnn_mobilenet_v3_lar
 def s3(tmp_path_factory: pytest.TempPathFactory):
     """A moto S3 server on 127.0.0.1 with a bucket holding a synthetic lake under lake/."""
     boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    env = {"AWS_ACCESS_KEY_ID": "lakelens-test", "AWS_SECRET_ACCESS_KEY": "lakelens-test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_s3(tmp_path_factory.mktemp("moto")) as env, pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         mp.setenv("LAKELENS_CACHE", str(tmp_path_factory.mktemp("cache")))
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and server.poll() is None, log.read_text()
-                    time.sleep(0.2)
-            client = boto3.client("s3")
-            client.create_bucket(Bucket=BUCKET)
-            gt = Path(write_lake(tmp_path_factory.mktemp("lake") / "lake", images=6, seed=1))
-            for p in gt.parent.rglob("*"):
-                if p.is_file():
-                    client.upload_file(str(p), BUCKET, f"lake/{p.relative_to(gt.parent)}")
-            yield {"client": client}
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        gt = Path(write_lake(tmp_path_factory.mktemp("lake") / "lake", images=6, seed=1))
+        for p in gt.parent.rglob("*"):
+            if p.is_file():
+                client.upload_file(str(p), BUCKET, f"lake/{p.relative_to(gt.parent)}")
+        yield {"client": client}
 
 
 def test_annotate_index_and_read_back_everything_from_s3(s3, tmp_path: Path) -> None:

@@ -4,16 +4,25 @@ Local DIR: `fcntl.flock` on DIR/_lakelens/lock, a file that names the owner (run
 host, pid, start time) and a lock epoch. The kernel releases the lock when its owner dies
 (SIGKILL included), so a lock left by a killed run is simply taken over.
 
-Object stores (s3://, gs://, ...): a lease object DIR/_lakelens/lease.json with an expiry,
-renewed by a background thread. pyarrow's filesystems have no conditional put, so taking
-the lease is best effort: write, wait, read back, and give up if another owner won. The
-real fence against two writers is in the table: every commit carries the lock epoch as
-a Delta app transaction, and a writer that sees a newer epoch stops (pipelines.lake.table).
+Object stores: a lease object DIR/_lakelens/lease.json with an expiry, renewed by a
+background thread. On s3:// every write of it is conditional: the lease is created with
+`If-None-Match: *` and renewed, released or taken over (once expired or released) with
+`If-Match: <ETag>` of the version read, so of two runs racing for it exactly one wins, and
+a run whose lease was taken over learns it at its next renewal or check(). The endpoint and
+credentials come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+...), as for pyarrow's S3FileSystem. Other object stores (gs://, ...) are reached through
+pyarrow, which has no conditional put: there taking the lease is best effort (write, wait,
+read back) and a warning says so. Either way the last fence against two writers is in the
+table: every commit carries the lock epoch as a Delta app transaction, and a writer that
+sees a newer epoch stops (pipelines.lake.table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.fs as pafs
 
@@ -31,7 +40,8 @@ from pipelines.lake.sources import is_remote
 logger = logging.getLogger(__name__)
 
 LOCK_DIR = "_lakelens"
-SETTLE_S = 0.5  # remote lease: wait this long before reading our write back
+LEASE_NAME = "lease.json"
+SETTLE_S = 0.5  # best-effort lease: wait this long before reading our write back
 
 
 class LockHeld(LakelensError):
@@ -68,6 +78,10 @@ def _parse(data: bytes) -> LockOwner | None:
         return LockOwner(**{k: d[k] for k in LockOwner.__dataclass_fields__ if k in d})
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def _encode(owner: LockOwner) -> bytes:
+    return json.dumps(asdict(owner)).encode()
 
 
 class TableLock:
@@ -116,7 +130,7 @@ class FileLock(TableLock):
 
     @staticmethod
     def _write(fd: int, owner: LockOwner) -> None:
-        data = json.dumps(asdict(owner)).encode()
+        data = _encode(owner)
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         os.fsync(fd)
@@ -125,97 +139,284 @@ class FileLock(TableLock):
         if self._fd is None:
             return
         try:
-            self._write(self._fd, LockOwner(**{**asdict(self.owner), "released": True}))
+            self._write(self._fd, dataclasses.replace(self.owner, released=True))
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
 
-class LeaseLock(TableLock):
-    """A lease object on a filesystem without locks (object stores)."""
+# -- the lease object ---------------------------------------------------------------------
 
-    def __init__(self, fs: pafs.FileSystem, root: str, run_id: str, *, lease_s: float = 900.0,
-                 settle_s: float = SETTLE_S):
-        self.fs, self.path, self.lease_s = fs, f"{root}/{LOCK_DIR}/lease.json", lease_s
-        fs.create_dir(f"{root}/{LOCK_DIR}", recursive=True)
-        previous = self._read()
-        if previous is not None and not previous.released and not self._expired(previous):
-            raise LockHeld(f"{root} is locked by {previous.describe()} until "
-                           f"{previous.expires_at}; wait for it to finish or stop it")
-        if previous is not None and not previous.released:
-            logger.warning("taking over the expired lease of %s", previous.describe())
-        owner = _owner(run_id, (previous.epoch if previous else 0) + 1,
-                       _now() + _seconds(lease_s))
-        self._put(owner)
-        time.sleep(settle_s)
-        won = self._read()
-        if won is None or (won.run_id, won.epoch) != (owner.run_id, owner.epoch):
-            raise LockHeld(f"{root} was locked at the same moment by "
-                           f"{won.describe() if won else 'another run'}; try again later")
-        super().__init__(owner)
-        self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, daemon=True)
-        self._renewer.start()
-        self._released = False
+class LeaseConflict(Exception):
+    """A conditional write of the lease failed: it changed since it was read (HTTP 412)."""
 
-    def _read(self) -> LockOwner | None:
+
+@dataclass(frozen=True)
+class LeaseVersion:
+    data: bytes
+    tag: str  # what a conditional write of the next version must name (an S3 ETag)
+
+
+class LeaseStore:
+    """Where a lease object lives: read it, create it, replace a version of it."""
+
+    uri: str
+    atomic: bool  # True when create/replace are real conditional writes
+
+    def read(self) -> LeaseVersion | None:
+        raise NotImplementedError
+
+    def create(self, data: bytes) -> str:
+        """Write DATA if no lease exists; its new tag, or LeaseConflict."""
+        raise NotImplementedError
+
+    def replace(self, data: bytes, tag: str) -> str:
+        """Write DATA if the lease is still the version TAG; its new tag, or LeaseConflict."""
+        raise NotImplementedError
+
+
+class S3LeaseStore(LeaseStore):
+    """s3://BUCKET/KEY through boto3, with `If-None-Match: *` / `If-Match: ETag` puts."""
+
+    atomic = True
+
+    def __init__(self, bucket: str, key: str, client=None):
+        self.bucket, self.key, self.uri = bucket, key, f"s3://{bucket}/{key}"
+        self.client = client if client is not None else _s3_client(
+            tuple(os.environ.get(k) for k in _AWS_ENV))
+
+    def read(self) -> LeaseVersion | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return LeaseVersion(got["Body"].read(), got["ETag"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"cannot read the lease {self.uri}: {e}") from e
+        except BotoCoreError as e:
+            raise OSError(f"cannot read the lease {self.uri}: {e}") from e
+
+    def create(self, data: bytes) -> str:
+        return self._put(data, IfNoneMatch="*")
+
+    def replace(self, data: bytes, tag: str) -> str:
+        return self._put(data, IfMatch=tag)
+
+    def _put(self, data: bytes, **condition: str) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data,
+                                          ContentType="application/json", **condition)["ETag"]
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code")
+            # 412: the condition failed; 409: a concurrent conditional write of the same key;
+            # 404: If-Match on a lease deleted meanwhile.
+            if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                     "NoSuchKey"):
+                now = self.read()
+                if now is not None and now.data == data:  # a retry of our own write that had landed
+                    return now.tag
+                raise LeaseConflict(f"{self.uri}: {code or status}") from e
+            raise OSError(f"cannot write the lease {self.uri}: {e}") from e
+        except BotoCoreError as e:
+            raise OSError(f"cannot write the lease {self.uri}: {e}") from e
+
+
+# What boto3 reads from the environment to reach S3 (pyarrow's S3FileSystem reads the same).
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(env: tuple[str | None, ...]):
+    """A boto3 S3 client for the AWS_* environment ENV (the cache key; clients are thread
+    safe and take ~0.1 s to make). AWS_REGION counts when nothing else sets a region."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    region = session.region_name or dict(zip(_AWS_ENV, env, strict=True))["AWS_REGION"]
+    return session.client("s3", region_name=region,
+                          config=Config(connect_timeout=10, read_timeout=30,
+                                        retries={"mode": "standard", "max_attempts": 3}))
+
+
+class FsLeaseStore(LeaseStore):
+    """A lease file on a pyarrow filesystem without conditional writes: best effort.
+
+    A write checks the current version first and reads itself back SETTLE_S later; two
+    writers closer together than that can both believe they won.
+    """
+
+    atomic = False
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, *, settle_s: float = SETTLE_S):
+        self.fs, self.path, self.uri, self.settle_s = fs, path, uri, settle_s
+
+    def read(self) -> LeaseVersion | None:
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return _parse(f.read())
+                data = f.read()
         except FileNotFoundError:
             return None
+        return LeaseVersion(data, hashlib.sha256(data).hexdigest())
 
-    def _put(self, owner: LockOwner) -> None:
+    def create(self, data: bytes) -> str:
+        if self.read() is not None:
+            raise LeaseConflict(f"{self.uri} exists")
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        return self._write(data)
+
+    def replace(self, data: bytes, tag: str) -> str:
+        now = self.read()
+        if now is None or now.tag != tag:
+            raise LeaseConflict(f"{self.uri} changed")
+        return self._write(data)
+
+    def _write(self, data: bytes) -> str:
         with self.fs.open_output_stream(self.path) as f:
-            f.write(json.dumps(asdict(owner)).encode())
+            f.write(data)
+        time.sleep(self.settle_s)
+        now = self.read()
+        if now is None or now.data != data:
+            raise LeaseConflict(f"{self.uri} was overwritten")
+        return now.tag
 
-    @staticmethod
-    def _expired(owner: LockOwner) -> bool:
-        return owner.expires_at is not None and datetime.fromisoformat(owner.expires_at) < _now()
+
+class LeaseLock(TableLock):
+    """A lease object on a filesystem without locks (object stores), kept by renewal."""
+
+    def __init__(self, store: LeaseStore, root: str, run_id: str, *, lease_s: float = 900.0):
+        self.store, self.lease_s = store, lease_s
+        previous = store.read()
+        held = _parse(previous.data) if previous is not None else None
+        if held is not None and not held.released and not _expired(held):
+            raise LockHeld(f"{root} is locked by {held.describe()} until {held.expires_at}; wait "
+                           "for it to finish or stop it")
+        if held is not None and not held.released:
+            logger.warning("taking over the expired lease of %s", held.describe())
+        elif previous is not None and held is None:
+            logger.warning("replacing the unreadable lease %s", store.uri)
+        owner = _owner(run_id, (held.epoch if held else 0) + 1, _now() + timedelta(seconds=lease_s))
+        try:
+            tag = store.create(_encode(owner)) if previous is None else store.replace(_encode(owner),
+                                                                                       previous.tag)
+        except LeaseConflict:
+            won = store.read()
+            who = _parse(won.data) if won is not None else None
+            raise LockHeld(f"{root} was locked at the same moment by "
+                           f"{who.describe() if who else 'another run'}; try again later") from None
+        super().__init__(owner)
+        self._tag = tag
+        self._lost: str | None = None  # why the lease is no longer ours
+        self._released = False
+        self._mutex = threading.Lock()  # one lease write or check at a time
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="lakelens-lease", daemon=True)
+        self._renewer.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            try:
-                self.check()
-                self.owner = LockOwner(**{**asdict(self.owner),
-                                          "expires_at": (_now() + _seconds(self.lease_s)).isoformat()})
-                self._put(self.owner)
-            except LockHeld:
-                logger.error("lost the lease on %s", self.path)
-                return
-            except OSError as e:
-                logger.warning("cannot renew the lease %s: %s", self.path, e)
+            with self._mutex:
+                if self._stop.is_set() or self._lost is not None:
+                    return
+                owner = dataclasses.replace(
+                    self.owner, expires_at=(_now() + timedelta(seconds=self.lease_s)).isoformat())
+                try:
+                    try:
+                        self._tag = self.store.replace(_encode(owner), self._tag)
+                        self.owner = owner
+                    except LeaseConflict:
+                        now = self.store.read()
+                        if not self._still_ours(now):
+                            logger.error("lost the lease: %s", self._lose(now))
+                            return
+                except OSError as e:
+                    logger.warning("cannot renew the lease %s: %s", self.store.uri, e)
+
+    def _still_ours(self, now: LeaseVersion | None) -> bool:
+        """Whether NOW, a version we hold no tag for, is our own lease after all (a write
+        of ours that landed but whose answer was lost); if so, keep it. A takeover always
+        changes the run id or the epoch."""
+        who = _parse(now.data) if now is not None else None
+        mine = (self.owner.run_id, self.owner.epoch, self.owner.host, self.owner.pid)
+        if who is None or who.released or (who.run_id, who.epoch, who.host, who.pid) != mine:
+            return False
+        self._tag, self.owner = now.tag, who
+        return True
+
+    def _lose(self, now: LeaseVersion | None) -> str:
+        who = _parse(now.data) if now is not None else None
+        self._lost = (f"the lease {self.store.uri} was deleted" if now is None else
+                      f"the lease {self.store.uri} was taken over by "
+                      f"{who.describe() if who else 'another writer (unreadable)'}")
+        return self._lost
 
     def check(self) -> None:
-        now = self._read()
-        if now is None or (now.run_id, now.epoch) != (self.owner.run_id, self.owner.epoch):
-            raise LockHeld(f"the lease {self.path} was taken over by "
-                           f"{now.describe() if now else 'nobody (it was deleted)'}")
+        with self._mutex:
+            if self._lost is not None:
+                raise LockHeld(self._lost)
+            now = self.store.read()
+            if now is None or (now.tag != self._tag and not self._still_ours(now)):
+                raise LockHeld(self._lose(now))
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self._stop.set()
-        try:
-            self.check()
-            self._put(LockOwner(**{**asdict(self.owner), "released": True}))
-        except (LockHeld, OSError) as e:
-            logger.warning("could not release the lease %s: %s", self.path, e)
+        with self._mutex:
+            if self._lost is not None:
+                logger.warning("did not release the lease: %s", self._lost)
+                return
+            try:
+                try:
+                    self._tag = self.store.replace(self._released_data(), self._tag)
+                except LeaseConflict:
+                    now = self.store.read()
+                    if not self._still_ours(now):
+                        logger.warning("did not release the lease: %s", self._lose(now))
+                        return
+                    self._tag = self.store.replace(self._released_data(), self._tag)
+            except (LeaseConflict, OSError) as e:
+                logger.warning("could not release the lease %s: %s", self.store.uri, e)
+
+    def _released_data(self) -> bytes:
+        return _encode(dataclasses.replace(self.owner, released=True))
 
 
-def _seconds(s: float):
-    from datetime import timedelta
+def _expired(owner: LockOwner) -> bool:
+    return owner.expires_at is not None and datetime.fromisoformat(owner.expires_at) < _now()
 
-    return timedelta(seconds=s)
+
+def lease_store(out: str) -> LeaseStore:
+    """The lease object of the remote table directory OUT."""
+    scheme, _, rest = out.partition("://")
+    if scheme.lower() == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise LakelensError(f"no bucket in {out!r}; expected s3://BUCKET/PATH")
+        key = "/".join(p for p in (prefix.strip("/"), LOCK_DIR, LEASE_NAME) if p)
+        return S3LeaseStore(bucket, key)
+    fs, root = pafs.FileSystem.from_uri(out)
+    return FsLeaseStore(fs, f"{root.rstrip('/')}/{LOCK_DIR}/{LEASE_NAME}",
+                        f"{out.rstrip('/')}/{LOCK_DIR}/{LEASE_NAME}")
 
 
 def acquire(out: str, run_id: str, *, lease_s: float = 900.0) -> TableLock:
     """Take DIR's run lock or raise LockHeld naming its owner."""
     if is_remote(out):
-        fs, root = pafs.FileSystem.from_uri(out)
-        return LeaseLock(fs, root.rstrip("/"), run_id, lease_s=lease_s)
+        store = lease_store(out)
+        if not store.atomic:
+            logger.warning("%s has no conditional writes: the run lease %s is best effort, not atomic; "
+                           "two runs started within %.1f s of each other may both proceed",
+                           out, store.uri, SETTLE_S)
+        return LeaseLock(store, out.rstrip("/"), run_id, lease_s=lease_s)
     root = os.path.abspath(out.removeprefix("file://"))
     return FileLock(os.path.join(root, LOCK_DIR, "lock"), run_id)
 
@@ -223,13 +424,8 @@ def acquire(out: str, run_id: str, *, lease_s: float = 900.0) -> TableLock:
 def read_owner(out: str) -> LockOwner | None:
     """Who holds (or last held) DIR's lock."""
     if is_remote(out):
-        fs, root = pafs.FileSystem.from_uri(out)
-        path = f"{root.rstrip('/')}/{LOCK_DIR}/lease.json"
-        try:
-            with fs.open_input_stream(path) as f:
-                return _parse(f.read())
-        except FileNotFoundError:
-            return None
+        now = lease_store(out).read()
+        return _parse(now.data) if now is not None else None
     path = os.path.join(os.path.abspath(out.removeprefix("file://")), LOCK_DIR, "lock")
     try:
         with open(path, "rb") as f:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.errors import LakelensError
 from pipelines.lake import diff as D
-from pipelines.lake.sources import image_id, plan_sources, read_bytes
+from pipelines.lake.sources import ListItem, image_id, plan_sources, read_bytes
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def listed(sources: list[str], tmp_path: Path) -> tuple[list[str], dict[str, int
 
 def test_directory_is_recursive_and_counts_non_images_by_extension(ray_local, tree: Path) -> None:
     plan = plan_sources([str(tree / "a")])
-    assert (str(tree / "a" / "b" / "c"), True) in plan.dirs  # below the spread: one task each
+    assert ListItem(str(tree / "a" / "b" / "c"), True) in plan.dirs  # below the spread: one task each
     uris, skipped = listed([str(tree / "a")], tree)
     assert uris == sorted(str(tree / p) for p in ("a/b/two.png", "a/one.JPG", "a/three.webp",
                                                   "a/b/c/d/deep.heic"))

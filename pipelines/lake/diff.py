@@ -71,7 +71,8 @@ def listing_dataset(plan: S.SourcePlan, staging: str) -> ray.data.Dataset:
     """Every listed object as a row of pipelines.lake.sources.LISTING_SCHEMA."""
     parts: list[ray.data.Dataset] = []
     if plan.dirs:
-        items = [{"root": d, "recursive": r} for d, r in plan.dirs]
+        items = [{"root": i.root, "recursive": i.recursive, "start": i.start, "end": i.end}
+                 for i in plan.dirs]
         parts.append(ray.data.from_items(items, override_num_blocks=min(len(items), 256))
                      .map_batches(_list_dirs, batch_size=1, batch_format="pyarrow",
                                   num_cpus=LIST_CPUS))
@@ -93,9 +94,9 @@ def listing_dataset(plan: S.SourcePlan, staging: str) -> ray.data.Dataset:
 
 
 def _list_dirs(batch: pa.Table):
-    for root, recursive in zip(batch.column("root").to_pylist(),
-                               batch.column("recursive").to_pylist(), strict=True):
-        yield from S.list_dir(root, recursive)
+    for root, recursive, start, end in zip(*(batch.column(c).to_pylist() for c in (
+            "root", "recursive", "start", "end")), strict=True):
+        yield from S.list_dir(root, recursive, start, end)
 
 
 def _text_rows(batch: pa.Table, *, base: str) -> pa.Table:

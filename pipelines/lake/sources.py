@@ -9,8 +9,11 @@ extension (case-insensitive) and count the rest by extension; manifests are take
 they are, so a listed non-image becomes an error row.
 
 The driver only plans (`plan_sources`: which directories to list, which manifests to
-read); the listing itself runs in Ray tasks (pipelines.lake.listing), one batch of at
-most LIST_BATCH entries at a time, so no process holds every URI of the lake.
+read); the listing itself runs in Ray tasks (pipelines.lake.diff), one batch of at most
+LIST_BATCH entries at a time, so no process holds every URI of the lake. A directory level
+with more than SPLIT_FILES entries is listed by several tasks, each a range of names
+(`ListItem.start`/`end`). A directory that cannot be listed becomes one marker row with
+`list_error` set (its images must not look vanished).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import functools
 import hashlib
 import logging
 import os
+import random
 import zlib
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,15 +41,32 @@ TEXT_MANIFESTS = (".txt", ".lst")
 GLOB_CHARS = set("*?[")
 LIST_BATCH = 10_000
 SPREAD_DEPTH = 2  # directory levels the driver expands so that listing tasks share the tree
+SPLIT_FILES = 100_000  # a directory level with more entries is listed by several tasks (name ranges)
+SAMPLE_NAMES = 1_000  # file names the driver keeps (reservoir) to choose a local level's split points
+MAX_RANGES = 256  # at most this many range tasks for one local directory level
+REMOTE_RANGES = 128  # about this many ranges for a large object-store prefix
+S3_PAGE = 1000  # keys per ListObjectsV2 call (S3's most)
 LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                            ("etag", pa.string()), ("is_image", pa.bool_())])
+                            ("etag", pa.string()), ("is_image", pa.bool_()),
+                            ("list_error", pa.string())])  # set on a marker row: uri = the unlistable dir
+
+
+@dataclass(frozen=True)
+class ListItem:
+    """One listing task: the files of `root` (everything below it if recursive) whose name
+    relative to `root` ("a.jpg", "sub/b.jpg") is in [start, end); None is unbounded."""
+
+    root: str
+    recursive: bool
+    start: str | None = None
+    end: str | None = None
 
 
 @dataclass(frozen=True)
 class SourcePlan:
     """What the listing tasks do: each entry is small; the URIs themselves are not here."""
 
-    dirs: list[tuple[str, bool]] = field(default_factory=list)  # (dir or prefix, recursive)
+    dirs: list[ListItem] = field(default_factory=list)
     text_manifests: list[str] = field(default_factory=list)
     parquet_manifests: list[str] = field(default_factory=list)
     globs: list[str] = field(default_factory=list)
@@ -182,84 +204,293 @@ def _check_parquet_manifest(uri: str) -> str:
     return uri
 
 
-def _spread(root: str) -> list[tuple[str, bool]]:
+def _spread(root: str) -> list[ListItem]:
     """Split a tree into listing tasks: the top SPREAD_DEPTH levels' own files (not
-    recursive) and every directory below them (recursive). Only directory names are
-    held here, never the files."""
-    out: list[tuple[str, bool]] = []
+    recursive; a level with more than SPLIT_FILES entries in name ranges) and every
+    directory below them (recursive). Only directory names are held here, never the
+    files. A directory below `root` that cannot be listed is left to a task, which reports
+    it as a marker row."""
+    out: list[ListItem] = []
     level = [root]
     for _ in range(SPREAD_DEPTH):
         below: list[str] = []
         for d in level:
-            out.append((d, False))
-            below.extend(_subdirs(d))
+            try:
+                items, subdirs = _plan_level(d)
+            except Exception as e:  # OSError, or a store client's own error
+                if d == root:
+                    raise LakelensError(f"cannot list {d!r}: {_one_line(e)}") from e
+                logger.warning("cannot list %s: %s", d, _one_line(e))
+                out.append(ListItem(d, True))
+                continue
+            out.extend(items)
+            below.extend(subdirs)
         level = below
-    out.extend((d, True) for d in level)
+    out.extend(ListItem(d, True) for d in level)
     return out
 
 
-def _subdirs(d: str) -> list[str]:
+def _plan_level(d: str) -> tuple[list[ListItem], list[str]]:
+    """The items listing `d`'s own files, and its subdirectories to plan further."""
+    if d.startswith("s3://") and _s3_client() is not None:
+        return _plan_s3_level(d)
     if is_remote(d):
         fs, path = split_uri(d)
         prefix = d.split("://", 1)[0] + "://"
-        return sorted(prefix + i.path.removeprefix(prefix) for i in fs.get_file_info(
+        subdirs = sorted(prefix + i.path.removeprefix(prefix) for i in fs.get_file_info(
             pafs.FileSelector(path, recursive=False)) if i.type == pafs.FileType.Directory)
+        return [ListItem(d, False)], subdirs
+    return _plan_local_level(d)
+
+
+def _plan_local_level(d: str) -> tuple[list[ListItem], list[str]]:
+    """One streaming pass over `d`: its subdirectories, how many files, and a bounded
+    sample of their names; more than SPLIT_FILES files are split at the sample's quantiles."""
+    subdirs: list[str] = []
+    sample: list[str] = []
+    files = 0
+    rand = random.Random(0)  # the same plan for the same directory
+    with os.scandir(d) as it:
+        for e in it:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e.path)
+                continue
+            files += 1
+            if len(sample) < SAMPLE_NAMES:
+                sample.append(e.name)
+            else:
+                j = rand.randrange(files)
+                if j < SAMPLE_NAMES:
+                    sample[j] = e.name
+    if files <= SPLIT_FILES:
+        return [ListItem(d, False)], sorted(subdirs)
+    parts = min(-(-files // SPLIT_FILES), MAX_RANGES, len(sample))
+    sample.sort()
+    points = sorted({sample[len(sample) * i // parts] for i in range(1, parts)})
+    logger.info("%s: %d files, listed in %d name ranges", d, files, len(points) + 1)
+    return _ranges(d, False, points), sorted(subdirs)
+
+
+def _ranges(root: str, recursive: bool, points: list[str]) -> list[ListItem]:
+    """Items covering every name exactly once: [None, p0), [p0, p1), ..., [pN, None)."""
+    bounds: list[str | None] = [None, *sorted(set(points)), None]
+    return [ListItem(root, recursive, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def _in_range(name: str, start: str | None, end: str | None) -> bool:
+    return (start is None or name >= start) and (end is None or name < end)
+
+
+def _may_hold(dir_name: str, start: str | None, end: str | None) -> bool:
+    """Whether names below the relative directory `dir_name` can be in [start, end): they
+    all lie in [dir_name + "/", dir_name + "0") ("0" follows "/")."""
+    return (end is None or dir_name + "/" < end) and (start is None or start < dir_name + "0")
+
+
+def _one_line(e: BaseException) -> str:
+    """"PermissionError: [Errno 13] Permission denied": the error without its path, one line."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else e.strerror
+    else:
+        text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+# -- S3 through boto3 when installed: paginated, with StartAfter ---------------------------
+
+def _s3_client():
+    """A boto3 S3 client (None without boto3: pyarrow lists S3, unsplit and unpaginated)."""
+    return _s3_client_for(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+                          os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: str | None, region: str | None):
     try:
-        with os.scandir(d) as it:
-            return sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
-    except OSError as e:
-        raise LakelensError(f"cannot list {d!r}: {e.strerror or e}") from e
+        import boto3
+    except ImportError:
+        return None
+    return boto3.client("s3")  # endpoint, region and credentials as boto3 reads them
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix of the directory: "" or ending in "/")."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    key = key.strip("/")
+    return bucket, key + "/" if key else ""
+
+
+def _plan_s3_level(d: str) -> tuple[list[ListItem], list[str]]:
+    """List `d` with a delimiter until it proves large (more than SPLIT_FILES entries):
+    then the whole prefix is split by leading characters into recursive ranges."""
+    client = _s3_client()
+    bucket, prefix = _s3_location(d)
+    subdirs: list[str] = []
+    entries = 0
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig={"PageSize": S3_PAGE})
+    for page in pages:
+        subdirs.extend(f"s3://{bucket}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", []))
+        entries += len(page.get("Contents", [])) + len(page.get("CommonPrefixes", []))
+        if entries > SPLIT_FILES:
+            points = _key_split_points(client, bucket, prefix, REMOTE_RANGES)
+            logger.info("%s: more than %d entries, listed in %d key ranges", d, SPLIT_FILES,
+                        len(points) + 1)
+            return _ranges(d, True, points), []
+    return [ListItem(d, False)], sorted(subdirs)
+
+
+def _key_split_points(client, bucket: str, prefix: str, want: int) -> list[str]:
+    """Split points (names relative to `prefix`) from the leading characters present,
+    probed breadth first until about `want`: one LIST of one key per character found, and
+    one LIST per character whether it leads more keys than a range should hold (those
+    are split by their next character, the others are not split further)."""
+    small = min(S3_PAGE, max(1, SPLIT_FILES // 2))
+    points: set[str] = set()
+    frontier = deque([""])  # the prefix is known to be large
+    calls = 0
+    while frontier and len(points) + 1 < want and calls < 8 * want:  # long shared prefixes cost calls
+        q = frontier.popleft()
+        chars = _next_chars(client, bucket, prefix + q)
+        calls += 2 * len(chars) + 1
+        points.update(q + c for c in chars[1:])  # [q, q + chars[0]) holds at most the key q
+        frontier.extend(q + c for c in chars if client.list_objects_v2(
+            Bucket=bucket, Prefix=prefix + q + c, MaxKeys=small).get("IsTruncated"))
+    return sorted(points)[: max(want - 1, 0)]
+
+
+def _next_chars(client, bucket: str, key_prefix: str, limit: int = 256) -> list[str]:
+    """The characters that follow `key_prefix` in its keys, ascending."""
+    chars: list[str] = []
+    after = None
+    while len(chars) < limit:
+        kwargs = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": 1}
+        if after is not None:
+            kwargs["StartAfter"] = after
+        found = client.list_objects_v2(**kwargs).get("Contents", [])
+        if not found:
+            break
+        key = found[0]["Key"]
+        if key == key_prefix:
+            after = key
+            continue
+        c = key[len(key_prefix)]
+        chars.append(c)
+        nxt = ord(c) + 1
+        after = key_prefix + chr(0xE000 if 0xD800 <= nxt < 0xE000 else nxt)  # past every key_prefix + c...
+    return chars
+
+
+def _walk_s3(root: str, recursive: bool, start: str | None, end: str | None) -> Iterator[tuple]:
+    """One page (at most 1000 keys) at a time, from `start` on, stopping at `end`."""
+    client = _s3_client()
+    bucket, prefix = _s3_location(root)
+    kwargs = {"Bucket": bucket, "Prefix": prefix}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    if start is not None:  # StartAfter is exclusive: the key `start` itself is looked up first
+        first = client.list_objects_v2(Bucket=bucket, Prefix=prefix + start, MaxKeys=1).get("Contents", [])
+        if first and first[0]["Key"] == prefix + start and not start.endswith("/"):
+            yield _s3_row(bucket, first[0])
+        kwargs["StartAfter"] = prefix + start
+    pages = client.get_paginator("list_objects_v2").paginate(**kwargs, PaginationConfig={"PageSize": S3_PAGE})
+    for page in pages:
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if end is not None and key[len(prefix):] >= end:
+                return
+            if not key.endswith("/"):  # a "folder" marker object, not a file
+                yield _s3_row(bucket, obj)
+
+
+def _s3_row(bucket: str, obj: dict) -> tuple:
+    uri = f"s3://{bucket}/{obj['Key']}"
+    modified = obj["LastModified"]
+    mtime_ns = int(modified.timestamp()) * 10**9 + modified.microsecond * 1000
+    # No etag: the fingerprint stays size:mtime, as pyarrow's listing gave it, so that
+    # already annotated images do not all look changed.
+    return uri, obj["Size"], mtime_ns, None, is_image_name(uri), None
 
 
 # -- listing one piece (runs in Ray tasks) ----------------------------------------------
 
-def list_dir(root: str, recursive: bool) -> Iterator[pa.Table]:
-    """Files under `root` (only its own files unless recursive), LIST_BATCH per table."""
-    rows = _walk_remote(root, recursive) if is_remote(root) else _walk_local(root, recursive)
+def list_dir(root: str, recursive: bool, start: str | None = None,
+             end: str | None = None) -> Iterator[pa.Table]:
+    """Files under `root` (only its own files unless recursive) whose name relative to it
+    is in [start, end), LIST_BATCH per table. What cannot be listed becomes a marker row."""
+    if root.startswith("s3://") and _s3_client() is not None:
+        rows = _walk_s3(root, recursive, start, end)
+    elif is_remote(root):
+        rows = _walk_remote(root, recursive, start, end)
+    else:
+        rows = _walk_local(root, recursive, start, end)
     batch: list[tuple] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= LIST_BATCH:
-            yield _listing_table(batch)
-            batch = []
+    try:
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= LIST_BATCH:
+                yield _listing_table(batch)
+                batch = []
+    except Exception as e:  # a store's LIST failing (botocore's errors are no OSError)
+        logger.warning("cannot list %s: %s", root, _one_line(e))
+        batch.append(_marker(root, e))
     if batch:
         yield _listing_table(batch)
 
 
-def _walk_local(root: str, recursive: bool) -> Iterator[tuple]:
-    stack = [root]
+def _marker(directory: str, e: BaseException) -> tuple:
+    """The row of a directory (or range, or prefix) that could not be listed."""
+    return directory, None, None, None, False, _one_line(e)
+
+
+def _walk_local(root: str, recursive: bool, start: str | None, end: str | None) -> Iterator[tuple]:
+    stack = [(root, "")]  # (directory, its path relative to root with a trailing "/")
     while stack:
-        d = stack.pop()
+        d, rel = stack.pop()
         try:
-            entries = list(os.scandir(d))
+            with os.scandir(d) as it:
+                for e in it:
+                    name = rel + e.name
+                    try:
+                        is_dir = e.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        if recursive and _may_hold(name, start, end):
+                            stack.append((e.path, name + "/"))
+                        continue
+                    if _in_range(name, start, end):
+                        yield _local_row(e)
         except OSError as e:
-            logger.warning("cannot list %s: %s", d, e.strerror or e)
-            continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    if recursive:
-                        stack.append(e.path)
-                    continue
-                st = e.stat(follow_symlinks=True)
-                yield e.path, st.st_size, st.st_mtime_ns, None, is_image_name(e.name)
-            except FileNotFoundError:  # a broken symlink: listed, fails at read
-                yield e.path, None, None, None, is_image_name(e.name)
-            except OSError:
-                yield e.path, None, None, None, is_image_name(e.name)
+            logger.warning("cannot list %s: %s", d, _one_line(e))
+            yield _marker(d, e)
 
 
-def _walk_remote(root: str, recursive: bool) -> Iterator[tuple]:
+def _local_row(e: os.DirEntry) -> tuple:
+    try:
+        st = e.stat(follow_symlinks=True)
+        return e.path, st.st_size, st.st_mtime_ns, None, is_image_name(e.name), None
+    except OSError:  # e.g. a broken symlink: listed, fails at read
+        return e.path, None, None, None, is_image_name(e.name), None
+
+
+def _walk_remote(root: str, recursive: bool, start: str | None, end: str | None) -> Iterator[tuple]:
+    """Stores other than S3 (or S3 without boto3): pyarrow's listing, held whole."""
     fs, path = split_uri(root)
     prefix = root.split("://", 1)[0] + "://"
+    base = path.rstrip("/") + "/"
     for i in fs.get_file_info(pafs.FileSelector(path, recursive=recursive)):
-        if i.type == pafs.FileType.File:
+        if i.type == pafs.FileType.File and _in_range(i.path.removeprefix(base), start, end):
             uri = prefix + i.path.removeprefix(prefix)
-            yield uri, i.size, i.mtime_ns, None, is_image_name(uri)
+            yield uri, i.size, i.mtime_ns, None, is_image_name(uri), None
 
 
 def _listing_table(rows: list[tuple]) -> pa.Table:
-    cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * len(LISTING_SCHEMA)
     return pa.table([pa.array(c, t.type) for c, t in zip(cols, LISTING_SCHEMA, strict=True)],
                     schema=LISTING_SCHEMA)
 
@@ -316,7 +547,7 @@ def stat_uris(uris: list[str], sizes: list | None = None, mtimes: list | None = 
                 sizes[i], mtimes[i] = info.size, info.mtime_ns
     return pa.table([pa.array(uris, pa.string()), pa.array(sizes, pa.int64()),
                      pa.array(mtimes, pa.int64()), pa.array(etags, pa.string()),
-                     pa.array([True] * n, pa.bool_())], schema=LISTING_SCHEMA)
+                     pa.array([True] * n, pa.bool_()), pa.nulls(n, pa.string())], schema=LISTING_SCHEMA)
 
 
 def parquet_manifest_rows(batch: pa.Table, base: str) -> pa.Table:

@@ -61,7 +61,6 @@ def vectors(n: int, dim: int, seed: int, family: int, spread: float, start: int 
 
 def write_results(out: Path, n: int, dim: int, args: argparse.Namespace) -> None:
     """A lake table (one commit per CHUNK rows) holding the vectors as current results."""
-    from pipelines.lake.sources import bucket_of
     from pipelines.lake.table import create_or_open, save_meta
 
     table = create_or_open(str(out))
@@ -76,15 +75,14 @@ def write_results(out: Path, n: int, dim: int, args: argparse.Namespace) -> None
         cols = {f.name: pa.nulls(m, f.type) for f in TABLE_SCHEMA}
         cols.update({
             "image_id": pa.array(ids), "uri": pa.array([f"s3://lake/{i}.jpg" for i in ids]),
-            "bucket": pa.array([bucket_of(i, table.buckets) for i in ids], pa.int32()),
             "content_hash": pa.array(ids), "status": pa.array(["ok"] * m),
-            "is_current": pa.array(np.ones(m, bool)),
+            "reason": pa.array(["new"] * m),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim).cast(
                 TABLE_SCHEMA.field("embedding").type),
             "models": pa.array([models] * m, type=TABLE_SCHEMA.field("models").type),
             "annotated_at": pa.array([0] * m, type=pa.int64()).cast(TABLE_SCHEMA.field("annotated_at").type),
         })
-        table.commit(pa.table(cols, schema=TABLE_SCHEMA), None, run_id="bench", seq=seq, epoch=1)
+        table.commit(pa.table(cols, schema=TABLE_SCHEMA), run_id="bench", seq=seq, epoch=1)
 
 
 def child_build(results: str, out: str, factory: str) -> None:

@@ -90,7 +90,7 @@ def child_incremental(lake: str, out: str, cpus: str, arch: str) -> None:
 
 def write_manifest_and_table(root: Path, m: int) -> None:
     """M manifest rows; the table already holds the first 99% as current result rows."""
-    from pipelines.lake.sources import bucket_of, fingerprint, image_id
+    from pipelines.lake.sources import fingerprint, image_id
     from pipelines.lake.table import create_or_open
     from pipelines.schema import TABLE_SCHEMA
 
@@ -112,14 +112,16 @@ def write_manifest_and_table(root: Path, m: int) -> None:
             cols = {f.name: pa.nulls(k, f.type) for f in TABLE_SCHEMA}
             cols.update({
                 "image_id": pa.array(ids), "uri": pa.array(uris[:k]),
-                "bucket": pa.array([bucket_of(i, table.buckets) for i in ids], pa.int32()),
                 "fingerprint": pa.array([fingerprint(int(s), int(t), None)
                                          for s, t in zip(sizes[:k], mt[:k], strict=True)]),
-                "status": pa.array(["ok"] * k), "is_current": pa.array(np.ones(k, bool)),
+                "status": pa.array(["ok"] * k), "reason": pa.array(["new"] * k),
                 "annotated_at": pa.array([0] * k, pa.int64()).cast(TABLE_SCHEMA.field("annotated_at").type),
             })
-            table.commit(pa.table(cols, schema=TABLE_SCHEMA), None, run_id="bench", seq=seq, epoch=1)
+            table.commit(pa.table(cols, schema=TABLE_SCHEMA), run_id="bench", seq=seq, epoch=1)
     writer.close()
+    from pipelines.lake.upkeep import run_upkeep
+
+    run_upkeep(table)
 
 
 def child_diff(root: str, cpus: str) -> None:
@@ -138,8 +140,8 @@ def child_diff(root: str, cpus: str) -> None:
     with PeakRSS() as rss:
         t = time.perf_counter()
         plan = plan_sources([f"{root}/manifest.parquet"])
-        D.stage_listing(D.listing_dataset(plan, staging), staging, table.buckets)
-        counts = D.diff(table.uri, table.version, staging, table.buckets, full=False, prune=False)
+        D.stage_listing(D.listing_dataset(plan, staging), staging, table.parts())
+        counts = D.diff(f"{root}/out", staging, table.parts(), full=False, prune=False)
         wall = time.perf_counter() - t
     print(json.dumps({"wall_s": wall, "peak_rss": rss.peak, "listed": counts.listed,
                       "new": counts.new, "unchanged": counts.unchanged}))
@@ -158,8 +160,7 @@ def child_baseline(root: str) -> None:
         listed["image_id"] = [image_id(u) for u in listed["uri"]]
         listed["fingerprint"] = [fingerprint(int(s), int(m), None)
                                  for s, m in zip(listed["size"], listed["mtime_ns"], strict=True)]
-        current = DeltaTable(f"{root}/out/table").to_pandas(
-            columns=["image_id", "fingerprint"], filters=[("is_current", "=", True)])
+        current = DeltaTable(f"{root}/out/log").to_pandas(columns=["image_id", "fingerprint"])
         joined = listed.merge(current, on="image_id", how="left", suffixes=("", "_t"))
         todo = joined[joined["fingerprint_t"].isna() | (joined["fingerprint"] != joined["fingerprint_t"])]
         wall = time.perf_counter() - t

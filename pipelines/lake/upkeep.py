@@ -64,24 +64,46 @@ def _ratio(table: LakeTable, part: str) -> float:
     return base * (1.0 + 0.5 * (zlib.crc32(part.encode()) / 2**32))
 
 
-def changed_rows(table: LakeTable, parts: list[str]) -> dict[str, int]:
-    """Log rows per part committed after that part's watermark (one pass over the log
-    since the lowest watermark, two columns)."""
-    marks = np.array([table.watermark(p) for p in parts], dtype=np.int64)
+STATE_FILE = "_lakelens/upkeep.json"  # per part: log rows since its watermark, counted so far
+
+
+def _count(table: LakeTable, parts: list[str], after: int, marks: np.ndarray) -> np.ndarray:
     counts = np.zeros(len(parts), dtype=np.int64)
-    floor = int(marks.min()) if len(marks) else -1
-    scanner = table.log_dataset(floor).scanner(columns=["image_id", "committed_in"],
-                                               filter=pc.field("committed_in") > floor)
+    scanner = table.log_dataset(after).scanner(columns=["image_id", "committed_in"],
+                                               filter=pc.field("committed_in") > after)
     for batch in scanner.to_batches():
         if batch.num_rows:
             idx = part_index(batch.column("image_id"), parts)
-            after = batch.column("committed_in").to_numpy() > marks[idx]
-            counts += np.bincount(idx[after], minlength=len(parts))
+            later = batch.column("committed_in").to_numpy() > marks[idx]
+            counts += np.bincount(idx[later], minlength=len(parts))
+    return counts
+
+
+def changed_rows(table: LakeTable, parts: list[str]) -> dict[str, int]:
+    """Log rows per part committed after that part's watermark. Counted incrementally: a
+    night reads only the rows committed since the last count (DIR/_lakelens/upkeep.json);
+    without that record, once from the lowest watermark."""
+    fs, root = output_fs(table.out)
+    state = read_json(fs, f"{root}/{STATE_FILE}") or {}
+    marks = np.array([table.watermark(p) for p in parts], dtype=np.int64)
+    known = state.get("changed", {})
+    through = state.get("counted_through")
+    if through is None or any(p not in known for p in parts) or through > table.version:
+        through, base = (int(marks.min()) if len(marks) else -1), np.zeros(len(parts), np.int64)
+    else:
+        base = np.array([int(known[p]) for p in parts], dtype=np.int64)
+    counts = base + _count(table, parts, int(through), marks)
     return dict(zip(parts, counts.tolist(), strict=True))
 
 
-def due_parts(table: LakeTable, *, extra: set[str] = frozenset()) -> list[tuple[str, int, int]]:
-    """(part, snapshot rows, changed rows) of the parts to rebuild now, plus `extra`."""
+def _save_counts(table: LakeTable, counts: dict[str, int]) -> None:
+    fs, root = output_fs(table.out)
+    write_json(fs, f"{root}/{STATE_FILE}", {"counted_through": table.version, "changed": counts})
+
+
+def due_parts(table: LakeTable, *, extra: set[str] = frozenset()) -> tuple[list[tuple[str, int, int]], dict]:
+    """(part, snapshot rows, changed rows) of the parts to rebuild now, plus `extra`; and
+    every part's changed rows."""
     parts = table.parts()
     stats = table.part_stats()
     changed = changed_rows(table, parts)
@@ -90,7 +112,7 @@ def due_parts(table: LakeTable, *, extra: set[str] = frozenset()) -> list[tuple[
         rows = max(stats.get(p, 0) - 1, 0)  # the watermark row is not an image
         if p in extra or (changed[p] and changed[p] >= rows * _ratio(table, p)):
             due.append((p, rows, changed[p]))
-    return due
+    return due, changed
 
 
 def rebuild_part(table: LakeTable, part: str) -> dict:
@@ -108,6 +130,7 @@ def rebuild_part(table: LakeTable, part: str) -> dict:
     table.write_part([part], rows.append_column("part", parts), version=version, children=children)
     if len(children) > 1:
         logger.info("split snapshot part %r (%d rows) into %d parts", part, rows.num_rows, len(children))
+    table.refresh()
     return {"part": part, "rows": rows.num_rows, "split": len(children) > 1}
 
 
@@ -121,8 +144,11 @@ def run_upkeep(table: LakeTable, *, erase: bool = True) -> dict:
     if pending is not None and pending.num_rows:
         parts = table.parts()
         extra = {parts[i] for i in np.unique(part_index(pending.column("image_id"), parts))}
-    due = due_parts(table, extra=extra)
+    due, changed = due_parts(table, extra=extra)
     rebuilt = [rebuild_part(table, p) for p, _, _ in due]
+    table.refresh()
+    done = {p for p, _, _ in due}
+    _save_counts(table, {p: 0 if p in done else changed.get(p, 0) for p in table.parts()})
     result = {"parts": len(table.parts()), "rebuilt": len(rebuilt),
               "rows_rewritten": sum(r["rows"] for r in rebuilt),
               "splits": sum(r["split"] for r in rebuilt), "erased": 0}

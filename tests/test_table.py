@@ -32,7 +32,8 @@ def files_under(path: Path) -> dict[str, int]:
 
 
 def current_ids(out: Path) -> list[str]:
-    return sorted(open_table(str(out)).current_table(["image_id"], status=None).column("image_id").to_pylist())
+    table = open_table(str(out)).current_table(["image_id"], status=None)
+    return sorted(table.column("image_id").to_pylist())
 
 
 def test_migrate_a_schema_3_table_in_place(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ def test_migrate_a_schema_3_table_in_place(tmp_path: Path) -> None:
     done = migrate(str(out))
     assert done["rows"] == 29 and not done.get("already")
     table = open_table(str(out))
-    got = table.current_table(["image_id", "uri", "status", "embedding", "reason"], status=None).sort_by("image_id")
+    got = table.current_table(["image_id", "uri", "status", "embedding", "reason"], status=None)
+    got = got.sort_by("image_id")
     assert got.column("image_id").to_pylist() == want["image_id"].tolist()
     assert got.column("uri").to_pylist() == want["uri"].tolist()
     assert got.column("status").to_pylist() == want["status"].tolist()

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "old rows stay as history)")
     a.add_argument("--prune", action="store_true",
                    help="close the current rows of images that are no longer listed")
-    a.add_argument("--chunk-size", type=int, default=1000, metavar="N",
-                   help="images per table commit (default 1000)")
+    a.add_argument("--chunk-size", type=int, default=50_000, metavar="N",
+                   help="images per table commit at most (default 50000; a commit also lands at "
+                        "128 MiB of rows or 5 minutes after the last one)")
     a.add_argument("--max-error-rate", type=float, default=0.5, metavar="F",
                    help="exit non-zero when more than this share of the tried images failed "
                         "(once at least 100 were tried, or all of them failed; default 0.5)")

@@ -43,7 +43,7 @@ class AnnotateConfig:
     full: bool = False  # re-annotate every listed image, not only new and changed ones
     prune: bool = False  # close the current rows of images that are no longer listed
     max_pixels: int = DEFAULT_MAX_PIXELS
-    chunk_size: int = 1000  # images per Delta commit
+    chunk_size: int = 50_000  # images per commit at most (also committed at 128 MiB or 5 minutes)
     max_error_rate: float = 0.5  # exit non-zero above it (once >= 100 images were tried)
     index: str | None = None  # INDEX_DIR to bring up to date after the run
     buckets: int = 16  # hash partitions of a new table (fixed when the table is created)

@@ -39,8 +39,8 @@ import torch
 from models.detection import build_for_training
 from pipelines import train
 from pipelines.cluster.local import start_local_ray
-from pipelines.datasets import DetectionDataset, split_paths
 from pipelines.synth import write_dataset
+from pipelines.train.datasets import DetectionDataset, split_paths
 
 ARCHS = {"detect": "fasterrcnn_tiny", "segment": "maskrcnn_tiny", "pose": "keypointrcnn_tiny"}
 

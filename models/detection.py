@@ -29,7 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from models import weights as W
 from models.errors import LakelensError
-from models.registry import ModelInfo, check_arch
+from models.info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,6 @@ def build_detector(
     else:
         raise LakelensError(
             f"unknown detector arch {arch!r}; choose from {', '.join(sorted(DETECTION_ARCHS))}")
-    check_arch(task, arch)
     spec = DETECTION_ARCHS[arch]
     ckpt = W.read_for(weights, task=task, arch=arch) if W.is_path_spec(weights) else None
     if image_size is None and ckpt is not None:

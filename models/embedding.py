@@ -15,7 +15,7 @@ from torchvision.models._api import WeightsEnum
 
 from models import weights as W
 from models.errors import LakelensError
-from models.registry import ModelInfo, check_arch
+from models.info import ModelInfo, check_arch_in
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Embedder(nn.Module):
 
 def build_embedder(arch: str, *, weights: str) -> tuple[Embedder, ModelInfo, int]:
     """Build an embedder in eval mode. Returns (model, info, crop size)."""
-    check_arch("embed", arch)
+    check_arch_in("embed", arch, EMBED_ARCHS)
     spec = EMBED_ARCHS[arch]
     proj_dim = None
     if weights == W.DEFAULT:
@@ -130,7 +130,7 @@ def decode_sizes(arch: str) -> tuple[int, int]:
 
 def embedding_dim(arch: str, weights: str) -> int:
     """The output dim without building the model (reads a checkpoint's projection if any)."""
-    check_arch("embed", arch)
+    check_arch_in("embed", arch, EMBED_ARCHS)
     if W.is_path_spec(weights):
         ckpt = W.read_checkpoint(weights)
         proj = ckpt.state_dict.get("proj.weight")

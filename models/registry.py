@@ -1,10 +1,14 @@
-"""Tasks, their default architectures, and what a built model says about itself."""
+"""Tasks, their default architectures, and what a built model says about itself.
+
+The registry looks the builders' arch tables up lazily (they import torch); the builders
+import `models.info`, never this module, so the dependency points one way.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from models.errors import LakelensError
+from models.info import ModelInfo as ModelInfo  # re-exported: what a built model says about itself
+from models.info import check_arch_in
 
 TASKS: tuple[str, ...] = ("detect", "segment", "pose", "semantic", "embed")
 # what `annotate` runs when --tasks is not given: semantic segmentation is asked for by name
@@ -19,20 +23,6 @@ DEFAULT_ARCHS: dict[str, str] = {
     "semantic": "deeplabv3_resnet50",
     "embed": "resnet50",
 }
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What made a column: task, arch, weights and the label vocabulary."""
-
-    task: str
-    arch: str
-    weights: str  # the spec as given: default, random or a path
-    weights_id: str  # default:<torchvision enum>, random:seed<N>, or sha256:<hash>
-    labels: tuple[str, ...] = ()  # index = label id
-    keypoint_names: tuple[str, ...] = ()
-    embedding_dim: int | None = None
-    input_size: tuple[int, int] | None = None  # detect/semantic: (shorter, longer) side they resize to
 
 
 def arch_choices(task: str) -> list[str]:
@@ -57,9 +47,7 @@ def check_task(task: str) -> None:
 
 
 def check_arch(task: str, arch: str) -> None:
-    choices = arch_choices(task)
-    if arch not in choices:
-        raise LakelensError(f"unknown {task} arch {arch!r}; choose from {', '.join(choices)}")
+    check_arch_in(task, arch, arch_choices(task))
 
 
 def published_url(task: str, arch: str) -> str | None:

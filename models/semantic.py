@@ -24,7 +24,7 @@ from models import weights as W
 from models.device import autocast, pick_device
 from models.embedding import IMAGENET_MEAN, IMAGENET_STD
 from models.errors import LakelensError
-from models.registry import ModelInfo, check_arch
+from models.info import ModelInfo, check_arch_in
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _classes_in(state_dict: dict[str, torch.Tensor], arch: str) -> int:
 
 def build_semantic(arch: str, *, weights: str, image_size: int | None = None) -> tuple[nn.Module, ModelInfo]:
     """A semantic segmentation model in eval mode and what it says about itself."""
-    check_arch("semantic", arch)
+    check_arch_in("semantic", arch, SEMANTIC_ARCHS)
     spec = SEMANTIC_ARCHS[arch]
     if weights == W.DEFAULT:
         if spec.published is None:

@@ -1,4 +1,9 @@
-"""The `lakelens` command. The only module that parses argv."""
+"""The `lakelens` command. The only module that parses argv.
+
+Each command's arguments are defined by a small `add_<command>(subparsers)`; its handler
+`_<command>(args)` builds the job's config, runs the job (imported lazily, so `--help`
+stays fast) and prints one summary.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lakelens", description="Annotate and search image lakes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (add_annotate, add_results, add_migrate, add_forget, add_index, add_query, add_serve,
+                add_eval, add_export, add_render, add_synth, add_train, add_demo, add_submit, add_jobs):
+        add(sub)
+    return parser
 
+
+def add_annotate(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "annotate", help="detect, segment, pose and embed images into the lake table",
         description="Annotate images with Ray Data into DIR's Delta table (DIR/table): one "
@@ -94,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     a.add_argument("--num-cpus", type=int, metavar="N",
                    help="CPUs for a local Ray (default: all of this machine's)")
+    _add_annotate_run(a)
+
+
+def _add_annotate_run(a: argparse.ArgumentParser) -> None:
+    """annotate's flags for what one run does: how much, how big, what else."""
     a.add_argument("--limit", type=int, metavar="N",
                    help="annotate at most N of the images that need it (the rest next run)")
     a.add_argument("--max-pixels", type=int, metavar="N",
@@ -115,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--index", metavar="INDEX_DIR",
                    help="bring this similarity index up to date after the run (built if missing)")
 
+
+def add_results(sub: argparse._SubParsersAction) -> None:
     rs = sub.add_parser(
         "results", help="counts, SQL and upkeep of an annotations table",
         description="Without options: counts of the current view by status, stage and error "
@@ -131,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--retention-hours", type=int, default=168, metavar="H",
                     help="--compact keeps files any version of the last H hours needs (default 168)")
 
+
+def add_migrate(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("migrate", help="bring a table of an older schema to this lakelens's layout "
+                                       "(in place, under the run lock)")
+    m.add_argument("out", metavar="DIR", help="an annotate --out DIR (local or URI)")
+
+
+def add_forget(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("forget", help="right to erasure: tombstone images and remove their bytes "
+                                      "(table rows, index vectors) at the next upkeep")
+    f.add_argument("out", metavar="DIR", help="an annotate --out DIR (local or URI)")
+    which = f.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="FILE", help="a file naming the images to forget by image_id")
+    which.add_argument("--where", metavar="SQL",
+                       help="forget the images whose current rows match this SQL condition")
+    f.add_argument("--no-upkeep", action="store_true",
+                   help="only tombstone now; the bytes go at the next upkeep")
+
+
+def add_index(sub: argparse._SubParsersAction) -> None:
     ix = sub.add_parser("index", help="build or update the similarity index")
     ixs = ix.add_subparsers(dest="index_command", required=True, parser_class=_Parser)
     b = ixs.add_parser("build", help="build a FAISS index from results' embeddings")
@@ -152,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("index", metavar="INDEX_DIR")
     u.add_argument("results", metavar="DIR", help="the annotate --out DIR the index was built from")
 
+
+def add_query(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("query", help="nearest neighbours from the similarity index")
     q.add_argument("index", metavar="INDEX_DIR")
     what = q.add_mutually_exclusive_group(required=True)
@@ -164,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", metavar="PATH",
                    help="the embedder checkpoint, if it moved since annotate")
 
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="the similarity index as an HTTP service with a web page")
     sv.add_argument("index", metavar="INDEX_DIR")
     sv.add_argument("--table", metavar="DIR",
@@ -190,12 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--min-replicas", type=int, default=1, help="with --ray (default 1)")
     sv.add_argument("--max-replicas", type=int, default=4, help="with --ray (default 4)")
 
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="COCO AP/AR of results against ground truth")
     ev.add_argument("results", metavar="DIR")
     ev.add_argument("--gt", required=True, metavar="annotations.json",
                     help="COCO ground truth; file_name relative to its folder")
     ev.add_argument("--out", metavar="FILE.json", help="default: DIR/eval.json (local DIR)")
 
+
+def add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export results in another format")
     exs = ex.add_subparsers(dest="format", required=True, parser_class=_Parser)
     co = exs.add_parser("coco", help="COCO predictions (what pycocotools' loadRes reads)")
@@ -206,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take image and category ids from this ground truth")
     co.add_argument("--tasks", help="comma-separated subset of detect,segment,pose")
 
+
+def add_render(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("render", help="PNG overlays of results: a panel per task (boxes, masks, "
                                       "skeletons, semantic classes)")
     r.add_argument("results", metavar="DIR")
@@ -215,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw detections, instances and poses scoring at least S, in [0, 1] "
                         "(default 0.5)")
 
+
+def add_synth(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="write a synthetic image lake: COCO train/val splits",
                        description="Shapes with exact boxes, masks, keypoints and an identity per "
                                    "image family; OUT_DIR/train and OUT_DIR/val hold images/ and "
@@ -228,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per family (default 4)")
     s.add_argument("--size", type=int, default=128, metavar="PX", help="image side (default 128)")
 
+
+def add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train detectors or the embedder with Ray Train")
     ts = t.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     td = ts.add_parser("detector", help="fine-tune Faster/Mask/Keypoint R-CNN on a COCO dataset",
@@ -243,35 +295,44 @@ def build_parser() -> argparse.ArgumentParser:
                                      "label PNGs named by each image's class_map); reports mean IoU, "
                                      "pixel accuracy and frequency-weighted IoU on the val split.")
     for p in (td, te, tsem):
-        p.add_argument("--data", required=True, metavar="DIR",
-                       help="DIR/train/annotations.json and DIR/val/annotations.json (COCO)")
-        p.add_argument("--out", required=True, metavar="RUN_DIR")
-        p.add_argument("--arch", help="architecture (default: the task's). " + _arch_help())
-        p.add_argument("--init", default="default", metavar="SPEC",
-                       help="default (torchvision's published weights), random, or a checkpoint")
-        p.add_argument("--workers", type=int, default=2, metavar="N", help="DDP workers (default 2)")
-        p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
-        p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N")
-        p.add_argument("--epochs", type=int, default=10, metavar="E")
-        p.add_argument("--lr", type=float, metavar="F",
-                       help="AdamW learning rate (default 3e-3 from random init, 1e-4 fine-tuning)")
-        p.add_argument("--max-steps-per-epoch", type=int, metavar="N")
-        p.add_argument("--loader-workers", type=int, metavar="N",
-                       help="DataLoader processes per worker (default: from its CPUs)")
-        p.add_argument("--seed", type=int, default=0, metavar="S")
-        p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
-        p.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR")
-        p.add_argument("--max-failures", type=int, default=0, metavar="N",
-                       help="restart from the last checkpoint after up to N worker failures")
-        p.add_argument("--address", metavar="ADDR",
-                       help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-        p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray")
+        _add_train_common(p)
     for p in (td, tsem):
         p.add_argument("--batch-size", type=int, default=4, metavar="N",
                        help="images per worker per step (default 4)")
         p.add_argument("--image-size", type=int, metavar="N",
                        help="shorter side the model sees (default: the arch's; semantic trains "
                             "on square crops of that side)")
+    _add_train_embedder(te)
+
+
+def _add_train_common(p: argparse.ArgumentParser) -> None:
+    """The flags every `train` kind takes: data, model, DDP workers, schedule, run dir."""
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="DIR/train/annotations.json and DIR/val/annotations.json (COCO)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--arch", help="architecture (default: the task's). " + _arch_help())
+    p.add_argument("--init", default="default", metavar="SPEC",
+                   help="default (torchvision's published weights), random, or a checkpoint")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="DDP workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="N")
+    p.add_argument("--epochs", type=int, default=10, metavar="E")
+    p.add_argument("--lr", type=float, metavar="F",
+                   help="AdamW learning rate (default 3e-3 from random init, 1e-4 fine-tuning)")
+    p.add_argument("--max-steps-per-epoch", type=int, metavar="N")
+    p.add_argument("--loader-workers", type=int, metavar="N",
+                   help="DataLoader processes per worker (default: from its CPUs)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="discard the run in RUN_DIR")
+    p.add_argument("--max-failures", type=int, default=0, metavar="N",
+                   help="restart from the last checkpoint after up to N worker failures")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray")
+
+
+def _add_train_embedder(te: argparse.ArgumentParser) -> None:
     te.add_argument("--loss", default="multi_similarity", choices=list(LOSSES),
                     help="pytorch-metric-learning loss (default multi_similarity); proxy_anchor "
                          "and arcface learn a proxy per identity, in their own LR group")
@@ -283,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learn whole images or object crops (default: images when every "
                          "image has an identity)")
 
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the whole product offline: synth, train, annotate, index, eval",
                        description="Synthesizes a small lake, trains detect/segment/pose and the "
                                    "embedder with Ray Train, annotates the val lake, builds the "
@@ -294,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gpu", action="store_true")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke run)")
 
+
+def add_submit(sub: argparse._SubParsersAction) -> None:
     sb = sub.add_parser(
         "submit", help="run a lakelens command as a job on a Ray cluster (the Jobs API)",
         description="Uploads this lakelens project as the job's working_dir (no .venv, .git, "
@@ -310,12 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                     help="the lakelens command the job runs, e.g. -- annotate s3://b/lake --out s3://b/out")
 
+
+def add_jobs(sub: argparse._SubParsersAction) -> None:
     jb = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
     jb.add_argument("action", choices=["list", "status", "logs", "stop"])
     jb.add_argument("job_id", nargs="?", metavar="JOB_ID")
     jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     _jobs_address(jb)
-    return parser
 
 
 def _jobs_address(p: argparse.ArgumentParser) -> None:
@@ -384,6 +450,21 @@ def _results(args: argparse.Namespace) -> int:
             print(results.format_table(table))
         return 0
     print(results.summary(args.table))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from pipelines.lake import upkeep
+
+    print(upkeep.describe(upkeep.migrate(args.out)))
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from pipelines.lake import upkeep
+
+    result = upkeep.forget(args.out, ids_file=args.ids, where=args.where, upkeep=not args.no_upkeep)
+    print(upkeep.describe(result))
     return 0
 
 
@@ -565,10 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # lakelens reports its own progress; Ray Data's pages of it are for -v
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        commands = {"annotate": _annotate, "results": _results, "index": _index, "query": _query,
-                    "eval": _eval, "export": _export, "render": _render, "synth": _synth,
-                    "train": _train, "demo": _demo, "submit": _submit, "jobs": _jobs,
-                    "serve": _serve}
+        commands = {"annotate": _annotate, "results": _results, "migrate": _migrate,
+                    "forget": _forget, "index": _index, "query": _query, "eval": _eval,
+                    "export": _export, "render": _render, "synth": _synth, "train": _train,
+                    "demo": _demo, "submit": _submit, "jobs": _jobs, "serve": _serve}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from index.evaluate import recall_at_k
 from models.errors import LakelensError
 from models.metric import LOSS_LR_SCALE, LOSSES, PKSampler, build_loss, metric_loss, retrieval_metrics
-from pipelines.datasets import EmbedItem, contiguous_labels
+from pipelines.train.datasets import EmbedItem, contiguous_labels
 
 
 def _separated() -> tuple[torch.Tensor, torch.Tensor]:

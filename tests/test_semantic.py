@@ -32,8 +32,8 @@ from models.semantic import (
 )
 from models.weights import save_checkpoint
 from pipelines.annotate.encode import encode_semantic
-from pipelines.datasets import SemanticDataset
 from pipelines.synth import CATEGORIES, write_dataset
+from pipelines.train.datasets import SemanticDataset
 from tests.test_cli import lakelens
 
 LABELS = ("__background__", *CATEGORIES)

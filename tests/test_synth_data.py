@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 
 from models.detection import COCO_KEYPOINTS
 from models.errors import LakelensError
-from pipelines.datasets import (
+from pipelines.synth import CATEGORIES, KEYPOINT_NAMES, write_dataset
+from pipelines.train.datasets import (
     DetectionDataset,
     EmbedDataset,
     _hflip,
@@ -21,7 +22,6 @@ from pipelines.datasets import (
     keypoint_flip_order,
     split_paths,
 )
-from pipelines.synth import CATEGORIES, KEYPOINT_NAMES, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def _rotated_jpeg(path: Path) -> np.ndarray:
 
 
 def test_training_reads_images_upright_unless_annotated_on_the_stored_pixels(tmp_path: Path) -> None:
-    from pipelines.datasets import read_rgb
+    from pipelines.train.datasets import read_rgb
 
     _rotated_jpeg(tmp_path / "r.jpg")
     upright = read_rgb(tmp_path / "r.jpg")

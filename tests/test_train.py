@@ -24,19 +24,12 @@ from models.errors import LakelensError
 from models.metric import build_loss
 from pipelines import annotate
 from pipelines.config import AnnotateConfig
-from pipelines.datasets import contiguous_labels, embed_items, split_paths
 from pipelines.indexing import IndexBuildConfig, build
 from pipelines.synth import CATEGORIES, write_dataset
-from pipelines.train import (
-    LR_FLOOR,
-    TrainConfig,
-    load_state,
-    lr_schedule,
-    resumed_schedule,
-    run,
-    warmup_steps,
-)
-from pipelines.train_loops import _optimizer
+from pipelines.train import TrainConfig, run
+from pipelines.train.datasets import contiguous_labels, embed_items, split_paths
+from pipelines.train.loops import _optimizer
+from pipelines.train.worker import LR_FLOOR, load_state, lr_schedule, resumed_schedule, warmup_steps
 from tests.helpers import read_results
 from tests.test_cli import _one_line_error, lakelens
 

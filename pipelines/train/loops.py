@@ -24,7 +24,8 @@ from models.errors import LakelensError
 from models.metric import MetricLoss
 from pipelines import version
 from pipelines.cluster.weights import install_shipped
-from pipelines.datasets import (
+from pipelines.train.config import TrainConfig
+from pipelines.train.datasets import (
     DetectionDataset,
     EmbedDataset,
     SemanticDataset,
@@ -34,14 +35,14 @@ from pipelines.datasets import (
     loader_workers,
     split_paths,
 )
-from pipelines.train import (
+from pipelines.train.worker import (
     LR_FLOOR,
-    TrainConfig,
     gather,
     lr_schedule,
     mean_across,
     restore,
     save_and_report,
+    world,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ GRAD_CLIP = 10.0
 
 def _setup(config: dict) -> tuple[TrainConfig, torch.device, int, int]:
     import ray.train.torch
-
-    from pipelines.train import world
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for pkg in ("pipelines", "models", "index"):

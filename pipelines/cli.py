@@ -436,7 +436,9 @@ def _results(args: argparse.Namespace) -> int:
     from pipelines.lake import results
 
     if args.compact:
-        done = results.compact(args.table, retention_hours=args.retention_hours)
+        from pipelines.lake import upkeep
+
+        done = upkeep.compact(args.table, retention_hours=args.retention_hours)
         print(f"compacted {args.table}: {done['rebuilt']} snapshot parts rebuilt "
               f"({done['rows_rewritten']} rows), {done['vacuumed']} unreferenced files deleted; "
               f"table version {done['version']}")

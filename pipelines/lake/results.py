@@ -17,8 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from models.errors import LakelensError
-from pipelines.lake.lock import acquire
-from pipelines.lake.table import open_table
+from pipelines.lake.table import legacy_table, open_table
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ def connect(out: str) -> duckdb.DuckDBPyConnection:
 
 
 def _legacy_dataset(out: str):
-    from pipelines.lake.upkeep import _legacy
-
-    dt = _legacy(out)
+    dt = legacy_table(out)
     return dt.to_pyarrow_dataset() if dt is not None else None
 
 
@@ -126,19 +123,3 @@ def summary(out: str) -> str:
         lines.append("  latest runs (rows written, first commit UTC):")
         lines += [f"    {run} {n} {at}" for run, n, at in runs]
     return "\n".join(lines)
-
-
-def compact(out: str, *, retention_hours: int) -> dict:
-    """Upkeep now (due snapshot parts rebuilt, pending erasures done), then vacuum files no
-    version within `retention_hours` needs, under the run lock (no run commits meanwhile)."""
-    from pipelines.lake.upkeep import run_upkeep
-
-    if retention_hours < 1:
-        raise LakelensError(f"--retention-hours must be >= 1, got {retention_hours}")
-    table = open_table(out)
-    with acquire(out, f"compact-{uuid.uuid4().hex[:6]}") as lock:
-        table.fence(lock.epoch, run_id="compact")
-        done = run_upkeep(table)
-        done["vacuumed"] = table.vacuum(retention_hours=retention_hours)
-        done["version"] = table.version
-        return done

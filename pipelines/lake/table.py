@@ -493,6 +493,14 @@ def open_table(out: str) -> LakeTable:
     return LakeTable(out, log, snap, meta)
 
 
+def legacy_table(out: str) -> DeltaTable | None:
+    """DIR/table of a table migrated from schema 2/3 (its history before), if any."""
+    try:
+        return DeltaTable(location(out, LEGACY_DIR))
+    except (TableNotFoundError, OSError):
+        return None
+
+
 def _has_loose(fs: pafs.FileSystem, root: str) -> bool:
     return fs.get_file_info(f"{root}/results").type == pafs.FileType.Directory
 

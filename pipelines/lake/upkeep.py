@@ -42,6 +42,7 @@ from pipelines.lake.table import (
     col,
     create_tables,
     initial_parts,
+    legacy_table,
     location,
     open_table,
     output_fs,
@@ -181,7 +182,7 @@ def _erase(table: LakeTable, ids: pa.Table) -> dict:
     values = ids.column("image_id").to_pylist()
     deleted = 0
     targets = [table.log]
-    legacy = _legacy(table.out)
+    legacy = legacy_table(table.out)
     if legacy is not None:
         targets.append(legacy)
     for dt in targets:
@@ -198,13 +199,6 @@ def _erase(table: LakeTable, ids: pa.Table) -> dict:
     fs.delete_dir_contents(f"{root}/{FORGET_DIR}", missing_dir_ok=True)
     logger.info("erased %d images (%d log rows) from %s", len(values), deleted, table.out)
     return {"erased": len(values), "log_rows_deleted": deleted}
-
-
-def _legacy(out: str) -> DeltaTable | None:
-    try:
-        return DeltaTable(location(out, LEGACY_DIR))
-    except Exception:  # noqa: BLE001 - no legacy history (a table created by schema 4)
-        return None
 
 
 def forget(out: str, *, ids_file: str | None = None, where: str | None = None, upkeep: bool = True) -> dict:
@@ -366,3 +360,16 @@ def describe(result: dict) -> str:
         return text
     return ", ".join(f"{k} {v}" for k, v in result.items())
 
+
+def compact(out: str, *, retention_hours: int) -> dict:
+    """Upkeep now (due snapshot parts rebuilt, pending erasures done), then vacuum files no
+    version within `retention_hours` needs, under the run lock (no run commits meanwhile)."""
+    if retention_hours < 1:
+        raise LakelensError(f"--retention-hours must be >= 1, got {retention_hours}")
+    table = open_table(out)
+    with acquire(out, f"compact-{uuid.uuid4().hex[:6]}") as lock:
+        table.fence(lock.epoch, run_id="compact")
+        done = run_upkeep(table)
+        done["vacuumed"] = table.vacuum(retention_hours=retention_hours)
+        done["version"] = table.version
+        return done

@@ -114,7 +114,8 @@ def materialize(uri: str) -> Path:
     return local
 
 
-def _save_remote(uri: str, index: faiss.Index, ids: pa.Table, manifest: dict) -> str:
+def _save_remote(uri: str, index: faiss.Index, ids: pa.Table, manifest: dict, *,
+                 keep: int = KEEP_VERSIONS) -> str:
     fs, root = _remote(uri)
     fs.create_dir(root, recursive=True)
     listed = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
@@ -128,7 +129,7 @@ def _save_remote(uri: str, index: faiss.Index, ids: pa.Table, manifest: dict) ->
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     with fs.open_output_stream(f"{root}/CURRENT") as f:  # one PUT: the switch
         f.write(f"{name}\n".encode())
-    for old in versions[: max(0, len(versions) + 1 - KEEP_VERSIONS)]:
+    for old in versions[: max(0, len(versions) + 1 - keep)]:
         fs.delete_dir(f"{root}/v{old}")
     return name
 
@@ -171,14 +172,16 @@ def _write_version(directory: Path, index: faiss.Index, ids: pa.Table, manifest:
     (directory / "manifest.json").write_text(text)
 
 
-def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) -> str:
+def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict, *,
+         keep: int = KEEP_VERSIONS) -> str:
     """Write a new version (index, ids, then manifest), then switch CURRENT to it with one
-    atomic rename (on an object store: one PUT, after the version is uploaded whole).
+    atomic rename (on an object store: one PUT, after the version is uploaded whole), and
+    delete all but the `keep` newest versions (1: erasure, no earlier version survives).
     Returns the new version's name ("v<N>")."""
     if index.ntotal != ids.num_rows:
         raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
     if is_remote(path):
-        return _save_remote(str(path), index, ids, manifest)
+        return _save_remote(str(path), index, ids, manifest, keep=keep)
     path = Path(str(path).removeprefix("file://"))
     path.mkdir(parents=True, exist_ok=True)
     versions = _versions(path)
@@ -191,7 +194,7 @@ def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict) ->
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
     _replace_into(path / "CURRENT", lambda tmp: Path(tmp).write_text(name + "\n"))
-    for old in _versions(path)[:-KEEP_VERSIONS]:
+    for old in _versions(path)[:-keep]:
         shutil.rmtree(path / f"v{old}", ignore_errors=True)
     return name
 

@@ -165,7 +165,9 @@ def add_forget(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--where", metavar="SQL",
                        help="forget the images whose current rows match this SQL condition")
     f.add_argument("--no-upkeep", action="store_true",
-                   help="only tombstone now; the bytes go at the next upkeep")
+                   help="only tombstone now; the bytes go at the next upkeep (the next annotate)")
+    f.add_argument("--index", metavar="INDEX_DIR",
+                   help="also erase their vectors from this index (rebuilt; earlier versions deleted)")
 
 
 def add_index(sub: argparse._SubParsersAction) -> None:
@@ -467,6 +469,10 @@ def _forget(args: argparse.Namespace) -> int:
 
     result = upkeep.forget(args.out, ids_file=args.ids, where=args.where, upkeep=not args.no_upkeep)
     print(upkeep.describe(result))
+    if args.index:
+        from pipelines import indexing
+
+        print(f"index {args.index}: {indexing.describe_update(indexing.update(args.index, args.out))}")
     return 0
 
 

@@ -25,7 +25,7 @@ from index import store
 from index.source import BATCH_ROWS, COLUMNS, EmbeddingSource, vectors_of
 from models.errors import LakelensError
 from pipelines import version
-from pipelines.lake.table import LakeTable, open_table
+from pipelines.lake.table import LakeTable, embed_weights, open_table
 from pipelines.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,16 @@ def table_source(table: LakeTable) -> EmbeddingSource:
     if model is None or not table.embedding_dim:
         raise LakelensError(f"no embeddings in {table.out!r}: run `lakelens annotate --tasks embed` first")
     flt = pc.field("embedding").is_valid()
-    count = sum(b.num_rows for b in table.current(["image_id"], where=flt, batch_rows=65_536))
+    count = others = 0
+    for b in table.current(["models"], where=flt, batch_rows=65_536):
+        count += b.num_rows
+        others += int(pc.sum(pc.not_equal(pc.fill_null(embed_weights(b.column("models")), ""),
+                                          model["weights_id"])).as_py() or 0)
+    if others:
+        raise LakelensError(
+            f"{others} of {count} embeddings in {table.out!r} were made by another embedder than "
+            f"{model['arch']} ({model['weights_id']}) (a --full run cut short?): run `lakelens annotate` "
+            "again with the same models to redo them, then build the index")
 
     def scan(batch_rows: int):
         yield from table.current(COLUMNS, where=flt, batch_rows=batch_rows)
@@ -78,8 +87,9 @@ def _ids_table(image_ids, uris, hashes, live) -> pa.Table:
                     schema=store.IDS_SCHEMA)
 
 
-def build(cfg: IndexBuildConfig) -> dict:
-    """Build INDEX_DIR from a results table; returns the manifest written."""
+def build(cfg: IndexBuildConfig, *, keep: int = store.KEEP_VERSIONS) -> dict:
+    """Build INDEX_DIR from a results table; returns the manifest written (`keep`: index
+    versions left, 1 after an erasure)."""
     started = time.perf_counter()
     gpu = B.use_gpu(cfg.gpu)
     table = open_table(cfg.results)
@@ -133,7 +143,7 @@ def build(cfg: IndexBuildConfig) -> dict:
     }
     ids = _ids_table(*(pa.chunked_array(meta[c], pa.string()) for c in meta),
                      pa.array(np.ones(index.ntotal, bool)))
-    saved = store.save(cfg.out, index, ids, manifest)
+    saved = store.save(cfg.out, index, ids, manifest, keep=keep)
     return {**manifest, "version": saved}
 
 
@@ -191,16 +201,18 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
     hashes = ids.column("content_hash").to_pylist()
     live = opened.live.copy().tolist()
     row_of = {iid: r for r, iid in enumerate(image_ids) if live[r]}
-    closed = added = replaced = 0
+    closed = added = replaced = forgotten = 0
     dim = int(table.embedding_dim or opened.dim)
+    columns = ["image_id", "uri", "content_hash", "status", "reason", "embedding"]
     for part in table.parts():  # the images changed since `seen`, one part at a time
-        for batch in table.changes(part, seen, ["image_id", "uri", "content_hash", "status", "embedding"],
-                                   batch_rows=batch_rows):
-            for iid in batch.column("image_id").to_pylist():
+        for batch in table.changes(part, seen, columns, batch_rows=batch_rows):
+            for iid, why in zip(batch.column("image_id").to_pylist(), batch.column("reason").to_pylist(),
+                                strict=True):
                 r = row_of.pop(iid, None)
                 if r is not None:
                     live[r] = False
                     closed += 1
+                    forgotten += why == "forgotten"
             keep = pc.and_(pc.equal(batch.column("status"), "ok"), pc.is_valid(batch.column("embedding")))
             batch = batch.filter(keep)
             if not batch.num_rows:
@@ -219,11 +231,13 @@ def update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> dic
                                             "table_version": seen, "unchanged": True}}
     n_live = int(sum(live))
     reason = rebuild_reason(manifest, n_live, index.ntotal)
+    if forgotten:  # erasure: their vectors leave the file, and no older version keeps them
+        reason = f"{forgotten} forgotten images' vectors are erased"
     if reason:
         logger.info("rebuilding %s: %s", index_dir, reason)
         m = build(IndexBuildConfig(results=results, out=index_dir,
                                    factory=manifest.get("factory_requested", "auto"),
-                                   metric=manifest["metric"]))
+                                   metric=manifest["metric"]), keep=1 if forgotten else store.KEEP_VERSIONS)
         return {**m, "last_update": {"rebuilt": reason, "added": added, "replaced": closed,
                                      "seconds": round(time.perf_counter() - started, 3),
                                      "table_version": table.version}}

@@ -15,6 +15,29 @@ from tests.test_nightly import EMBED, assert_one_current_row_each, start_run, wa
 pytestmark = pytest.mark.slow  # a three-node cluster on 2 cores: ~80 s; `make test-all` runs it
 
 
+def _kill_on_poison():
+    """A Ray worker setup hook (pickled by value): every worker's reads of a file named
+    poison.png SIGKILL the worker, as a decoder's segfault would. Injected through Ray,
+    nothing in lakelens's read path knows about it."""
+
+    def hook() -> None:
+        import os
+        import signal
+
+        from pipelines.annotate import read
+
+        real = read.read_with_retries
+
+        def read_or_die(uri: str, *args, **kwargs):
+            if uri.endswith("poison.png"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(uri, *args, **kwargs)
+
+        read.read_with_retries = read_or_die
+
+    return hook
+
+
 @pytest.fixture(scope="module")
 def cluster():
     import ray
@@ -26,7 +49,7 @@ def cluster():
         workers = [c.add_node(num_cpus=1) for _ in range(2)]
         c.wait_for_nodes()
         ray.init(address=c.address, logging_level="WARNING",
-                 runtime_env={"env_vars": {"LAKELENS_FAULT_KILL_ON": "poison.png"}})
+                 runtime_env={"worker_process_setup_hook": _kill_on_poison()})
         try:
             yield c, workers
         finally:

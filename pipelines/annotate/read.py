@@ -7,7 +7,6 @@ each would otherwise pay torch's import (~3 s of CPU) before reading its first i
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import pyarrow as pa
@@ -24,17 +23,6 @@ TRANSIENT_HINTS = ("timed out", "timeout", "connection reset", "connection abort
                    "slowdown", "slow down", "slow_down", "reduce your request rate",
                    "too many requests", "service unavailable",
                    "internal error", " 500", " 502", " 503", " 504", "temporarily")
-
-
-FAULT_ENV = "LAKELENS_FAULT_KILL_ON"  # fault-injection tests: a URI suffix that kills its reader
-
-
-def _maybe_crash(uri: str) -> None:
-    """Fault injection for tests: SIGKILL this worker process when it reads a URI ending
-    with $LAKELENS_FAULT_KILL_ON (a real crash, as a decoder segfault would be)."""
-    suffix = os.environ.get(FAULT_ENV)
-    if suffix and uri.endswith(suffix):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -74,7 +62,6 @@ def read_decode(batch: pa.Table, *, max_pixels: int, short: int | None,
         "content_hash", "width", "height", "pixels", "dec_width", "dec_height") + ERROR_COLUMNS}
     retries = [0] * n
     for i, uri in enumerate(batch.column("uri").to_pylist()):
-        _maybe_crash(uri)
         try:
             data, retries[i] = read_with_retries(uri)
         except Exception as e:  # missing, broken symlink, permission, network

@@ -235,20 +235,6 @@ def current_rows(out: str, part: str, columns: list[str], *, where: pc.Expressio
     return pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()
 
 
-def _embed_weights(models: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Each row's embed weights id (null when the row has no embedding model)."""
-    models = models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models
-    out = np.full(len(models), None, dtype=object)
-    if len(models):
-        flat = pc.list_flatten(models)
-        parents = pc.list_parent_indices(models).to_numpy()
-        embed = pc.fill_null(pc.equal(pc.struct_field(flat, "task"), "embed"), False).to_numpy(
-            zero_copy_only=False)
-        weights = np.asarray(pc.struct_field(flat, "weights").to_pylist(), dtype=object)
-        out[parents[embed]] = weights[embed]
-    return pa.array(out, pa.string())
-
-
 def _diff_part(batch: pa.Table, *, out: str, staging: str, full: bool, prune: bool,
                unlisted: list[str], embed_weights: str | None) -> pa.Table:
     part = batch.column("part")[0].as_py()
@@ -259,7 +245,7 @@ def _diff_part(batch: pa.Table, *, out: str, staging: str, full: bool, prune: bo
         listed = _first_per_id(listed)
     current = current_rows(out, part, ["image_id", "uri", "fingerprint", "status", "error_retryable",
                                        "models"])
-    t_embed = _embed_weights(current.column("models"))
+    t_embed = models_embed_weights(current.column("models"))
     current = pa.table({"image_id": current.column("image_id"), "t_uri": current.column("uri"),
                         "t_fingerprint": current.column("fingerprint"), "t_status": current.column("status"),
                         "t_retryable": current.column("error_retryable"), "t_embed": t_embed})

@@ -175,6 +175,20 @@ def is_latest(batch: pa.RecordBatch | pa.Table, keys: pa.Table) -> pa.Array:
     return pc.fill_null(pc.equal(want, batch.column("committed_in")), False)
 
 
+def embed_weights(models: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each row's embed weights id (null when the row has no embedding model)."""
+    models = models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models
+    out = np.full(len(models), None, dtype=object)
+    if len(models):
+        flat = pc.list_flatten(models)
+        parents = pc.list_parent_indices(models).to_numpy()
+        embed = pc.fill_null(pc.equal(pc.struct_field(flat, "task"), "embed"), False).to_numpy(
+            zero_copy_only=False)
+        weights = np.asarray(pc.struct_field(flat, "weights").to_pylist(), dtype=object)
+        out[parents[embed]] = weights[embed]
+    return pa.array(out, pa.string())
+
+
 def _status_filter(status: str | None) -> pc.Expression:
     if status is None:
         return col("status").isin(list(STATUSES))

@@ -34,6 +34,7 @@ import ray
 
 from pipelines.lake import sources as S
 from pipelines.lake.table import col, open_table, output_fs, part_filter, part_index
+from pipelines.lake.table import embed_weights as models_embed_weights
 
 logger = logging.getLogger(__name__)
 

@@ -446,12 +446,12 @@ def _results(args: argparse.Namespace) -> int:
               f"table version {done['version']}")
         return 0
     if args.sql or args.out or args.history:
-        table = results.query(args.table, args.sql, history=args.history)
         if args.out:
-            results.write(table, args.out)
-            print(f"wrote {table.num_rows} rows to {args.out}")
+            rows = results.write(args.table, args.sql, args.out, history=args.history)
+            print(f"wrote {rows} rows to {args.out}")
         else:
-            print(results.format_table(table))
+            print(results.format_table(results.query(args.table, args.sql, history=args.history,
+                                                     limit=results.MAX_PRINT_ROWS + 1)))
         return 0
     print(results.summary(args.table))
     return 0

@@ -2,6 +2,14 @@
 
 Images are matched to the ground truth by path (the GT's file_name resolved against the
 annotations file's folder), else by a unique file name; categories by label name.
+
+Bounds: the table is read as a stream of record batches (`LakeTable.current`, at most
+`batch_rows` rows each) and never whole. `export` holds one batch and its predictions at
+a time and writes them straight into the output files. `eval` holds the ground truth (the
+user's file, loaded by pycocotools), the predictions of the table rows that are in the
+ground truth (so at most what the ground truth's images carry) and one batch; rows
+outside the ground truth are counted and dropped while streaming, and the semantic
+confusion matrix is accumulated batch by batch.
 """
 
 from __future__ import annotations
@@ -12,17 +20,22 @@ import json
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
+import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from models.errors import LakelensError
 from pipelines.lake.sources import is_remote, read_bytes
-from pipelines.lake.table import save_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +47,40 @@ STATS = {
 }
 STATS["segm"] = STATS["bbox"]
 DEFAULT_OKS_SIGMA = 0.07  # per keypoint, when the dataset is not COCO's 17-keypoint person
+DEFAULT_BATCH_ROWS = 4096  # table rows per record batch read by eval and export
+RESULT_COLUMNS = ["uri", "width", "height", *COLUMNS.values(), "semantic"]
 
 
 @dataclass
-class Predictions:
-    """COCO-format predictions per IoU type, and what could not be placed."""
+class Tally:
+    """What a pass over the table found, besides the predictions themselves."""
 
-    by_type: dict[str, list[dict]] = field(default_factory=dict)
-    image_ids: list[int] = field(default_factory=list)  # the images the results cover
+    present: set[str] = field(default_factory=set)  # IoU types whose column holds a list in some row
+    images: int = 0  # rows turned into predictions (with ground truth: rows found in it)
+    image_ids: set[int] = field(default_factory=set)  # the GT images covered (with ground truth only)
     unmatched_images: int = 0
     unknown_labels: Counter = field(default_factory=Counter)
 
 
-def read_results(path: str, extra: list[str] | None = None, *,
-                 limit: int | None = None) -> pa.Table:
-    """The current result rows (status ok) of DIR's table, locally or at a URI."""
+def read_batches(path: str, columns: list[str], *,
+                 batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The current result rows (status ok) of DIR's table, locally or at a URI, as record
+    batches of at most `batch_rows` rows; the table is never read whole. The table is
+    opened now (a missing one raises here); the batches are read as they are consumed."""
     from pipelines.lake.table import open_table
 
-    columns = ["uri", "width", "height", *COLUMNS.values(), "semantic", *(extra or [])]
-    table = open_table(path)
+    return _read(open_table(path).current(columns, batch_rows=batch_rows), path)
+
+
+def _read(batches: Iterator[pa.RecordBatch], path: str) -> Iterator[pa.RecordBatch]:
     try:
-        if limit is None:
-            return table.current_table(columns)
-        batches, n = [], 0
-        for batch in table.current(columns):
-            batches.append(batch)
-            n += batch.num_rows
-            if n >= limit:
-                break
-        return pa.Table.from_batches(batches, schema=batches[0].schema).slice(0, limit) if batches \
-            else table.current_table(columns)
+        yield from batches
     except (OSError, pa.ArrowInvalid, KeyError) as e:
         raise LakelensError(f"cannot read results {path!r}: {e}") from e
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # a generator: stop the scan when the consumer stops early
+            close()
 
 
 def load_gt(path: str) -> COCO:
@@ -83,11 +98,10 @@ def load_gt(path: str) -> COCO:
 
 
 def _image_lookup(gt: COCO, gt_path: str) -> tuple[dict[str, int], dict[str, int]]:
+    root = _gt_root(gt_path)
     if is_remote(gt_path):  # images named relative to the JSON's own prefix
-        root = gt_path.rsplit("/", 1)[0]
         by_path = {f"{root}/{im['file_name']}": im["id"] for im in gt.dataset["images"]}
     else:
-        root = os.path.dirname(os.path.abspath(gt_path))
         by_path = {os.path.abspath(os.path.join(root, im["file_name"])): im["id"]
                    for im in gt.dataset["images"]}
     names = Counter(os.path.basename(im["file_name"]) for im in gt.dataset["images"])
@@ -96,29 +110,56 @@ def _image_lookup(gt: COCO, gt_path: str) -> tuple[dict[str, int], dict[str, int
     return by_path, by_name
 
 
-def to_predictions(table: pa.Table, gt: COCO | None = None, gt_path: str | None = None) -> Predictions:
-    """COCO predictions of every task present. With ground truth, image and category ids
-    are the GT's; without, images are numbered 1..N in row order and categories are the
-    models' label ids."""
-    preds = Predictions({IOU_TYPES[t]: [] for t, c in COLUMNS.items()
-                         if table.column(c).null_count < table.num_rows})
-    by_path, by_name = _image_lookup(gt, gt_path or "") if gt else ({}, {})
-    categories = {c["name"]: c["id"] for c in gt.dataset["categories"]} if gt else {}
-    kp_cats = [c["id"] for c in gt.dataset["categories"] if c.get("keypoints")] if gt else [1]
-    for n, row in enumerate(table.to_pylist()):
+def _gt_root(gt_path: str) -> str:
+    """The folder the GT's file names are relative to."""
+    return gt_path.rsplit("/", 1)[0] if is_remote(gt_path) else os.path.dirname(os.path.abspath(gt_path))
+
+
+def matched(batches: Iterable[pa.RecordBatch], gt: COCO | None, gt_path: str | None,
+            tally: Tally) -> Iterator[tuple[pa.RecordBatch, list[int]]]:
+    """Each batch's rows that have an image id, with those ids: with ground truth, the rows
+    whose image is in it (the others are counted in `tally.unmatched_images` and dropped
+    here, before any nested column is read into Python); without, every row, numbered
+    1..N in stream order. Records the IoU types present (over all rows) in `tally`."""
+    by_path, by_name = _image_lookup(gt, gt_path or "") if gt is not None else ({}, {})
+    for batch in batches:
+        for task, column in COLUMNS.items():
+            if batch.column(column).null_count < batch.num_rows:
+                tally.present.add(IOU_TYPES[task])
         if gt is None:
-            image_id = n + 1
+            ids = list(range(tally.images + 1, tally.images + batch.num_rows + 1))
         else:
-            image_id = by_path.get(row["uri"]) or by_name.get(os.path.basename(row["uri"]))
-            if image_id is None:
-                preds.unmatched_images += 1
-                continue
-        preds.image_ids.append(image_id)
-        for task in ("detect", "segment"):
-            for det in row[COLUMNS[task]] or []:
-                cat = categories.get(det["label_name"]) if gt else det["label"]
+            found = [i if (i := by_path.get(uri)) is not None else by_name.get(os.path.basename(uri))
+                     for uri in batch.column("uri").to_pylist()]
+            keep = [i is not None for i in found]
+            tally.unmatched_images += keep.count(False)
+            if not all(keep):
+                batch = batch.filter(pa.array(keep))
+                found = [i for i in found if i is not None]
+            tally.image_ids.update(found)
+            ids = found
+        tally.images += len(ids)
+        if ids:
+            yield batch, ids
+
+
+def to_coco(batch: pa.RecordBatch, image_ids: list[int], tally: Tally, *,
+            categories: dict[str, int] | None = None, kp_category: int = 1) -> dict[str, list[dict]]:
+    """COCO predictions (loadRes form) of one batch's rows, by IoU type, for the types
+    whose column the batch has. `categories` maps label names to GT category ids (labels
+    it lacks are counted in `tally.unknown_labels` and left out); None keeps the models'
+    label ids. Poses carry no class: they get `kp_category`."""
+    out: dict[str, list[dict]] = {}
+    for task in ("detect", "segment"):
+        column = batch.column(COLUMNS[task])
+        if column.null_count == batch.num_rows:
+            continue
+        dts = out.setdefault(IOU_TYPES[task], [])
+        for image_id, items in zip(image_ids, column.to_pylist(), strict=True):
+            for det in items or []:
+                cat = categories.get(det["label_name"]) if categories is not None else det["label"]
                 if cat is None:
-                    preds.unknown_labels[det["label_name"]] += 1
+                    tally.unknown_labels[det["label_name"]] += 1
                     continue
                 x0, y0, x1, y1 = det["box"]
                 p = {"image_id": image_id, "category_id": cat, "score": det["score"],
@@ -126,29 +167,50 @@ def to_predictions(table: pa.Table, gt: COCO | None = None, gt_path: str | None 
                 if task == "segment":
                     p["segmentation"] = {"size": list(det["mask"]["size"]),
                                          "counts": det["mask"]["counts"]}
-                preds.by_type[IOU_TYPES[task]].append(p)
-        for pose in row["poses"] or []:
-            preds.by_type["keypoints"].append({
-                "image_id": image_id, "category_id": kp_cats[0] if kp_cats else 1,
-                "keypoints": list(pose["keypoints"]), "score": pose["score"]})
-    return preds
+                dts.append(p)
+    poses = batch.column("poses")
+    if poses.null_count < batch.num_rows:
+        out["keypoints"] = [{"image_id": image_id, "category_id": kp_category,
+                             "keypoints": list(pose["keypoints"]), "score": pose["score"]}
+                            for image_id, items in zip(image_ids, poses.to_pylist(), strict=True)
+                            for pose in items or []]
+    return out
 
 
-def evaluate(results: str, gt_path: str) -> dict:
-    """COCO AP/AR per task present in `results`, over the images the results cover."""
+def _gt_categories(gt: COCO) -> tuple[dict[str, int], int]:
+    """(label name -> category id, the category poses are scored against)."""
+    kp_cats = [c["id"] for c in gt.dataset["categories"] if c.get("keypoints")]
+    return {c["name"]: c["id"] for c in gt.dataset["categories"]}, kp_cats[0] if kp_cats else 1
+
+
+def evaluate(results: str, gt_path: str, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
+    """COCO AP/AR per task present in `results`, over the images the results cover.
+
+    One streaming pass over the table: only the rows whose image is in the ground truth
+    become predictions; the semantic confusion matrix is accumulated per batch."""
     gt = load_gt(gt_path)
-    table = read_results(results)
-    preds = to_predictions(table, gt, gt_path)
-    if not preds.image_ids:
+    categories, kp_category = _gt_categories(gt)
+    tally = Tally()
+    dts: dict[str, list[dict]] = {t: [] for t in IOU_TYPES.values()}
+    semantic = SemanticScore(gt, gt_path)
+    for batch, ids in matched(read_batches(results, RESULT_COLUMNS, batch_rows=batch_rows),
+                              gt, gt_path, tally):
+        for iou_type, found in to_coco(batch, ids, tally, categories=categories,
+                                       kp_category=kp_category).items():
+            dts[iou_type] += found
+        semantic.add(batch, ids)
+    if not tally.images:
         raise LakelensError(f"none of the images in {results!r} is in {gt_path!r} (matched by "
                             "path relative to the annotations file, or by file name)")
-    report: dict = {"images": len(preds.image_ids), "unmatched_images": preds.unmatched_images,
-                    "unknown_labels": dict(preds.unknown_labels), "tasks": {}}
-    for iou_type, dts in preds.by_type.items():
-        report["tasks"][iou_type] = coco_eval(gt, dts, iou_type, sorted(set(preds.image_ids)))
-    semantic = semantic_report(table, gt, gt_path)
-    if semantic is not None:
-        report["tasks"]["semantic"] = semantic
+    report: dict = {"images": tally.images, "unmatched_images": tally.unmatched_images,
+                    "unknown_labels": dict(tally.unknown_labels), "tasks": {}}
+    image_ids = sorted(tally.image_ids)
+    for iou_type in IOU_TYPES.values():
+        if iou_type in tally.present:
+            report["tasks"][iou_type] = coco_eval(gt, dts.pop(iou_type), iou_type, image_ids)
+    scored = semantic.report()
+    if scored is not None:
+        report["tasks"]["semantic"] = scored
     return report
 
 
@@ -231,68 +293,147 @@ def gt_class_map(gt: COCO, image_id: int, root: str, classes: dict[int, int]) ->
     return out
 
 
-def semantic_report(table: pa.Table, gt: COCO, gt_path: str) -> dict | None:
+class SemanticScore:
     """Mean IoU, pixel accuracy and frequency-weighted IoU of the table's semantic column
-    against the ground truth's class maps (classes matched by name; background = 0)."""
-    from models.masks import rle_to_mask
-    from models.semantic import confusion, segmentation_metrics
+    against the ground truth's class maps (classes matched by name; background = 0),
+    accumulated batch by batch into one confusion matrix."""
 
-    if "semantic" not in table.column_names or table.column("semantic").null_count == table.num_rows:
-        return None
-    cats = sorted(gt.dataset["categories"], key=lambda c: c["id"])
-    names = ["__background__"] + [c["name"] for c in cats]
-    classes = {c["id"]: n + 1 for n, c in enumerate(cats)}
-    index = {name: n for n, name in enumerate(names)}
-    by_path, by_name = _image_lookup(gt, gt_path)
-    root = gt_path.rsplit("/", 1)[0] if is_remote(gt_path) else os.path.dirname(os.path.abspath(gt_path))
-    conf = np.zeros((len(names), len(names)), np.int64)
-    images, unknown, mismatched = 0, Counter(), 0
-    for row in table.select(["uri", "width", "height", "semantic"]).to_pylist():
-        if row["semantic"] is None:
-            continue
-        image_id = by_path.get(row["uri"]) or by_name.get(os.path.basename(row["uri"]))
-        if image_id is None:
-            continue
-        truth = gt_class_map(gt, image_id, root, classes)
-        if truth.shape != (row["height"], row["width"]):
-            mismatched += 1  # annotated on other pixels (e.g. before EXIF rotation)
-            continue
-        pred = np.zeros(truth.shape, np.uint8)
-        for seg in row["semantic"]:
-            cls = index.get(seg["label_name"])
-            if cls is None:
-                unknown[seg["label_name"]] += int(seg["area"])
+    def __init__(self, gt: COCO, gt_path: str):
+        cats = sorted(gt.dataset["categories"], key=lambda c: c["id"])
+        self.gt, self.root = gt, _gt_root(gt_path)
+        self.names = ["__background__"] + [c["name"] for c in cats]
+        self.classes = {c["id"]: n + 1 for n, c in enumerate(cats)}
+        self.index = {name: n for n, name in enumerate(self.names)}
+        self.conf = np.zeros((len(self.names), len(self.names)), np.int64)
+        self.images = self.mismatched = 0
+        self.unknown: Counter = Counter()
+
+    def add(self, batch: pa.RecordBatch, image_ids: list[int]) -> None:
+        """Score the rows of `batch` (uri, width, height, semantic) that hold a semantic
+        result; image_ids: their GT image ids, one per row."""
+        from models.masks import rle_to_mask
+        from models.semantic import confusion
+
+        if "semantic" not in batch.schema.names:
+            return
+        has = pc.is_valid(batch.column("semantic"))
+        if not pc.any(has).as_py():
+            return
+        keep = has.to_pylist()
+        ids = [i for i, k in zip(image_ids, keep, strict=True) if k]
+        rows = batch.select(["width", "height", "semantic"]).filter(has).to_pylist()
+        for image_id, row in zip(ids, rows, strict=True):
+            truth = gt_class_map(self.gt, image_id, self.root, self.classes)
+            if truth.shape != (row["height"], row["width"]):
+                self.mismatched += 1  # annotated on other pixels (e.g. before EXIF rotation)
                 continue
-            pred[rle_to_mask(seg["mask"]) > 0] = cls
-        conf += confusion(truth, pred, len(names))
-        images += 1
-    if not images:
-        return None
-    stats = segmentation_metrics(conf, names)
-    per_class = ", ".join(f"{k} {v:.3f}" for k, v in stats["per_class_iou"].items())
-    summary = (f" mean IoU {stats['mean_iou']:.3f}, pixel accuracy {stats['pixel_accuracy']:.3f}, "
-               f"frequency-weighted IoU {stats['fw_iou']:.3f} over {images} images\n"
-               f" IoU per class: {per_class}")
-    return {"summary": summary, "stats": {k: v for k, v in stats.items() if k != "per_class_iou"},
-            "per_class_iou": stats["per_class_iou"], "images": images,
-            "size_mismatch": mismatched, "unknown_label_pixels": dict(unknown)}
+            pred = np.zeros(truth.shape, np.uint8)
+            for seg in row["semantic"]:
+                cls = self.index.get(seg["label_name"])
+                if cls is None:
+                    self.unknown[seg["label_name"]] += int(seg["area"])
+                    continue
+                pred[rle_to_mask(seg["mask"]) > 0] = cls
+            self.conf += confusion(truth, pred, len(self.names))
+            self.images += 1
+
+    def report(self) -> dict | None:
+        """The metrics, or None when no row held a semantic result of a GT image."""
+        from models.semantic import segmentation_metrics
+
+        if not self.images:
+            return None
+        stats = segmentation_metrics(self.conf, self.names)
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in stats["per_class_iou"].items())
+        summary = (f" mean IoU {stats['mean_iou']:.3f}, pixel accuracy {stats['pixel_accuracy']:.3f}, "
+                   f"frequency-weighted IoU {stats['fw_iou']:.3f} over {self.images} images\n"
+                   f" IoU per class: {per_class}")
+        return {"summary": summary, "stats": {k: v for k, v in stats.items() if k != "per_class_iou"},
+                "per_class_iou": stats["per_class_iou"], "images": self.images,
+                "size_mismatch": self.mismatched, "unknown_label_pixels": dict(self.unknown)}
+
+
+class JsonArrayFile:
+    """A JSON array written item by item (one per line) under a temporary name, then moved
+    into place by `commit`: beside the target locally, a local temporary file uploaded in
+    one stream for a URI. Holds nothing but the open file."""
+
+    def __init__(self, target: str):
+        self.target, self.count = target, 0
+        if is_remote(target):
+            fd, self.tmp = tempfile.mkstemp(prefix="lakelens-", suffix=".json.tmp")
+            os.close(fd)
+        else:
+            path = os.path.abspath(target.removeprefix("file://"))
+            head, tail = os.path.split(path)
+            os.makedirs(head, exist_ok=True)
+            self.tmp = os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.tmp")
+        self.file = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed by commit/discard)
+        self.file.write("[")
+
+    def add(self, items: Iterable[dict]) -> None:
+        for item in items:
+            self.file.write(("\n" if not self.count else ",\n") + json.dumps(item, default=str))
+            self.count += 1
+
+    def commit(self) -> str:
+        """Close the array and move the file to its target; returns the target."""
+        try:
+            self.file.write("\n]\n" if self.count else "]\n")
+            self.file.close()
+            if is_remote(self.target):
+                fs, path = pafs.FileSystem.from_uri(self.target)
+                with open(self.tmp, "rb") as src, fs.open_output_stream(path) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            else:
+                os.replace(self.tmp, os.path.abspath(self.target.removeprefix("file://")))
+        finally:
+            self.discard()
+        return self.target
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
 
 
 def export(results: str, out: str, *, gt_path: str | None = None,
-           tasks: tuple[str, ...] | None = None) -> dict[str, str]:
+           tasks: tuple[str, ...] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict[str, str]:
     """Write COCO predictions (the list pycocotools' loadRes takes): `out` for one IoU type,
-    `<out stem>.<type>.json` for several. Returns {iou type: path}."""
+    `<out stem>.<type>.json` for several. Returns {iou type: path}.
+
+    One streaming pass over the table: each batch's predictions are appended to a
+    temporary file per wanted IoU type, and the files of the types present are moved
+    into place at the end (the others are deleted). Without ground truth, image ids are
+    1..N in stream order and category ids the models' label ids."""
     gt = load_gt(gt_path) if gt_path else None
-    preds = to_predictions(read_results(results), gt, gt_path)
-    wanted = {IOU_TYPES[t] for t in tasks} if tasks else set(preds.by_type)
-    types = [t for t in preds.by_type if t in wanted]
-    if not types:
-        raise LakelensError(f"{results!r} holds no {', '.join(sorted(wanted)) or 'task'} results")
+    categories, kp_category = _gt_categories(gt) if gt is not None else (None, 1)
+    wanted = [IOU_TYPES[t] for t in COLUMNS if tasks is None or t in tasks]
     stem, ext = os.path.splitext(out)
-    paths = {t: out if len(types) == 1 else f"{stem}.{t}{ext or '.json'}" for t in types}
-    for t, path in paths.items():
-        save_json(path, preds.by_type[t], indent=None)
-    if preds.unmatched_images:
+    files = {t: JsonArrayFile(f"{stem}.{t}{ext or '.json'}") for t in wanted}
+    tally = Tally()
+    try:
+        for batch, ids in matched(read_batches(results, RESULT_COLUMNS, batch_rows=batch_rows),
+                                  gt, gt_path, tally):
+            for iou_type, dts in to_coco(batch, ids, tally, categories=categories,
+                                         kp_category=kp_category).items():
+                if iou_type in files:
+                    files[iou_type].add(dts)
+        types = [t for t in wanted if t in tally.present]
+        if not types:
+            what = "task" if tasks is None else ", ".join(sorted(wanted))
+            raise LakelensError(f"{results!r} holds no {what} results")
+        paths = {}
+        for t in types:
+            files[t].target = out if len(types) == 1 else files[t].target
+            paths[t] = files.pop(t).commit()
+    finally:
+        for f in files.values():
+            f.discard()
+    if tally.unmatched_images:
         logger.warning("%d images are not in the ground truth and were left out",
-                       preds.unmatched_images)
+                       tally.unmatched_images)
+    if tally.unknown_labels:
+        logger.warning("predictions of labels the ground truth lacks were left out: %s",
+                       dict(tally.unknown_labels))
     return paths

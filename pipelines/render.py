@@ -1,5 +1,9 @@
 """PNG overlays of results for a person to look at: one panel per task present.
 
+Bounds: the table is streamed in record batches of at most RENDER_BATCH_ROWS rows (fewer
+when --limit is smaller) and the stream stops once `limit` images are drawn; one batch
+and one image are held at a time.
+
 Each task of a results row is drawn on its own copy of the image (detect | segment | pose |
 semantic), side by side in one PNG with the task's name above each panel, so the tasks
 do not pile on each other; a row with one task is that one panel, untitled, at the
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -19,14 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from models.decode import decode_image
 from models.masks import rle_to_mask
-from pipelines.coco import read_results
+from pipelines.coco import RESULT_COLUMNS, read_batches
 from pipelines.lake.sources import read_bytes
 
 logger = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ GAP = 4  # pixels between panels
 BACKGROUND: Color = (24, 24, 24)  # around the panels: gaps, titles, legend
 TEXT: Color = (240, 240, 240)
 PAD = 2  # pixels around label, title and legend text
+RENDER_BATCH_ROWS = 256  # table rows per batch: each is decoded and drawn before the next
 
 
 def skeleton(k: int) -> list[tuple[int, int]]:
@@ -367,25 +372,33 @@ def file_name(image_id: str) -> str:
 
 
 def render(results: str, out: str, *, limit: int | None = None,
-           min_score: float = DEFAULT_MIN_SCORE) -> tuple[int, int]:
+           min_score: float = DEFAULT_MIN_SCORE, batch_rows: int = RENDER_BATCH_ROWS) -> tuple[int, int]:
     """Write OUT/<image_id>.png for the first `limit` rows; returns (written, unreadable).
 
     Detections, instances and poses scoring below `min_score` (in [0, 1]) are not drawn.
+    The rows are streamed `batch_rows` at a time and the stream stops at `limit`.
     """
     check_min_score(min_score)
-    table: pa.Table = read_results(results, extra=["image_id"], limit=limit)
+    if limit is not None:
+        batch_rows = max(1, min(batch_rows, limit))
+    batches = read_batches(results, [*RESULT_COLUMNS, "image_id"], batch_rows=batch_rows)
     os.makedirs(out, exist_ok=True)
     written = failed = 0
-    for row in table.to_pylist():
-        try:
-            image = decode_image(read_bytes(row["uri"]), long=MAX_SIDE).pixels
-        except (OSError, ValueError) as e:
-            logger.warning("cannot render %s: %s", row["uri"], e)
-            failed += 1
-            continue
-        path = os.path.join(out, file_name(str(row["image_id"])))
-        tmp = f"{path}.tmp.png"
-        render_row(row, image, min_score=min_score).save(tmp)
-        os.replace(tmp, path)
-        written += 1
+    rows = (row for batch in batches for row in batch.to_pylist())
+    try:
+        for row in itertools.islice(rows, limit):
+            try:
+                image = decode_image(read_bytes(row["uri"]), long=MAX_SIDE).pixels
+            except (OSError, ValueError) as e:
+                logger.warning("cannot render %s: %s", row["uri"], e)
+                failed += 1
+                continue
+            path = os.path.join(out, file_name(str(row["image_id"])))
+            tmp = f"{path}.tmp.png"
+            render_row(row, image, min_score=min_score).save(tmp)
+            os.replace(tmp, path)
+            written += 1
+    finally:
+        rows.close()  # stops the table scan when `limit` ends the loop early
+        batches.close()
     return written, failed

@@ -7,6 +7,7 @@ row per image), `history` every row ever committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SQL = "SELECT * EXCLUDE (embedding) FROM results"
 MAX_PRINT_ROWS = 50
+DEFAULT_BATCH_ROWS = 65_536  # result rows per record batch written by --out
 
 
 def current_sql(log: str, snapshot: str, floor: int | str) -> str:
@@ -65,37 +67,75 @@ def _legacy_dataset(out: str):
     return dt.to_pyarrow_dataset() if dt is not None else None
 
 
-def query(out: str, sql: str | None, *, history: bool = False) -> pa.Table:
-    con = connect(out)
+def _relation(con: duckdb.DuckDBPyConnection, sql: str | None, history: bool) -> duckdb.DuckDBPyRelation:
     sql = sql or ("SELECT * FROM history" if history else DEFAULT_SQL)
     try:
-        return con.sql(sql).to_arrow_table()
+        rel = con.sql(sql)
     except duckdb.Error as e:
-        first = str(e).strip().splitlines()[0][:300]
-        raise LakelensError(f"--sql failed: {first}") from e
+        raise _sql_error(e) from e
+    if rel is None:
+        raise LakelensError("--sql must be a query that returns rows (SELECT ...)")
+    return rel
 
 
-def write(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    if path.endswith(".parquet"):
-        pq.write_table(table, tmp)
-    elif path.endswith(".csv"):
-        flat = table.select([c for c in table.column_names
-                             if not pa.types.is_nested(table.schema.field(c).type)])
-        if flat.num_columns < table.num_columns:
-            logger.warning("CSV has no nested columns: wrote %d of %d columns (use .parquet for all)",
-                           flat.num_columns, table.num_columns)
-        pacsv.write_csv(flat, tmp)
-    else:
+def _sql_error(e: duckdb.Error) -> LakelensError:
+    first = str(e).strip().splitlines()[0][:300]
+    return LakelensError(f"--sql failed: {first}")
+
+
+def query(out: str, sql: str | None, *, history: bool = False, limit: int | None = None) -> pa.Table:
+    """The result of `sql` (default: the current view without embeddings) as one Arrow
+    table: at most `limit` rows when given (DuckDB stops there). For small results; `write`
+    streams a result of any size to a file."""
+    rel = _relation(connect(out), sql, history)
+    try:
+        return (rel if limit is None else rel.limit(limit)).to_arrow_table()
+    except duckdb.Error as e:
+        raise _sql_error(e) from e
+
+
+def write(out: str, sql: str | None, path: str, *, history: bool = False,
+          batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+    """Stream the result of `sql` into `path` (.parquet: every column; .csv: the columns
+    that are not nested), `batch_rows` rows at a time, under a temporary name renamed into
+    place at the end. Returns the number of rows written."""
+    if not path.endswith((".parquet", ".csv")):
         raise LakelensError(f"--out {path!r}: choose a .parquet or .csv file name")
-    os.replace(tmp, path)
+    rel = _relation(connect(out), sql, history)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    rows = 0
+    try:
+        reader = rel.to_arrow_reader(batch_rows)
+        schema = reader.schema
+        if path.endswith(".parquet"):
+            writer = pq.ParquetWriter(tmp, schema)
+            keep = None
+        else:
+            keep = [f.name for f in schema if not pa.types.is_nested(f.type)]
+            if len(keep) < len(schema):
+                logger.warning("CSV has no nested columns: wrote %d of %d columns (use .parquet for all)",
+                               len(keep), len(schema))
+            writer = pacsv.CSVWriter(tmp, pa.schema([schema.field(c) for c in keep]))
+        with writer:
+            for batch in reader:
+                writer.write_batch(batch if keep is None else batch.select(keep))
+                rows += batch.num_rows
+        os.replace(tmp, path)
+    except duckdb.Error as e:
+        raise _sql_error(e) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return rows
 
 
 def format_table(table: pa.Table) -> str:
+    """The first MAX_PRINT_ROWS rows of `table` as text; a table of more (query it with
+    limit=MAX_PRINT_ROWS + 1) ends with a line saying there are more rows."""
     df = table.slice(0, MAX_PRINT_ROWS).to_pandas()
     text = df.to_string(index=False, max_colwidth=60)
     if table.num_rows > MAX_PRINT_ROWS:
-        text += f"\n... {table.num_rows - MAX_PRINT_ROWS} more rows (use --out FILE for all)"
+        text += "\n... more rows (use --out FILE for all)"
     return text
 
 

@@ -44,8 +44,8 @@ def table_source(table: LakeTable) -> EmbeddingSource:
     count = others = 0
     for b in table.current(["models"], where=flt, batch_rows=65_536):
         count += b.num_rows
-        others += int(pc.sum(pc.not_equal(pc.fill_null(embed_weights(b.column("models")), ""),
-                                          model["weights_id"])).as_py() or 0)
+        made_by = embed_weights(b.column("models"))  # null: a row naming no embedder, taken as is
+        others += int(pc.sum(pc.not_equal(made_by, model["weights_id"])).as_py() or 0)
     if others:
         raise LakelensError(
             f"{others} of {count} embeddings in {table.out!r} were made by another embedder than "

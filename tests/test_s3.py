@@ -41,7 +41,8 @@ def test_annotate_index_and_read_back_everything_from_s3(s3, tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 annotated, 0 errors" in proc.stdout
     keys = {o["Key"] for o in s3["client"].list_objects_v2(Bucket=BUCKET)["Contents"]}
-    assert any(k.startswith("out/table/_delta_log/") for k in keys)
+    assert any(k.startswith("out/log/_delta_log/") for k in keys)
+    assert any(k.startswith("out/current/part=") for k in keys)
     assert any(k.startswith("out/runs/") for k in keys) and "index/CURRENT" in keys
 
     from index.store import open_index

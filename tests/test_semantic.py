@@ -242,34 +242,32 @@ def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
         make_filter(region="ellipse", min_area=1.5)
 
 
-def test_a_version_2_table_reads_null_semantic_and_gains_the_column(tmp_path: Path) -> None:
+def test_a_version_2_table_migrates_with_null_semantic(tmp_path: Path) -> None:
     from deltalake import DeltaTable, write_deltalake
 
-    from pipelines.annotate.job import record_models  # noqa: F401  (the writer's module loads)
     from pipelines.lake import results
-    from pipelines.lake.table import META_FILE, TABLE_DIR, open_table, upgrade
-    from pipelines.schema import TABLE_SCHEMA
+    from pipelines.lake.table import LEGACY_DIR, META_FILE, open_table
+    from pipelines.lake.upkeep import migrate
+    from pipelines.schema import LEGACY_COLUMNS, TABLE_SCHEMA
 
     out = tmp_path / "old"
-    old_schema = pa.schema([f for f in TABLE_SCHEMA if f.name != "semantic"])
-    DeltaTable.create(str(out / TABLE_DIR), old_schema, partition_by=["bucket"])
+    legacy = [pa.field("bucket", pa.int32()), pa.field("is_current", pa.bool_())]
+    old_schema = pa.schema([f for f in TABLE_SCHEMA if f.name not in ("semantic", "reason")] + legacy)
+    assert {"bucket", "is_current"} <= set(LEGACY_COLUMNS)
+    DeltaTable.create(str(out / LEGACY_DIR), old_schema, partition_by=["bucket"])
     row = {f.name: None for f in old_schema} | {
         "image_id": "a" * 32, "bucket": 3, "uri": "/x.jpg", "status": "ok", "width": 4, "height": 3,
         "is_current": True, "committed_in": 1}
-    write_deltalake(str(out / TABLE_DIR), pa.Table.from_pylist([row], schema=old_schema), mode="append")
+    write_deltalake(str(out / LEGACY_DIR), pa.Table.from_pylist([row], schema=old_schema), mode="append")
     (out / META_FILE).write_text(json.dumps({"schema_version": "2", "buckets": 16,
                                              "embedding_dim": None, "models": {}}))
+    assert migrate(str(out))["rows"] == 1
     table = open_table(str(out))
     got = table.current_table(["image_id", "semantic", "width"])
     assert got.column("semantic").to_pylist() == [None] and got.column("width").to_pylist() == [4]
     assert got.schema.field("semantic").type == TABLE_SCHEMA.field("semantic").type
     assert results.query(str(out), "SELECT count(*) AS n, count(semantic) AS s FROM results"
                          ).to_pylist() == [{"n": 1, "s": 0}]
-    upgrade(table)
-    again = open_table(str(out))
-    assert again.meta["schema_version"] == "3"
-    assert "semantic" in again.dt.schema().to_arrow().names
-    assert again.current_table(["image_id", "semantic"]).column("semantic").to_pylist() == [None]
 
 
 def test_cli_refuses_an_unknown_semantic_arch_in_one_line(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ whose stat failed, and redoes results of another embedder (a --full run cut shor
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def listed(uri: str, size: int | None = 10, mtime: int | None = 1) -> dict:
 def test_annotate_migrates_a_schema_3_table_then_annotates_and_prunes(ray_local, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(SCHEMA3, out)
+    meta = json.loads((out / "lakelens.json").read_text())  # its embedder (dim 4) was never this run's:
+    (out / "lakelens.json").write_text(json.dumps({**meta, "embedding_dim": None, "models": {}}))
     paths = write_images(tmp_path / "lake", 12)
     summary = run(AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), prune=True,
                                  chunk_size=5, **EMBED))

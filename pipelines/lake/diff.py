@@ -267,8 +267,8 @@ def _diff_part(batch: pa.Table, *, out: str, staging: str, full: bool, prune: bo
     }
     stale = pc.and_(unchanged_bytes, pc.invert(kinds["retry"]))
     if embed_weights is not None:
-        other = pc.and_(pc.equal(joined.column("t_status"), "ok"),
-                        pc.not_equal(pc.fill_null(joined.column("t_embed"), ""), embed_weights))
+        other = pc.and_(pc.equal(joined.column("t_status"), "ok"),  # rows naming no embedder: as they are
+                        pc.not_equal(joined.column("t_embed"), embed_weights))
         kinds["stale"] = pc.fill_null(pc.and_(stale, other), False)
         kinds["unchanged"] = pc.and_(stale, pc.invert(kinds["stale"]))
     else:

@@ -112,9 +112,16 @@ def canonical(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
-@functools.lru_cache(maxsize=16)
 def _filesystem(prefix: str) -> pafs.FileSystem:
-    """A filesystem for `scheme://netloc`, pyarrow's own or fsspec's."""
+    """A filesystem for `scheme://netloc`, pyarrow's own or fsspec's; cached per endpoint
+    settings (a process that points AWS_ENDPOINT_URL elsewhere gets a new one)."""
+    env = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"))
+    return _cached_filesystem(prefix, env)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_filesystem(prefix: str, env: tuple) -> pafs.FileSystem:
+    del env  # part of the cache key only
     try:
         fs, _ = pafs.FileSystem.from_uri(prefix + "/")
         return fs

@@ -188,7 +188,7 @@ def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None
     """The real default archs (ResNet-50 R-CNNs, ResNet-50 embedder), random weights."""
     from PIL import Image
 
-    from models.registry import DEFAULT_ARCHS
+    from models.registry import DEFAULT_ARCHS, DEFAULT_TASKS
 
     lake = tmp_path / "lake"
     lake.mkdir()
@@ -199,8 +199,8 @@ def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None
                                  batch_size=2, score_threshold=0.0))
     assert (summary.annotated, summary.errors) == (2, 0)
     results = read_results(tmp_path / "out")
-    assert [m["arch"] for m in results.column("models").to_pylist()[0]] == list(
-        DEFAULT_ARCHS.values())
+    assert [m["arch"] for m in results.column("models").to_pylist()[0]] == [
+        DEFAULT_ARCHS[t] for t in DEFAULT_TASKS]
     for row in results.to_pylist():
         assert len(row["embedding"]) == 2048
         assert all(rle_to_mask(i["mask"]).shape == (row["height"], row["width"])

@@ -1,5 +1,7 @@
-"""`lakelens annotate`: list -> diff against the table -> read+decode (CPU tasks) -> one
-actor pool per model task -> the commit loop (one Delta commit per chunk) -> run record.
+"""`lakelens annotate`: plan -> lock (its epoch committed into the table) -> list + diff
+against the table -> read+decode (CPU tasks) -> one actor pool per model task -> the commit
+loop (one append to the log per chunk) -> upkeep -> index -> run record
+(pipelines.annotate.report).
 
 Incremental by default: only new and changed images (and transient errors of earlier
 runs) are annotated. Every listed image ends as exactly one current row, a result or an
@@ -15,15 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
 import time
 import uuid
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
@@ -36,9 +35,9 @@ from models.embedding import EMBED_ARCHS
 from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 from models.registry import ModelInfo, ensure_default_weights
-from pipelines import version
-from pipelines.annotate.commit import Committer, steady_rate
+from pipelines.annotate.commit import Committer
 from pipelines.annotate.read import read_decode
+from pipelines.annotate.report import RunSummary, actor_stats, log_actors, pool_steady_rate, write_record
 from pipelines.annotate.stages import FusedStage
 from pipelines.cluster.local import filter_worker_logs, start_local_ray
 from pipelines.cluster.placement import (
@@ -61,8 +60,8 @@ from pipelines.lake.table import (
     open_table,
     output_fs,
     save_meta,
-    write_json,
 )
+from pipelines.lake.upkeep import migrate_locked, run_upkeep
 from pipelines.schema import TASK_COLUMNS, TASK_TYPES
 
 logger = logging.getLogger(__name__)
@@ -211,75 +210,6 @@ def record_models(table: LakeTable, infos: list[ModelInfo], full: bool) -> None:
     save_meta(table)
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    out: str
-    listed: int
-    new: int
-    changed: int
-    unchanged: int
-    vanished: int
-    retried: int  # error rows of earlier runs tried again
-    annotated: int
-    errors: int
-    crashed: int  # of the errors: images whose worker died every time
-    read_retries: int  # transient read failures retried within the run
-    skipped: dict[str, int]  # non-image files by extension
-    wall_s: float
-    table_version: int
-    top_errors: str = ""
-    error_rate_exceeded: bool = False
-    max_error_rate: float = 0.5
-    index: dict = field(default_factory=dict)
-    steady_images_per_s: float | None = None  # between the 10th and 90th percentile of rows out
-    stale: int = 0  # results of another embedder redone (a --full run cut short)
-    unlistable: int = 0  # images under directories that could not be listed (kept as they were)
-    unlisted_dirs: tuple[str, ...] = ()
-
-    @property
-    def tried(self) -> int:
-        return self.annotated + self.errors
-
-    @property
-    def images_per_s(self) -> float:
-        return self.tried / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def skipped_non_images(self) -> int:
-        return sum(self.skipped.values())
-
-    def counts(self) -> dict:
-        return {"listed": self.listed, "new": self.new, "changed": self.changed,
-                "unchanged": self.unchanged, "vanished": self.vanished, "retried": self.retried,
-                "annotated": self.annotated, "errors": self.errors, "crashed": self.crashed,
-                "read_retries": self.read_retries, "skipped_non_images": self.skipped_non_images,
-                "stale": self.stale, "unlistable": self.unlistable}
-
-    def describe(self) -> str:
-        skipped = ", ".join(f"{n} {ext}" for ext, n in sorted(self.skipped.items()))
-        text = (f"Run {self.run_id}: {self.listed} images listed ({self.new} new, {self.changed} "
-                f"changed, {self.unchanged} unchanged, {self.vanished} vanished, {self.retried} "
-                f"earlier errors retried); {self.annotated} annotated, {self.errors} errors"
-                + (f" ({self.crashed} crashed their worker)" if self.crashed else "")
-                + f", in {self.wall_s:.1f} s ({self.images_per_s:.2f} images/s). ")
-        if skipped:
-            text += f"Skipped non-image files: {skipped}. "
-        if self.unlisted_dirs:
-            text += (f"Could not list {len(self.unlisted_dirs)} directories ({self.unlistable} images "
-                     f"under them kept as they were): {', '.join(self.unlisted_dirs[:3])}. ")
-        text += (f"Table {location(self.out, 'table')} at version {self.table_version}; run record "
-                 f"{self.out}/runs/{self.run_id}.json.")
-        if self.index:
-            text += f" Index {self.index['path']}: {self.index['summary']}."
-        return text
-
-    def error_line(self) -> str:
-        return (f"{self.errors} of {self.tried} images failed (rate {self.errors / max(self.tried, 1):.2f}"
-                f" > --max-error-rate {self.max_error_rate}): {self.top_errors}; what was "
-                "committed stays committed")
-
-
 def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[ModelInfo],
                   plan: PoolPlan, *, rows_per_block: int, stats_dir: str | None = None,
                   weights_files: dict[str, ray.ObjectRef] | None = None) -> ray.data.Dataset:
@@ -313,21 +243,6 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
                 num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_task_retries=TASK_RETRIES,
                 label_selector=role_selector(view, "model"))
     return ds
-
-
-def actor_stats(stats_dir: str) -> list[dict]:
-    """The ActorStats records the model actors of a pass wrote."""
-    fs, root = output_fs(stats_dir)
-    records = []
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                data = f.read()
-            try:  # statistics only: one unreadable record must not fail the run
-                records.append(json.loads(data))
-            except ValueError:
-                logger.warning("skipping an unreadable actor record %s (%d bytes)", info.path, len(data))
-    return records
 
 
 @contextlib.contextmanager
@@ -375,8 +290,6 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     with acquire(cfg.out, run_id) as lock:
         epoch = lock.epoch
         if legacy:  # a schema 2/3 table: migrated in place, under the lock, before anything
-            from pipelines.lake.upkeep import migrate_locked
-
             epoch = migrate_locked(cfg.out, epoch=epoch, run_id=run_id)["epoch"]
             table = open_table(cfg.out)
         else:  # the lock's epoch lands in the table at once: an owner it replaced is fenced
@@ -401,6 +314,31 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                 infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
     base_version = table.version
     parts = table.parts()
+    counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
+    record_models(table, infos, cfg.full)
+    committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
+    crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
+                        since=base_version)
+    if cfg.prune and counts.vanished:
+        gone = D.read_bucket_files(staging, "vanished")
+        if gone is not None:
+            committer.close_vanished(gone)
+    upkeep = run_upkeep(table)
+    actors = actor_stats(f"{staging}/actors") if counts.todo else []
+    summary = _summary(cfg, run_id, table, counts, skipped, committer, crashed, actors, infos,
+                       wall=time.perf_counter() - started)
+    log_actors(run_id, actors, summary.wall_s)
+    if cfg.index:  # every run: an index left behind by an earlier failure catches up
+        from pipelines import indexing
+
+        summary = dataclasses.replace(summary, index=indexing.sync(cfg.index, cfg.out))
+    write_record(cfg, summary, infos, committer, base_version=base_version, actors=actors, upkeep=upkeep)
+    return summary
+
+
+def _list_and_diff(cfg: AnnotateConfig, run_id: str, table: LakeTable, infos: list[ModelInfo], plan_src,
+                   staging: str, parts: list[str]) -> tuple[D.DiffCounts, dict[str, int]]:
+    """List the sources into per-part staging, then classify every image against the table."""
     skipped = D.stage_listing(D.listing_dataset(plan_src, staging), staging, parts)
     embed = next((i for i in infos if i.task == "embed"), None)
     counts = D.diff(cfg.out, staging, parts, full=cfg.full, prune=cfg.prune,
@@ -413,42 +351,43 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         kinds = ", ".join(f"{n} {e}" for e, n in sorted(skipped.items())) or "none"
         raise LakelensError(f"no images found in {', '.join(cfg.sources)} (non-image files "
                             f"skipped: {kinds})")
-    record_models(table, infos, cfg.full)
     logger.info("run %s: %d listed: %d new, %d changed, %d earlier errors to retry, %d made by "
                 "another embedder, %d unchanged, %d vanished", run_id, counts.listed, counts.new,
                 counts.changed, counts.retry, counts.stale, counts.unchanged, counts.vanished)
-    committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
-    crashed = 0
-    if counts.todo:
-        plan = current_plan(len(infos), cfg.max_gpus)
-        logger.info("run %s: annotating %d images, tasks %s, %s (%.2f CPU, %.2f GPU each)",
-                    run_id, min(counts.todo, cfg.limit or counts.todo), ",".join(cfg.tasks),
-                    plan.pools, plan.num_cpus, plan.num_gpus)
-        rows = min(DECODE_BATCH, cfg.batch_size)
-        shipped = ship_default_weights(cfg, infos)
-        with _tolerating_lost_blocks():
-            todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
-            if cfg.limit:
-                todo = todo.limit(cfg.limit)
-            _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
-                                   stats_dir=f"{staging}/actors", weights_files=shipped), committer)
-        if committer.annotated + committer.errors < counts.todo:
-            crashed = _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped,
-                                    parts=parts, since=base_version)
-    if cfg.prune and counts.vanished:
-        gone = D.read_bucket_files(staging, "vanished")
-        if gone is not None:
-            committer.close_vanished(gone)
-    from pipelines.lake.upkeep import run_upkeep
+    return counts, skipped
 
-    upkeep = run_upkeep(table)
-    wall = time.perf_counter() - started
-    actors = actor_stats(f"{staging}/actors") if counts.todo else []
-    _log_actors(run_id, actors, wall)
+
+def _annotate(cfg: AnnotateConfig, run_id: str, table: LakeTable, infos: list[ModelInfo], staging: str,
+              counts: D.DiffCounts, committer: Committer, *, parts: list[str], since: int) -> int:
+    """The pipeline over what the diff staged, into the commit loop; then what was lost to
+    dead workers, once more. Returns how many images crashed their worker every time."""
+    if not counts.todo:
+        return 0
+    plan = current_plan(len(infos), cfg.max_gpus)
+    logger.info("run %s: annotating %d images, tasks %s, %s (%.2f CPU, %.2f GPU each)",
+                run_id, min(counts.todo, cfg.limit or counts.todo), ",".join(cfg.tasks),
+                plan.pools, plan.num_cpus, plan.num_gpus)
+    rows = min(DECODE_BATCH, cfg.batch_size)
+    shipped = ship_default_weights(cfg, infos)
+    with _tolerating_lost_blocks():
+        todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
+        if cfg.limit:
+            todo = todo.limit(cfg.limit)
+        _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
+                               stats_dir=f"{staging}/actors", weights_files=shipped), committer)
+    if committer.annotated + committer.errors >= counts.todo:
+        return 0
+    return _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped, parts=parts,
+                         since=since)
+
+
+def _summary(cfg: AnnotateConfig, run_id: str, table: LakeTable, counts: D.DiffCounts,
+             skipped: dict[str, int], committer: Committer, crashed: int, actors: list[dict],
+             infos: list[ModelInfo], *, wall: float) -> RunSummary:
     tried = committer.annotated + committer.errors
     exceeded = bool(committer.errors) and committer.errors / max(tried, 1) > cfg.max_error_rate and (
         tried >= 100 or committer.errors == tried)
-    summary = RunSummary(
+    return RunSummary(
         run_id=run_id, out=cfg.out, listed=counts.listed, new=counts.new, changed=counts.changed,
         unchanged=counts.unchanged, vanished=counts.vanished, retried=counts.retry,
         annotated=committer.annotated, errors=committer.errors, crashed=crashed,
@@ -458,52 +397,6 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         error_rate_exceeded=exceeded, max_error_rate=cfg.max_error_rate,
         steady_images_per_s=pool_steady_rate(actors, infos[-1].task)
         or committer.throughput()["steady_images_per_s"])
-    if cfg.index:  # every run: an index left behind by an earlier failure catches up
-        from pipelines import indexing
-
-        summary = dataclasses.replace(summary, index=indexing.sync(cfg.index, cfg.out))
-    record = {"run_id": run_id, "lakelens_version": version(), "config": dataclasses.asdict(cfg),
-              "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
-              "counts": summary.counts(), "skipped": skipped, "top_errors": summary.top_errors,
-              "table_version_before": base_version, "table_version": summary.table_version,
-              "chunks": committer.seq, "wall_s": round(wall, 3), "actors": actors, "upkeep": upkeep,
-              "unlisted_dirs": list(counts.unlisted_dirs),
-              "decode_nodes": dict(committer.decode_nodes),
-              "images_per_s": round(summary.images_per_s, 3), **committer.throughput(),
-              "steady_images_per_s": summary.steady_images_per_s,
-              "index": summary.index,
-              "finished_at": datetime.now(UTC).isoformat()}
-    fs, root = output_fs(cfg.out)
-    write_json(fs, f"{root}/runs/{run_id}.json", record)
-    return summary
-
-
-def pool_steady_rate(actors: list[dict], last_task: str) -> float | None:
-    """The steady rate of the last model pass, from when its actors finished each batch
-    (rows out of the driver come in bursts; the actors' own clocks do not)."""
-    last = [a for a in actors if last_task in a["tasks"] and a.get("done")]
-    if not last:
-        return None
-    width = max(a["done_bin_s"] for a in last)
-    bins: Counter = Counter()
-    for a in last:
-        for start, n in a["done"].items():
-            bins[int(start) // width * width] += n
-    return steady_rate(bins)
-
-
-def _log_actors(run_id: str, actors: list[dict], wall: float) -> None:
-    t0 = time.time() - wall  # when the run started; the actors' times are wall clock
-
-    def at(a: dict, key: str) -> str:
-        return f"{a[key] - t0:.1f} s" if key in a else "-"
-
-    for a in actors:
-        busy = ", ".join(f"{t} {v['busy_s']:.1f} s/{v['images']} images" for t, v in a["tasks"].items())
-        logger.info("run %s: model actor pid %s on %s (raylet %s)%s: %s (run %.1f s; started %s, "
-                    "ready %s, first batch %s, last %s)", run_id, a["pid"], a["host"], a["node"],
-                    f" GPU {a['gpus']}" if a.get("gpus") else "", busy, wall, at(a, "created_at"),
-                    at(a, "ready_at"), at(a, "first_batch_at"), at(a, "as_of"))
 
 
 def _recover_lost(cfg: AnnotateConfig, run_id: str, table: LakeTable, staging: str,

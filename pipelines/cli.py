@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_annotate(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "annotate", help="detect, segment, pose and embed images into the lake table",
-        description="Annotate images with Ray Data into DIR's Delta table (DIR/table): one "
+        description="Annotate images with Ray Data into DIR's Delta tables (DIR/log, DIR/current): one "
                     "current row per image, a result or an error. Incremental on an existing "
                     "table: only new and changed images (and transient errors of earlier runs) "
                     "are annotated; rerunning a crashed run resumes it. One run per DIR at a "

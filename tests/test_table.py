@@ -165,3 +165,31 @@ def test_readers_sql_streams_and_needs_no_file_list(tmp_path: Path) -> None:
     batches = list(open_table(str(out)).current(["image_id"], batch_rows=32))
     assert len(batches) > 1 and sum(b.num_rows for b in batches) == 300
     assert isinstance(batches[0], pa.RecordBatch)
+
+
+def test_migrate_and_forget_commands_and_their_mistakes(tmp_path: Path) -> None:
+    from index.store import open_index
+    from pipelines.indexing import IndexBuildConfig, build
+    from tests.test_cli import _one_line_error, lakelens
+
+    out = tmp_path / "old"
+    shutil.copytree(SCHEMA3, out)
+    proc = lakelens("results", str(out))
+    _one_line_error(proc, "lakelens migrate")
+    proc = lakelens("migrate", str(out))
+    assert proc.returncode == 0 and "29 current rows" in proc.stdout, proc.stderr[-2000:]
+    build(IndexBuildConfig(results=str(out), out=str(tmp_path / "index")))
+    assert len(open_index(tmp_path / "index")) == 27  # the ok rows with an embedding
+    ids = current_ids(out)[:3]
+    (tmp_path / "ids.txt").write_text("\n".join(ids))
+    index_dir = str(tmp_path / "index")
+    proc = lakelens("forget", str(out), "--ids", str(tmp_path / "ids.txt"), "--index", index_dir)
+    assert proc.returncode == 0 and "3 of 3 images tombstoned" in proc.stdout, proc.stderr[-2000:]
+    index = open_index(tmp_path / "index")
+    assert not set(ids) & set(index.live_image_ids()) and index.index.ntotal == len(index) <= 27
+    assert len([p for p in (tmp_path / "index").iterdir() if p.name.startswith("v")]) == 1
+    missing = str(tmp_path / "nope.txt")
+    _one_line_error(lakelens("forget", str(out), "--ids", missing), "cannot read image ids")
+    _one_line_error(lakelens("forget", str(out), "--where", "nope = 1"), "--where failed")
+    _one_line_error(lakelens("forget", str(out)), "one of the arguments --ids --where is required")
+    _one_line_error(lakelens("migrate", str(tmp_path / "nowhere")), "does not exist")

@@ -162,7 +162,7 @@ class Engine:
         if self.cfg.table:
             return self.cfg.table
         uri = index.manifest.get("table")
-        return uri.rstrip("/").removesuffix("/table") if uri else None
+        return uri.rstrip("/").removesuffix("/log").removesuffix("/table") if uri else None
 
     def _load(self) -> Snapshot:
         started = time.perf_counter()

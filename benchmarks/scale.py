@@ -6,7 +6,8 @@ one instance with an RLE mask, a DIM-d embedding per image), then upkept once
 (pipelines.lake.upkeep: the snapshot). Then nights: each appends 1% new images, 0.1%
 changed images and 0.01% tombstones (vanished, --prune) in commits of CHUNK rows, then
 runs upkeep (parts whose changes reached their share are rebuilt, split past
-max_part_rows). Each size runs in its own process (its peak RSS is its own).
+max_part_rows). The build and the nights of each size run in processes of their own (the nights' peak
+RSS is theirs alone). `--reuse` runs more nights on tables an earlier run built.
 
 Reported per size: bytes written per night (every new file under log/ and current/,
 upkeep included) / bytes of that night's rows (its new log files), amortised over the
@@ -31,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -123,89 +123,99 @@ def tombstones(idx: np.ndarray, *, version: int) -> pa.Table:
                     schema=TABLE_SCHEMA)
 
 
-class PeakRSS:
-    def __init__(self) -> None:
-        import psutil
+def _peak_rss():
+    """benchmarks/nightly.py's PeakRSS (this folder is not on sys.path: its index.py would
+    shadow the index package)."""
+    import importlib.util
 
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.proc.memory_info().rss
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join()
+    spec = importlib.util.spec_from_file_location("lakelens_bench_nightly",
+                                                  Path(__file__).with_name("nightly.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PeakRSS
 
 
 def files_under(path: Path) -> dict[str, int]:
     return {str(p): p.stat().st_size for p in path.rglob("*.parquet") if "_delta_log" not in p.parts}
 
 
-def child(out: str, rows: int, nights: int, dim: int, fixed: int, seed: int) -> None:
-    """One size: build, upkeep, nights, a fixed-size night, DuckDB queries."""
-    from pipelines.lake import results
+STATE = "bench_state.json"
+
+
+def child_build(out: str, rows: int, dim: int, seed: int) -> None:
+    """A table of `rows` images through the commit path, then its first upkeep."""
     from pipelines.lake.table import create_or_open, open_table, save_meta
     from pipelines.lake.upkeep import run_upkeep
 
     rng = np.random.default_rng(seed)
-    root = Path(out)
     t0 = time.perf_counter()
     table = create_or_open(out)
     table.meta.update({"embedding_dim": dim})
     save_meta(table)
-    seq, version = 0, 0
+    seq = 0
     for lo in range(0, rows, CHUNK):
         seq += 1
         table.commit(synthetic_rows(np.arange(lo, min(rows, lo + CHUNK)), dim=dim, version=0, reason="new",
                                     rng=rng), run_id="build", seq=seq, epoch=1)
     run_upkeep(open_table(out))
-    build_s = time.perf_counter() - t0
-    live_hi = rows  # ids [0, live_hi) were created; vanished ones are skipped when changing
-    gone: set[int] = set()
+    state = {"rows": rows, "live_hi": rows, "version": 0, "seq": seq, "gone": [],
+             "build_s": round(time.perf_counter() - t0, 1)}
+    (Path(out) / STATE).write_text(json.dumps(state))
+    print(json.dumps({"built": rows, "build_s": state["build_s"]}))
+
+
+def child_nights(out: str, nights: int, dim: int, fixed: int, seed: int,
+                 pcts: tuple[float, float, float]) -> None:
+    """Nights on a built table, in a process of their own (its peak RSS is the nights')."""
+    from pipelines.lake import results
+    from pipelines.lake.table import open_table
+    from pipelines.lake.upkeep import run_upkeep
+
+    PeakRSS = _peak_rss()  # noqa: N806
+    root = Path(out)
+    state = json.loads((root / STATE).read_text())
+    rng = np.random.default_rng(seed + state["version"])
+    rows = state["rows"]
+    gone = set(state["gone"])
 
     def night(new: int, changed: int, vanished: int) -> dict:
-        nonlocal live_hi, version, seq
-        version += 1
+        live_hi = state["live_hi"]
+        state["version"] += 1
+        version = state["version"]
         before = files_under(root)
-        pick = np.unique(rng.integers(0, live_hi, 2 * (changed + vanished) + len(gone) + 16))
-        pick = rng.permutation(np.array([i for i in pick if i not in gone]))
+        pick = np.unique(rng.integers(0, live_hi, 2 * (changed + vanished) + 16))
+        pick = rng.permutation(np.array([i for i in pick if i not in gone], dtype=np.int64))
         change, vanish = pick[:changed], pick[changed:changed + vanished]
         todo = np.concatenate([np.arange(live_hi, live_hi + new), change])
         with PeakRSS() as rss:
             t = time.perf_counter()
             table = open_table(out)
-            rows_done = 0
             for lo in range(0, len(todo), CHUNK):
-                seq += 1
+                state["seq"] += 1
                 batch = synthetic_rows(todo[lo:lo + CHUNK], dim=dim, version=version,
                                        reason="new" if lo < new else "changed", rng=rng)
-                table.commit(batch, run_id="nights", seq=seq, epoch=1)
-                rows_done += batch.num_rows
+                table.commit(batch, run_id="nights", seq=state["seq"], epoch=1)
             if len(vanish):
-                seq += 1
-                table.commit(tombstones(vanish, version=version), run_id="nights", seq=seq, epoch=1)
+                state["seq"] += 1
+                table.commit(tombstones(vanish, version=version), run_id="nights", seq=state["seq"], epoch=1)
             appended = set(table.log.file_uris())
             up = run_upkeep(table)
             wall = time.perf_counter() - t
         after = files_under(root)
-        night_rows = sum(s for p, s in after.items() if p not in before and p in appended)
         written = sum(s for p, s in after.items() if p not in before)
-        live_hi += new
+        night_rows = sum(s for p, s in after.items() if p not in before and p in appended)
+        state["live_hi"] = live_hi + new
         gone.update(int(i) for i in vanish)
         return {"wall_s": round(wall, 3), "rows_bytes": night_rows, "written_bytes": written,
                 "ratio": round(written / max(night_rows, 1), 3), "rebuilt": up["rebuilt"],
                 "rows_rewritten": up["rows_rewritten"], "peak_rss": rss.peak}
 
-    per_night = [night(rows // 100, rows // 1000, rows // 10_000) for _ in range(nights)]
+    new_p, changed_p, vanished_p = pcts
+    per_night = [night(int(rows * new_p / 100), int(rows * changed_p / 100), int(rows * vanished_p / 100))
+                 for _ in range(nights)]
     fixed_night = night(fixed, fixed // 10, fixed // 100)
+    state["gone"] = sorted(gone)
+    (root / STATE).write_text(json.dumps(state))
     files = files_under(root / "log") | files_under(root / "current")
     table = open_table(out)
     live = set(table.log.file_uris()) | set(table.snap.file_uris())
@@ -221,18 +231,27 @@ def child(out: str, rows: int, nights: int, dim: int, fixed: int, seed: int) -> 
     written = sum(n["written_bytes"] for n in per_night)
     night_bytes = sum(n["rows_bytes"] for n in per_night)
     print(json.dumps({
-        "rows": rows, "build_s": round(build_s, 1), "nights": nights,
+        "rows": rows, "build_s": state["build_s"], "nights": nights, "night_pcts": list(pcts),
         "bytes_ratio_amortised": round(written / max(night_bytes, 1), 3),
         "bytes_ratio_max_night": max(n["ratio"] for n in per_night),
         "night_wall_s_median": statistics.median(n["wall_s"] for n in per_night),
         "night_peak_rss_max": max(n["peak_rss"] for n in per_night),
         "parts_rebuilt": sum(n["rebuilt"] for n in per_night),
+        "rows_rewritten": sum(n["rows_rewritten"] for n in per_night),
         "fixed_night": fixed_night, "files": len(sizes),
         "median_file_mb": round(statistics.median(sizes) / 2**20, 2) if sizes else 0,
         "table_gb": round(sum(sizes) / 2**30, 2), "parts": len(table.parts()),
         "current_rows": count, "duckdb_count_s": round(count_s, 3),
         "duckdb_lookup_s": round(lookup_s, 3), "lookup_found": len(hit),
     }))
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if proc.returncode:
+        sys.exit(f"{args[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def ratio(large: dict, small: dict, key: str) -> float:
@@ -248,11 +267,19 @@ def main() -> None:
     ap.add_argument("--fixed", type=int, default=10_000, help="new images of the same-size night")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="where the tables go (default: a temp dir)")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--new-pct", type=float, default=1.0, help="new images per night, %% of the lake")
+    ap.add_argument("--changed-pct", type=float, default=0.1)
+    ap.add_argument("--vanished-pct", type=float, default=0.01)
+    ap.add_argument("--reuse", action="store_true", help="run more nights on tables built before in --dir")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        out, rows, nights, dim, fixed, seed = args.child
-        child(out, int(rows), int(nights), int(dim), int(fixed), int(seed))
+        if args.child[0] == "build":
+            child_build(args.child[1], int(args.child[2]), int(args.child[3]), int(args.child[4]))
+        else:
+            out_dir, nights, dim, fixed, seed = args.child[1:6]
+            child_nights(out_dir, int(nights), int(dim), int(fixed), int(seed),
+                         tuple(float(x) for x in args.child[6:9]))
         return
     sizes = [100_000, 300_000] if args.quick else [int(x) for x in args.rows.split(",")]
     nights = 3 if args.quick else args.nights
@@ -261,16 +288,19 @@ def main() -> None:
     out = {}
     for n in sizes:
         target = base / f"t{n}"
-        proc = subprocess.run([sys.executable, __file__, "--child", str(target), str(n), str(nights),
-                               str(args.dim), str(fixed), str(args.seed)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-        if proc.returncode:
-            sys.exit(f"size {n} failed:\n{proc.stderr[-3000:]}")
-        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if not (args.reuse and (target / STATE).exists()):
+            run_child("--child", "build", str(target), str(n), str(args.dim), str(args.seed))
+        out[n] = run_child("--child", "nights", str(target), str(nights), str(args.dim), str(fixed),
+                           str(args.seed), str(args.new_pct), str(args.changed_pct), str(args.vanished_pct))
         print(json.dumps(out[n]), flush=True)
     small, large = out[sizes[0]], out[sizes[-1]]
     print(json.dumps({
         "benchmark": "scale", "sizes": sizes, "nights": nights, "dim": args.dim,
+        "night_pcts": [args.new_pct, args.changed_pct, args.vanished_pct],
+        "build_s": {n: out[n]["build_s"] for n in sizes},
+        "night_wall_s_median": {n: out[n]["night_wall_s_median"] for n in sizes},
+        "night_peak_rss_max": {n: out[n]["night_peak_rss_max"] for n in sizes},
+        "parts_rebuilt": {n: out[n]["parts_rebuilt"] for n in sizes},
         "bytes_ratio_amortised": {n: out[n]["bytes_ratio_amortised"] for n in sizes},
         "fixed_night_wall_ratio": ratio(large, small, "wall_s"),
         "fixed_night_rss_ratio": ratio(large, small, "peak_rss"),

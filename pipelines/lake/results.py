@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from models.errors import LakelensError
 from pipelines.lake.table import legacy_table, open_table
+from pipelines.schema import TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +29,19 @@ DEFAULT_BATCH_ROWS = 65_536  # result rows per record batch written by --out
 
 
 def current_sql(log: str, snapshot: str, floor: int | str) -> str:
-    """The current view in SQL over the log and the snapshot (any engine with QUALIFY:
-    DuckDB, Spark, Databricks; README). `floor`: at most the lowest part watermark, e.g.
-    `(SELECT min(committed_in) FROM snapshot WHERE status = 'watermark')`."""
-    return (f"WITH changed AS (SELECT * FROM {log} WHERE committed_in > {floor}), "
-            "latest AS (SELECT * FROM changed QUALIFY row_number() OVER "
-            "(PARTITION BY image_id ORDER BY committed_in DESC) = 1) "
-            f"SELECT * EXCLUDE (part) FROM {snapshot} s WHERE s.status IN ('ok', 'error') "
-            "AND s.image_id NOT IN (SELECT image_id FROM changed) "
-            "UNION ALL BY NAME SELECT * FROM latest WHERE status IN ('ok', 'error')")
+    """The current view in portable SQL over the log and the snapshot (DuckDB, Spark; see
+    the README). `floor`: at most the lowest part watermark, e.g. `(SELECT
+    min(committed_in) FROM snapshot WHERE status = 'watermark')`. The latest row of each
+    image changed since is found from two columns (image_id, committed_in), and no
+    whole-row CTE is read twice."""
+    cols = ", ".join(TABLE_SCHEMA.names)
+    return (f"WITH keys AS (SELECT image_id, max(committed_in) AS committed_in FROM {log} "
+            f"WHERE committed_in > {floor} GROUP BY image_id) "
+            f"SELECT {cols} FROM {snapshot} s WHERE s.status IN ('ok', 'error') "
+            "AND s.image_id NOT IN (SELECT image_id FROM keys) "
+            f"UNION ALL SELECT {', '.join('l.' + c for c in TABLE_SCHEMA.names)} FROM {log} l "
+            "JOIN keys k ON l.image_id = k.image_id AND l.committed_in = k.committed_in "
+            f"WHERE l.committed_in > {floor} AND l.status IN ('ok', 'error')")
 
 
 def connect(out: str) -> duckdb.DuckDBPyConnection:

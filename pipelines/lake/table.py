@@ -31,15 +31,17 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import CommitProperties, Transaction
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction
 
 from models.errors import LakelensError
 from pipelines.lake.sources import is_remote
@@ -425,7 +427,7 @@ class LakeTable:
     def write_part(self, replaces: list[str], rows: pa.Table, *, version: int, children: list[str]) -> None:
         """Replace the snapshot's parts `replaces` by `rows` (SNAPSHOT_SCHEMA, sorted by
         image_id, parts among `children`) plus one watermark row per child, in one commit
-        that records every child's watermark."""
+        that records every child's watermark (version -1: placeholders, nothing absorbed)."""
         marks = pa.table({"part": pa.array(children, pa.string()),
                           "status": pa.array([WATERMARK] * len(children)),
                           "committed_in": pa.array([version] * len(children), pa.int64())})
@@ -435,13 +437,44 @@ class LakeTable:
         data = pa.concat_tables([marks, rows.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)])
         names = sorted(set(replaces) | set(children))
         quoted = ", ".join("'" + p + "'" for p in names)
-        props = CommitProperties(app_transactions=[Transaction(PART_APP + c, version) for c in children],
-                                 custom_metadata={"lakelens.upkeep": ",".join(replaces)},
-                                 max_commit_retries=0)
+        txns = [Transaction(PART_APP + c, version) for c in children] if version >= 0 else []
+        props = CommitProperties(app_transactions=txns, max_commit_retries=0,
+                                 custom_metadata={"lakelens.upkeep": ",".join(replaces)})
         write_deltalake(self.snap, data, mode="overwrite", predicate=f"part IN ({quoted})",
                         partition_by=["part"], commit_properties=props, writer_properties=WRITER,
                         target_file_size=TARGET_FILE_BYTES)
         self.snap.update_incremental()
+
+    def erase(self, ids: pa.Array, *, run_id: str) -> int:
+        """Rewrite the log files that hold rows of `ids` (tombstones aside) without those
+        rows, in one commit (each new file added, each old one removed); only those files
+        are read and written. Written here with pyarrow, not by delta-rs's delete, so the
+        files keep plain Arrow strings (delta-io/delta-rs#4579). Returns rows removed."""
+        dataset = self.log_dataset()
+        hit = col("image_id").isin(ids) & (col("status") != "tombstone")
+        fs, root = output_fs(self.out)
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        actions, removed = [], 0
+        for fragment in dataset.get_fragments():
+            if not fragment.count_rows(filter=hit):
+                continue
+            rows = fragment.to_table(schema=dataset.schema).cast(TABLE_SCHEMA)
+            drop = pc.and_(pc.is_in(rows.column("image_id"), value_set=ids),
+                           pc.not_equal(rows.column("status"), "tombstone"))
+            keep = rows.filter(pc.invert(pc.fill_null(drop, False)))
+            removed += rows.num_rows - keep.num_rows
+            name = f"part-erase-{uuid.uuid4().hex}.zstd.parquet"
+            pq.write_table(keep, f"{root}/{LOG_DIR}/{name}", filesystem=fs, row_group_size=ROW_GROUP,
+                           compression="zstd")
+            size = fs.get_file_info(f"{root}/{LOG_DIR}/{name}").size
+            actions.append(AddAction(name, size, {}, now, True, _stats(keep)))
+            actions.append(RemoveAction(fragment.path, True, now, None, {}))
+        if actions:
+            info = {"lakelens.run_id": run_id, "lakelens.erased": str(removed)}
+            props = CommitProperties(custom_metadata=info)
+            self.log.create_write_transaction(actions, "append", TABLE_SCHEMA, commit_properties=props)
+            self.log.update_incremental()
+        return removed
 
     def vacuum(self, *, retention_hours: int) -> int:
         """Delete the files no version within `retention_hours` needs (log and snapshot)."""
@@ -451,6 +484,21 @@ class LakeTable:
                                      enforce_retention_duration=False))
             dt.update_incremental()
         return removed
+
+
+def _stats(rows: pa.Table) -> str:
+    """Delta file statistics of the columns readers prune by (image_id, committed_in)."""
+    def bounds(name: str) -> tuple:
+        mm = pc.min_max(rows.column(name))
+        return mm["min"].as_py(), mm["max"].as_py()
+
+    lo_id, hi_id = bounds("image_id")
+    lo_v, hi_v = bounds("committed_in")
+    return json.dumps({"numRecords": rows.num_rows,
+                       "minValues": {"image_id": lo_id, "committed_in": lo_v},
+                       "maxValues": {"image_id": hi_id, "committed_in": hi_v},
+                       "nullCount": {"image_id": rows.column("image_id").null_count,
+                                     "committed_in": rows.column("committed_in").null_count}})
 
 
 def _with(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

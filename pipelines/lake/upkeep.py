@@ -50,7 +50,7 @@ from pipelines.lake.table import (
     read_json,
     write_json,
 )
-from pipelines.schema import SCHEMA_VERSION, TABLE_SCHEMA
+from pipelines.schema import SCHEMA_VERSION, SNAPSHOT_SCHEMA, TABLE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def due_parts(table: LakeTable, *, extra: set[str] = frozenset()) -> tuple[list[
     due = []
     for p in parts:
         rows = max(stats.get(p, 0) - 1, 0)  # the watermark row is not an image
-        if p in extra or (changed[p] and changed[p] >= rows * _ratio(table, p)):
+        if p in extra or (changed[p] and changed[p] >= rows * _ratio(table, p)) or (
+                changed[p] and table.watermark(p) < 0):
             due.append((p, rows, changed[p]))
     return due, changed
 
@@ -145,6 +146,10 @@ def run_upkeep(table: LakeTable, *, erase: bool = True) -> dict:
     if pending is not None and pending.num_rows:
         parts = table.parts()
         extra = {parts[i] for i in np.unique(part_index(pending.column("image_id"), parts))}
+    bare = [p for p in table.parts() if p not in table.part_stats()]
+    if bare:  # every part gets its watermark row first (-1: none absorbed), in one commit, so
+        # that the floor a reader takes from those rows stays right if a rebuild below fails
+        table.write_part([], SNAPSHOT_SCHEMA.empty_table(), version=-1, children=bare)
     due, changed = due_parts(table, extra=extra)
     rebuilt = [rebuild_part(table, p) for p, _, _ in due]
     table.refresh()
@@ -180,20 +185,13 @@ def _erase(table: LakeTable, ids: pa.Table) -> dict:
     files holding them are rewritten), then vacuum the replaced files (log, snapshot,
     legacy): their bytes are gone from the disk."""
     values = ids.column("image_id").to_pylist()
-    deleted = 0
-    targets = [table.log]
+    deleted = table.erase(ids.column("image_id").combine_chunks(), run_id="erase")
     legacy = legacy_table(table.out)
-    if legacy is not None:
-        targets.append(legacy)
-    for dt in targets:
+    if legacy is not None:  # the history before a migration (delta-rs's delete: it is read-only)
         for start in range(0, len(values), ERASE_BATCH):
             quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values[start:start + ERASE_BATCH])
-            pred = f"image_id IN ({quoted})"
-            if dt is table.log:
-                pred += " AND status <> 'tombstone'"
-            metrics = dt.delete(pred)
-            deleted += int(metrics.get("num_deleted_rows", 0))
-        dt.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+            deleted += int(legacy.delete(f"image_id IN ({quoted})").get("num_deleted_rows", 0))
+        legacy.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
     table.vacuum(retention_hours=0)
     fs, root = output_fs(table.out)
     fs.delete_dir_contents(f"{root}/{FORGET_DIR}", missing_dir_ok=True)

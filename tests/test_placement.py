@@ -89,6 +89,7 @@ def run_and_check(cluster, tmp_path: Path, gpus: int, n_tasks: int) -> dict:
     return record
 
 
+@pytest.mark.slow  # two simulated nodes, four pools: ~27 s; `make test-all` runs it
 def test_three_gpus_on_two_nodes_four_tasks(cluster_of, tmp_path: Path) -> None:
     run_and_check(cluster_of(3), tmp_path, gpus=3, n_tasks=4)
 

@@ -87,6 +87,7 @@ def test_detector_checkpoint_round_trips_into_annotate(detector_run, data: Path,
     assert names and names <= set(CATEGORIES)
 
 
+@pytest.mark.slow  # a second Ray Train run: ~26 s; `make test-all` runs it
 def test_resume_continues_from_the_checkpoint(detector_run, data: Path) -> None:
     out, first = detector_run
     before = json.loads((out / "metrics.json").read_text())["history"]

@@ -117,23 +117,40 @@ def due_parts(table: LakeTable, *, extra: set[str] = frozenset()) -> tuple[list[
     return due, changed
 
 
-def rebuild_part(table: LakeTable, part: str) -> dict:
-    """Rewrite one part of the snapshot from its current view (split 16 ways when it has
-    outgrown the table's max_part_rows). Holds one part's rows."""
+def rebuild_parts(table: LakeTable, parts: list[str]) -> list[dict]:
+    """Rewrite parts of the snapshot from their current view, in one commit (each split 16
+    ways when it has outgrown the table's max_part_rows). Holds those parts' rows: the
+    caller groups small parts, a large one goes alone."""
     version = table.version
-    batches = list(table.current_part(part, list(TABLE_SCHEMA.names), status=None))
-    rows = pa.Table.from_batches(batches, schema=TABLE_SCHEMA) if batches else TABLE_SCHEMA.empty_table()
-    rows = rows.sort_by("image_id")
     limit = int(table.meta.get("max_part_rows", MAX_PART_ROWS))
-    children = [part + h for h in HEX] if rows.num_rows > limit else [part]
-    names = children if len(children) > 1 else [part]
-    idx = part_index(rows.column("image_id"), names) if rows.num_rows else np.zeros(0, int)
-    parts = pa.array(np.asarray(names, dtype=object)[idx] if rows.num_rows else [], pa.string())
-    table.write_part([part], rows.append_column("part", parts), version=version, children=children)
-    if len(children) > 1:
-        logger.info("split snapshot part %r (%d rows) into %d parts", part, rows.num_rows, len(children))
+    tables, children, done = [], [], []
+    for part in parts:
+        batches = list(table.current_part(part, list(TABLE_SCHEMA.names), status=None))
+        rows = pa.Table.from_batches(batches, schema=TABLE_SCHEMA) if batches else TABLE_SCHEMA.empty_table()
+        names = [part + h for h in HEX] if rows.num_rows > limit else [part]
+        idx = part_index(rows.column("image_id"), names) if rows.num_rows else np.zeros(0, int)
+        tables.append(rows.append_column("part", pa.array(np.asarray(names, dtype=object)[idx], pa.string())))
+        children += names
+        done.append({"part": part, "rows": rows.num_rows, "split": len(names) > 1})
+        if len(names) > 1:
+            logger.info("split snapshot part %r (%d rows) into %d parts", part, rows.num_rows, len(names))
+    rows = pa.concat_tables(tables).sort_by("image_id")
+    table.write_part(parts, rows, version=version, children=children)
     table.refresh()
-    return {"part": part, "rows": rows.num_rows, "split": len(children) > 1}
+    return done
+
+
+def _groups(due: list[tuple[str, int, int]], limit: int) -> list[list[str]]:
+    """Due parts in commits of at most about `limit` rows each (small parts share one)."""
+    groups: list[list[str]] = []
+    size = limit + 1
+    for part, rows, changed in due:
+        if size + rows + changed > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += rows + changed
+    return groups
 
 
 def run_upkeep(table: LakeTable, *, erase: bool = True) -> dict:
@@ -146,12 +163,14 @@ def run_upkeep(table: LakeTable, *, erase: bool = True) -> dict:
     if pending is not None and pending.num_rows:
         parts = table.parts()
         extra = {parts[i] for i in np.unique(part_index(pending.column("image_id"), parts))}
-    bare = [p for p in table.parts() if p not in table.part_stats()]
-    if bare:  # every part gets its watermark row first (-1: none absorbed), in one commit, so
-        # that the floor a reader takes from those rows stays right if a rebuild below fails
-        table.write_part([], SNAPSHOT_SCHEMA.empty_table(), version=-1, children=bare)
     due, changed = due_parts(table, extra=extra)
-    rebuilt = [rebuild_part(table, p) for p, _, _ in due]
+    groups = _groups(due, int(table.meta.get("max_part_rows", MAX_PART_ROWS)))
+    bare = [p for p in table.parts() if p not in table.part_stats()]
+    if bare and (len(groups) > 1 or set(bare) - set(groups[0] if groups else [])):
+        # every part gets its watermark row first (-1: none absorbed), in one commit, so that
+        # the floor a reader takes from those rows stays right if a later commit fails
+        table.write_part([], SNAPSHOT_SCHEMA.empty_table(), version=-1, children=bare)
+    rebuilt = [r for group in groups for r in rebuild_parts(table, group)]
     table.refresh()
     done = {p for p, _, _ in due}
     _save_counts(table, {p: 0 if p in done else changed.get(p, 0) for p in table.parts()})

@@ -305,19 +305,23 @@ def migrate_locked(out: str, *, epoch: int, run_id: str) -> dict:
     legacy = DeltaTable(location(out, LEGACY_DIR))
     create_tables(out)
     log, snap = DeltaTable(location(out, "log")), DeltaTable(location(out, "current"))
-    parts = initial_parts(int(meta.get("buckets", 16)))
+    dataset = legacy.to_pyarrow_dataset()
+    current = dataset.count_rows(filter=pc.field("is_current"))
+    # parts of at most half of MAX_PART_ROWS from the start: a 100M-image table gets 256
+    parts = initial_parts(max(16, -(-2 * current // MAX_PART_ROWS)))
     staging = f"{root}/_lakelens/migrate"
     fs.delete_dir_contents(staging, missing_dir_ok=True)
-    dataset = legacy.to_pyarrow_dataset()
     have = set(dataset.schema.names)
     rows = 0
-    # Pass 1: each legacy bucket's current rows, staged by part (one bucket at a time).
-    for b in range(int(meta.get("buckets", 16))):
-        cur = dataset.to_table(filter=(pc.field("bucket") == b) & pc.field("is_current"),
-                               columns=[c for c in TABLE_SCHEMA.names if c in have])
-        if not cur.num_rows:
+    # Pass 1: the legacy table's current rows, streamed, staged by part.
+    columns = [c for c in TABLE_SCHEMA.names if c in have]
+    scanner = dataset.scanner(filter=pc.field("is_current"), columns=columns, batch_size=262_144,
+                              batch_readahead=1, fragment_readahead=1)
+    for b, batch in enumerate(scanner.to_batches()):  # streamed: one batch held at a time
+        n = batch.num_rows
+        if not n:
             continue
-        n = cur.num_rows
+        cur = pa.Table.from_batches([batch])
         extra = {"committed_in": pa.array(np.zeros(n, np.int64)), "reason": pa.array(["migrated"] * n)}
         cur = pa.table({f.name: cur.column(f.name) if f.name in cur.column_names and f.name not in extra
                         else extra.get(f.name, pa.nulls(n, f.type)) for f in TABLE_SCHEMA}).cast(TABLE_SCHEMA)

@@ -207,6 +207,7 @@ def test_default_architectures_run_end_to_end(ray_local, tmp_path: Path) -> None
                    for i in row["instances"])
 
 
+@pytest.mark.slow  # a `ray start` cluster of its own: ~15 s; `make test-all` runs it
 def test_cli_joins_an_existing_cluster_with_address(ray_local, tmp_path: Path) -> None:
     """`--address` runs the job on a cluster that is already up (here: this module's)."""
     from PIL import Image

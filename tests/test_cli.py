@@ -81,6 +81,7 @@ def test_loose_results_of_an_older_lakelens_are_refused(lake: Path, tmp_path: Pa
                     "holds no lakelens table")
 
 
+@pytest.mark.slow  # two full CLI runs with Ray start: ~26 s; `make test-all` runs it
 def test_annotate_and_synth_commands_run(tmp_path: Path) -> None:
     synth = lakelens("synth", str(tmp_path / "s"), "--images", "8", "--family-size", "2",
                      "--seed", "1", "--size", "64")

@@ -289,9 +289,9 @@ def test_reload_under_load_fails_no_request(served) -> None:
     try:
         for _ in range(2):
             time.sleep(0.5)
-            build(IndexBuildConfig(results=str(out), out=str(index_dir), factory=FACTORY))
-        deadline = time.time() + 30
-        while client.get("/health").json()["index_version"] == before and time.time() < deadline:
+            newest = build(IndexBuildConfig(results=str(out), out=str(index_dir), factory=FACTORY))["version"]
+        deadline = time.time() + 30  # until the newest version serves (a reload may skip one)
+        while client.get("/health").json()["index_version"] != newest and time.time() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
     finally:

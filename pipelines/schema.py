@@ -52,7 +52,6 @@ TASK_TYPES = {"detections": pa.list_(DETECTION), "instances": pa.list_(INSTANCE)
               "poses": pa.list_(POSE), "semantic": pa.list_(SEMANTIC),
               "embedding": pa.list_(pa.float32())}
 STATUSES = ("ok", "error")  # a current row's status
-ROW_STATUSES = ("ok", "error", "tombstone")  # what the log holds
 WATERMARK = "watermark"  # the status of a snapshot part's one bookkeeping row
 REASONS = ("new", "changed", "retry", "full", "stale", "crashed", "vanished", "forgotten", "migrated")
 

@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 LOG_DIR = "log"
 SNAPSHOT_DIR = "current"
 LEGACY_DIR = "table"  # schema 2/3
-TABLE_DIR = LOG_DIR
 META_FILE = "lakelens.json"
 DEFAULT_BUCKETS = 16
 FENCE_APP = "lakelens.lock"
@@ -178,17 +177,16 @@ def is_latest(batch: pa.RecordBatch | pa.Table, keys: pa.Table) -> pa.Array:
 
 
 def embed_weights(models: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Each row's embed weights id (null when the row has no embedding model)."""
+    """Each row's embed weights id (null when the row names no embedding model), by Arrow
+    kernels only: no Python object per row."""
     models = models.combine_chunks() if isinstance(models, pa.ChunkedArray) else models
-    out = np.full(len(models), None, dtype=object)
-    if len(models):
-        flat = pc.list_flatten(models)
-        parents = pc.list_parent_indices(models).to_numpy()
-        embed = pc.fill_null(pc.equal(pc.struct_field(flat, "task"), "embed"), False).to_numpy(
-            zero_copy_only=False)
-        weights = np.asarray(pc.struct_field(flat, "weights").to_pylist(), dtype=object)
-        out[parents[embed]] = weights[embed]
-    return pa.array(out, pa.string())
+    flat = pc.list_flatten(models)
+    embed = pc.fill_null(pc.equal(pc.struct_field(flat, "task"), "embed"), False)
+    parents = pc.list_parent_indices(models).filter(embed).to_numpy()
+    at = np.full(len(models), -1, np.int64)
+    at[parents] = np.arange(len(parents))
+    weights = pc.struct_field(flat, "weights").filter(embed)
+    return pc.take(weights, pa.array(at, mask=at < 0)).cast(pa.string())
 
 
 def _status_filter(status: str | None) -> pc.Expression:
@@ -223,10 +221,6 @@ class LakeTable:
     @property
     def uri(self) -> str:
         return location(self.out, LOG_DIR)
-
-    @property
-    def snapshot_uri(self) -> str:
-        return location(self.out, SNAPSHOT_DIR)
 
     @property
     def version(self) -> int:

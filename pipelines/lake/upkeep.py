@@ -289,12 +289,6 @@ def _current_of(table: LakeTable, ids: list[str]) -> pa.Table:
 
 # -- migration from schema 2/3 --------------------------------------------------------------
 
-def needs_migration(out: str) -> bool:
-    fs, root = output_fs(out)
-    meta = read_json(fs, f"{root}/lakelens.json")
-    return meta is not None and str(meta.get("schema_version")) in ("2", "3")
-
-
 def migrate_locked(out: str, *, epoch: int, run_id: str) -> dict:
     """Schema 2/3 -> 4, by a writer holding the run lock: the legacy table's current rows
     become the snapshot (staged by part, then one commit per part), DIR/table is kept as

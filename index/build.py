@@ -152,7 +152,8 @@ def train_sample_size(index: faiss.Index) -> int:
 
 def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
                   blocks: Iterable[np.ndarray], *, gpu: bool,
-                  presize: Iterable[np.ndarray] | None = None, reserve: int = 0) -> faiss.Index:
+                  presize: Iterable[np.ndarray] | None = None, reserve: int = 0,
+                  on_trained: Callable[[faiss.Index], None] | None = None) -> faiss.Index:
     """Train on sample() (drawn only if the index needs training, and dropped before
     adding) and add every block; on the GPU(s) when asked and supported, then copied back
     to a CPU index.
@@ -160,6 +161,8 @@ def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
     presize: the same vectors as `blocks`, streamed once more before adding, so that a CPU
     IVF index can size each inverted list exactly (growing lists by doubling costs up to
     twice their size in memory) and add with the assignments already computed.
+    on_trained: given a CPU copy of the trained, still empty index (what later updates
+    encode their vectors with) before anything is added.
     reserve: the number of vectors that will be added, to allocate flat code arrays (Flat,
     SQ, a re-rank index) once at their final size instead of growing them by doubling.
     """
@@ -187,6 +190,8 @@ def train_and_add(index: faiss.Index, sample: Callable[[], np.ndarray],
         logger.info("trained on %d sampled vectors in %.1f s%s", len(train),
                     time.perf_counter() - started, " (GPU)" if on_gpu else "")
         del train
+    if on_trained is not None:
+        on_trained(faiss.index_gpu_to_cpu(work) if on_gpu else faiss.clone_index(work))
     if reserve and not on_gpu:
         reserve_codes(work, reserve)
     ivf = _plain_ivf(work) if presize is not None and not on_gpu else None
@@ -281,14 +286,14 @@ class ExactNeighbors:
     """
 
     def __init__(self, queries: np.ndarray, k: int, metric: str, *,
-                 exclude: np.ndarray | None = None):
+                 exclude: np.ndarray | None = None, start: int = 0):
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.k, self.exclude = k, exclude
         self.width = k + (exclude is not None)
         self.heap = faiss.ResultHeap(len(self.queries), self.width,
                                      keep_max=faiss.is_similarity_metric(METRICS[metric]))
         self.flat = faiss.IndexFlat(self.queries.shape[1], METRICS[metric])
-        self.rows = 0
+        self.rows = start  # row number of the next vector added (a shard starts past 0)
 
     def add(self, block: np.ndarray) -> None:
         x = np.ascontiguousarray(block, dtype=np.float32)
@@ -304,6 +309,17 @@ class ExactNeighbors:
         """int64[q, k]: the exact neighbours' row numbers (-1 past the end)."""
         self.heap.finalize()
         return drop_rows(self.heap.I, self.exclude, self.k)
+
+    def partial(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of this stream's best, to be merged with other shards' (merge())."""
+        self.heap.finalize()
+        return self.heap.D.copy(), self.heap.I.copy()
+
+    def merge(self, parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Take in other shards' partial() results (nothing may be added after)."""
+        for scores, rows in parts:
+            self.heap.add_result(np.ascontiguousarray(scores, np.float32),
+                                 np.ascontiguousarray(rows, np.int64))
 
 
 def drop_rows(found: np.ndarray, exclude: np.ndarray | None, k: int) -> np.ndarray:

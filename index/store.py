@@ -1,221 +1,47 @@
-"""The index on disk, versioned, and searching it.
+"""Searching the index: one opened version, its id map and live rows.
 
-INDEX_DIR/CURRENT              the live version's name, e.g. "v3" (switched by one rename)
-INDEX_DIR/v<N>/index.faiss     the FAISS index, CPU-side; FAISS id = row number
-INDEX_DIR/v<N>/ids.parquet     row -> image_id, uri, content_hash, live (false: replaced)
-INDEX_DIR/v<N>/manifest.json   factory, dim, metric, count, embedder, table and table
-                               version indexed, search params, recall@10, build time
-
-A new version is written whole beside the live one, then CURRENT is replaced: a crash
-mid-update leaves the previous version live and whole, and a reader opens one version,
-never a mix. The previous version is kept (a reader may still have it open); older ones
-are removed.
-
-INDEX_DIR may be a URI (s3://, gs://; pyarrow's filesystems, credentials from the
-environment). A version is built locally and uploaded whole before CURRENT (one object,
-written last) names it; a reader downloads the version CURRENT names once into a local
-cache (LAKELENS_CACHE, default ~/.cache/lakelens) and opens it from there, since FAISS
-reads local files.
+The layout on disk (segments, versions, CURRENT), writing and reading it, are in
+index.versions; a reader opens the version CURRENT names, its segments merged into one
+FAISS index in row order, and never sees a mix of versions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from index.build import ivf_of, reconstruct, set_search_params
 from index.idmap import IdMap
+
+# The on-disk layout and its writers live in index.versions; these names are the store's API.
+from index.versions import (
+    FORMAT_VERSION,
+    IDS_SCHEMA,
+    KEEP_VERSIONS,
+    Writer,
+    cache_root,
+    current_dir,
+    exists,
+    is_remote,
+    load_manifest,
+    materialize,
+    read_ids,
+    read_index,
+    read_live,
+    save,
+)
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
-                        ("content_hash", pa.string()), ("live", pa.bool_())])
-
-
-def _replace_into(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-KEEP_VERSIONS = 2
-
-
-def is_remote(path: str | Path) -> bool:
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def _remote(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri.rstrip("/"))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise LakelensError(f"cannot open index {uri!r}: {e}") from e
-
-
-def _remote_current(uri: str) -> str:
-    fs, root = _remote(uri)
-    try:
-        with fs.open_input_stream(f"{root}/CURRENT") as f:
-            name = f.read().decode().strip()
-    except FileNotFoundError as e:
-        raise LakelensError(f"{uri} is not a lakelens index: no CURRENT (build one with "
-                            "`lakelens index build`)") from e
-    if not name.startswith("v") or not name[1:].isdigit():
-        raise LakelensError(f"{uri}/CURRENT names {name!r}, which is not a version of this index")
-    return name
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LAKELENS_CACHE") or Path.home() / ".cache" / "lakelens")
-
-
-def materialize(uri: str) -> Path:
-    """The live version of a remote INDEX_DIR as a local directory (downloaded once)."""
-    name = _remote_current(uri)
-    base = cache_root() / "index" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    local = base / name
-    if (local / "manifest.json").is_file():
-        return local
-    fs, root = _remote(uri)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.mkdir()
-        pafs.copy_files(f"{root}/{name}", str(tmp), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, local)
-    except FileNotFoundError as e:
-        raise LakelensError(f"{uri}/CURRENT names {name}, which is missing") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("downloaded index %s/%s to %s", uri, name, local)
-    for old in sorted((p for p in base.glob("v*") if p.name[1:].isdigit()),
-                      key=lambda p: int(p.name[1:]))[:-KEEP_VERSIONS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return local
-
-
-def _save_remote(uri: str, index: faiss.Index, ids: pa.Table, manifest: dict, *,
-                 keep: int = KEEP_VERSIONS) -> str:
-    fs, root = _remote(uri)
-    fs.create_dir(root, recursive=True)
-    listed = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    versions = sorted(int(i.base_name[1:]) for i in listed
-                      if i.type == pafs.FileType.Directory and i.base_name[1:].isdigit()
-                      and i.base_name.startswith("v"))
-    name = f"v{(versions[-1] if versions else 0) + 1}"
-    with tempfile.TemporaryDirectory(prefix="lakelens-index-") as tmp:
-        _write_version(Path(tmp) / name, index, ids, manifest, name)
-        pafs.copy_files(str(Path(tmp) / name), f"{root}/{name}",
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    with fs.open_output_stream(f"{root}/CURRENT") as f:  # one PUT: the switch
-        f.write(f"{name}\n".encode())
-    for old in versions[: max(0, len(versions) + 1 - keep)]:
-        fs.delete_dir(f"{root}/v{old}")
-    return name
-
-
-def exists(path: str | Path) -> bool:
-    """Whether INDEX_DIR holds an index (a CURRENT pointer)."""
-    if is_remote(path):
-        fs, root = _remote(str(path))
-        return fs.get_file_info(f"{root}/CURRENT").type == pafs.FileType.File
-    return (Path(str(path).removeprefix("file://")) / "CURRENT").is_file()
-
-
-def current_dir(path: str | Path) -> Path:
-    """The live version's directory of INDEX_DIR (a local copy for a remote one)."""
-    if is_remote(path):
-        return materialize(str(path))
-    path = Path(str(path).removeprefix("file://"))
-    if not path.is_dir():
-        raise LakelensError(f"index {str(path)!r} does not exist (build one with `lakelens index build`)")
-    try:
-        name = (path / "CURRENT").read_text().strip()
-    except FileNotFoundError as e:
-        raise LakelensError(f"{path} is not a lakelens index: no CURRENT") from e
-    if not name.startswith("v") or not (path / name).is_dir():
-        raise LakelensError(f"{path}/CURRENT names {name!r}, which is not a version of this index")
-    return path / name
-
-
-def _versions(path: Path) -> list[int]:
-    return sorted(int(p.name[1:]) for p in path.glob("v*") if p.name[1:].isdigit())
-
-
-def _write_version(directory: Path, index: faiss.Index, ids: pa.Table, manifest: dict,
-                   name: str) -> None:
-    directory.mkdir(parents=True)
-    faiss.write_index(index, str(directory / "index.faiss"))
-    pq.write_table(ids.cast(IDS_SCHEMA), directory / "ids.parquet")
-    text = json.dumps({**manifest, "version": name, "format_version": FORMAT_VERSION},
-                      indent=2) + "\n"
-    (directory / "manifest.json").write_text(text)
-
-
-def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict, *,
-         keep: int = KEEP_VERSIONS) -> str:
-    """Write a new version (index, ids, then manifest), then switch CURRENT to it with one
-    atomic rename (on an object store: one PUT, after the version is uploaded whole), and
-    delete all but the `keep` newest versions (1: erasure, no earlier version survives).
-    Returns the new version's name ("v<N>")."""
-    if index.ntotal != ids.num_rows:
-        raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
-    if is_remote(path):
-        return _save_remote(str(path), index, ids, manifest, keep=keep)
-    path = Path(str(path).removeprefix("file://"))
-    path.mkdir(parents=True, exist_ok=True)
-    versions = _versions(path)
-    name = f"v{(versions[-1] if versions else 0) + 1}"
-    tmp_dir = path / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        _write_version(tmp_dir, index, ids, manifest, name)
-        os.replace(tmp_dir, path / name)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    _replace_into(path / "CURRENT", lambda tmp: Path(tmp).write_text(name + "\n"))
-    for old in _versions(path)[:-keep]:
-        shutil.rmtree(path / f"v{old}", ignore_errors=True)
-    return name
-
-
-def load_manifest(path: str | Path) -> dict:
-    """The live version's manifest of INDEX_DIR (or of a version directory)."""
-    if is_remote(path):
-        path = current_dir(path)
-    path = Path(path)
-    if not (path / "manifest.json").exists():
-        path = current_dir(path)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except FileNotFoundError as e:
-        raise LakelensError(f"{path} is not a lakelens index: no manifest.json") from e
-    except json.JSONDecodeError as e:
-        raise LakelensError(f"{path}/manifest.json is corrupt: {e}") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LakelensError(f"{path} has index format {manifest.get('format_version')}; this "
-                            f"lakelens reads {FORMAT_VERSION}")
-    return manifest
+__all__ = ["FORMAT_VERSION", "IDS_SCHEMA", "KEEP_VERSIONS", "Neighbors", "SimilarityIndex", "Writer",
+           "cache_root", "current_dir", "exists", "is_remote", "load_manifest", "materialize",
+           "open_index", "save", "search_parameters"]
 
 
 @dataclass(frozen=True)
@@ -241,26 +67,17 @@ class SimilarityIndex:
         self.root = path if is_remote(path) else Path(path)
         self.path = current_dir(path)
         self.manifest = load_manifest(self.path)
-        self.mmapped = False
         try:
-            self.index = None
-            if mmap:
-                try:
-                    self.index = faiss.read_index(str(self.path / "index.faiss"),
-                                                  faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-                    self.mmapped = True
-                except RuntimeError:  # an index type FAISS cannot map: read it whole
-                    self.index = None
-            if self.index is None:
-                self.index = faiss.read_index(str(self.path / "index.faiss"))
-            ids = pq.read_table(self.path / "ids.parquet")
-        except (RuntimeError, OSError, pa.ArrowInvalid) as e:
+            self.index, self.mmapped = read_index(self.path, self.manifest, mmap=mmap)
+            ids = read_ids(self.path, self.manifest, ["image_id", "uri"])
+            live = read_live(self.path, ids.num_rows)
+        except (RuntimeError, OSError, pa.ArrowInvalid, ValueError) as e:
             first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             raise LakelensError(f"index {str(self.path)!r} is corrupt or incomplete: {first}") from e
         if ids.num_rows != self.index.ntotal:
             raise LakelensError(f"index {str(self.path)!r} is inconsistent: {self.index.ntotal} "
                                 f"vectors but {ids.num_rows} id rows")
-        self.live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
+        self.live = live
         self.ids = IdMap(ids.column("image_id"), ids.column("uri"), self.live)
         self._live_count = int(self.live.sum())
         self._ivf = ivf_of(self.index)

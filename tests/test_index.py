@@ -127,8 +127,11 @@ def test_manifest_round_trip(data: np.ndarray, tmp_path: Path) -> None:
     write_results(tmp_path / "res", data, embedder=("resnet18", "random:seed0"))
     built = build(IndexBuildConfig(results=str(tmp_path / "res"), out=str(tmp_path / "idx"),
                                    metric="l2"))
-    on_disk = json.loads((tmp_path / "idx" / "v1" / "manifest.json").read_text())
-    assert on_disk == {**built, "version": "v1", "format_version": 1}
+    name = (tmp_path / "idx" / "CURRENT").read_text().strip()
+    assert name == built["version"] and name.startswith("v1-")
+    on_disk = json.loads((tmp_path / "idx" / name / "manifest.json").read_text())
+    [segment] = on_disk.pop("segments")
+    assert on_disk == {**built, "format_version": 2}
     for key in ("factory", "dim", "metric", "count", "embedder", "table", "table_version", "build_s",
                 "lakelens_version", "recall_at_10"):
         assert key in on_disk, key
@@ -136,9 +139,11 @@ def test_manifest_round_trip(data: np.ndarray, tmp_path: Path) -> None:
     idx = open_index(tmp_path / "idx")
     assert (idx.dim, len(idx), idx.manifest["metric"]) == (DIM, len(data), "l2")
     assert idx.search_ids(["img0000042"], 3).image_ids[0][0] == "img0000042"
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["CURRENT", "v1"]
-    assert sorted(p.name for p in (tmp_path / "idx" / "v1").iterdir()) == [
-        "ids.parquet", "index.faiss", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(["CURRENT", "_lakelens", name, "segments"])
+    assert sorted(p.name for p in (tmp_path / "idx" / name).iterdir()) == ["manifest.json"]
+    assert (segment["start"], segment["rows"]) == (0, len(data))
+    assert sorted(p.name for p in (tmp_path / "idx" / segment["dir"]).iterdir()) == [
+        "ids-00000.parquet", "index.faiss", "trained.faiss"]
 
 
 def test_update_equals_a_rebuild_of_the_table(data: np.ndarray, tmp_path: Path) -> None:
@@ -156,7 +161,9 @@ def test_update_equals_a_rebuild_of_the_table(data: np.ndarray, tmp_path: Path) 
     m = update(str(tmp_path / "inc"), str(lake))
     up = m["last_update"]
     assert (up["added"], up["replaced"], m["count"], m["vectors"]) == (2100, 100, 6000, 6100)
-    assert m["version"] == "v2" and (tmp_path / "inc" / "CURRENT").read_text().strip() == "v2"
+    assert m["version"].startswith("v2-") and (tmp_path / "inc" / "CURRENT").read_text().strip() == m["version"]
+    # the night is one new segment; the build's segment is left as it was
+    assert [(s["start"], s["rows"]) for s in m["segments"]] == [(0, 4000), (4000, 2100)]
     build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "full")))
     inc, full = open_index(tmp_path / "inc"), open_index(tmp_path / "full")
     q = np.concatenate([data[::97], changed[:10]])
@@ -169,7 +176,7 @@ def test_update_equals_a_rebuild_of_the_table(data: np.ndarray, tmp_path: Path) 
     assert "img0000000" not in inc.search(data[:1], 1).image_ids[0]
     assert all(len(ids) == 10 for ids in inc.search(data[:100], 10).image_ids)
     again = update(str(tmp_path / "inc"), str(lake))
-    assert again["last_update"]["unchanged"] and again["version"] == "v2"
+    assert again["last_update"]["unchanged"] and again["version"] == m["version"]
 
 
 def test_update_rebuilds_when_most_vectors_are_dead(data: np.ndarray, tmp_path: Path) -> None:
@@ -196,24 +203,30 @@ def test_a_crash_mid_update_leaves_the_old_index_answering(data: np.ndarray, tmp
     build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "idx")))
     before = open_index(tmp_path / "idx").search(data[:20], 5).image_ids
     write_results(lake, data[3000:], ids=[f"img{i:07d}" for i in range(3000, 6000)], run_id="run-b")
-    # A real update in a child process, SIGKILLed while it writes the new version.
-    code = ("import faiss, sys, time\n"
-            "orig = faiss.write_index\n"
-            "def slow(*a):\n"
-            "    orig(*a); print('WRITING', flush=True); time.sleep(60)\n"
-            "faiss.write_index = slow\n"
+    first = (tmp_path / "idx" / "CURRENT").read_text().strip()
+    # A real update in a child process, SIGKILLed after writing the new version, before
+    # switching CURRENT to it.
+    code = ("import time\n"
+            "from index import versions\n"
+            "def stop(*a):\n"
+            "    print('WRITTEN', flush=True); time.sleep(60)\n"
+            "versions._switch_local = stop\n"
             "from pipelines.indexing import update\n"
             f"update({str(tmp_path / 'idx')!r}, {str(lake)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "WRITING"
+    assert proc.stdout.readline().strip() == "WRITTEN"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.1)
-    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == "v1"
+    orphans = [p.name for p in (tmp_path / "idx").glob("v2-*")]
+    assert len(orphans) == 1  # written whole, never switched in
+    assert (tmp_path / "idx" / "CURRENT").read_text().strip() == first
     assert open_index(tmp_path / "idx").search(data[:20], 5).image_ids == before
     m = update(str(tmp_path / "idx"), str(lake))  # the next update finishes the job
-    assert m["count"] == 6000 and m["version"] == "v2"
+    assert m["count"] == 6000 and m["version"].startswith("v2-") and m["version"] != orphans[0]
+    assert not (tmp_path / "idx" / orphans[0]).exists()  # the killed writer's version is collected
+    assert open_index(tmp_path / "idx").search(data[3000:3001], 1).image_ids[0] == ["img0003000"]
 
 
 def test_bad_inputs_are_clear_errors(data: np.ndarray, tmp_path: Path) -> None:
@@ -228,11 +241,11 @@ def test_bad_inputs_are_clear_errors(data: np.ndarray, tmp_path: Path) -> None:
         idx.search(data[:1], 0)
     with pytest.raises(LakelensError, match="does not exist"):
         open_index(tmp_path / "missing")
-    (tmp_path / "broken" / "v1").mkdir(parents=True)
-    (tmp_path / "broken" / "CURRENT").write_text("v1\n")
-    for name in ("manifest.json", "ids.parquet"):
-        (tmp_path / "broken" / "v1" / name).write_bytes((tmp_path / "idx" / "v1" / name).read_bytes())
-    (tmp_path / "broken" / "v1" / "index.faiss").write_bytes(b"not faiss")
+    import shutil
+
+    shutil.copytree(tmp_path / "idx", tmp_path / "broken")
+    for seg in (tmp_path / "broken" / "segments").iterdir():
+        (seg / "index.faiss").write_bytes(b"not faiss")
     with pytest.raises(LakelensError, match="corrupt"):
         open_index(tmp_path / "broken")
     with pytest.raises(LakelensError, match="no CURRENT"):

@@ -227,6 +227,11 @@ class LakeTable:
         return int(self.log.version())
 
     @property
+    def versions(self) -> tuple[int, int]:
+        """(log version, snapshot version): open_table(out, at=...) reads exactly this state."""
+        return int(self.log.version()), int(self.snap.version())
+
+    @property
     def embedding_dim(self) -> int | None:
         return self.meta.get("embedding_dim")
 
@@ -518,8 +523,9 @@ class NeedsMigration(LakelensError):
     """The table is of an older schema: `lakelens migrate DIR` (or the next annotate)."""
 
 
-def open_table(out: str) -> LakeTable:
-    """Open DIR's table for reading. DIR may also be given as DIR/log."""
+def open_table(out: str, *, at: tuple[int, int] | None = None) -> LakeTable:
+    """Open DIR's table for reading (at `at` = (log version, snapshot version): what
+    LakeTable.versions gave another process). DIR may also be given as DIR/log."""
     out = _root(out)
     fs, root = output_fs(out)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
@@ -540,8 +546,8 @@ def open_table(out: str) -> LakeTable:
         raise LakelensError(f"{out!r} has table schema version {version}; this lakelens reads "
                             f"{SCHEMA_VERSION} (and migrates {', '.join(LEGACY_VERSIONS)})")
     try:
-        log = DeltaTable(location(out, LOG_DIR))
-        snap = DeltaTable(location(out, SNAPSHOT_DIR))
+        log = DeltaTable(location(out, LOG_DIR), version=at[0] if at else None)
+        snap = DeltaTable(location(out, SNAPSHOT_DIR), version=at[1] if at else None)
     except TableNotFoundError as e:
         raise LakelensError(f"{out!r} is damaged: {e}") from e
     except OSError as e:

@@ -5,15 +5,19 @@ INDEX_DIR/v<N>-<hex>/manifest.json   factory, dim, metric, count, embedder, tabl
                                      search params, recall@10, and the segments, in row order
 INDEX_DIR/v<N>-<hex>/live.bits       one bit per row (little-endian packbits); 0: a replaced
                                      or removed image's row. Absent: every row is live.
-INDEX_DIR/segments/<id>/index.faiss  a FAISS index over rows [start, start + rows); FAISS id =
-                                     global row number (positions, for a re-rank index)
+INDEX_DIR/segments/<id>/index.faiss  the first segment: a FAISS index over rows 0..n-1
+INDEX_DIR/segments/<id>/vectors.npy  a later segment (an update): its rows' vectors, added
+                                     to the index as rows start... when a reader opens it
 INDEX_DIR/segments/<id>/ids-*.parquet  row -> image_id, uri, content_hash, in row order (one
                                      file per build shard; never gathered in one object)
 INDEX_DIR/segments/<id>/trained.faiss  the trained, empty index (a full build's segment):
                                      what a later update encodes its new vectors with
 
 A build writes one segment; an update writes one small segment with the night's vectors
-and a new live.bits, never rewriting the segments before it. A version directory is
+and a new live.bits, never rewriting or even reading the segments before it (FAISS 1.15
+cannot append one fast-scan index to another without corrupting memory, so a reader
+encodes a later segment's vectors into the first one's lists when it opens the version:
+the same lists as adding them in one process). A version directory is
 written whole, its files and the directory fsynced, then CURRENT is switched: one atomic
 rename locally (fsynced), one conditional PUT on S3 (If-Match the CURRENT read when the
 write began, so of two writers one fails instead of both switching). A name carries a
@@ -50,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from index.objects import Conflict, object_at
+from index.shards import add_rows
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ READS_FORMATS = (1, 2)
 KEEP_VERSIONS = 2
 IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("content_hash", pa.string())])
 SEGMENTS = "segments"
+VECTORS = "vectors.npy"  # a later segment: its rows' vectors, float32[rows, dim]
 _NAME = re.compile(r"^v(\d+)(-[0-9a-f]{8})?$")
 
 
@@ -247,39 +253,30 @@ def scan_ids(version_dir: Path, manifest: dict, columns: list[str],
 
 
 def read_index(version_dir: Path, manifest: dict, *, mmap: bool = False) -> tuple[faiss.Index, bool]:
-    """The version's FAISS index, its segments merged in row order; (index, memory-mapped).
-    A single segment is memory-mapped where FAISS can when asked."""
+    """The version's FAISS index with every segment's rows, in row order; (index,
+    memory-mapped). The first segment is an index file (memory-mapped where FAISS can,
+    when asked and nothing is added); each later one holds the night's vectors, added
+    here as rows start... exactly as one process adding every row in order would."""
     if "segments" not in manifest:
-        paths = [version_dir / "index.faiss"]
+        first, later, root = version_dir / "index.faiss", [], version_dir
     else:
         root = root_of(version_dir)
-        paths = [root / s.dir / "index.faiss" for s in segments_of(manifest)]
+        segs = segments_of(manifest)
+        first, later = root / segs[0].dir / "index.faiss", segs[1:]
     index, mapped = None, False
-    if mmap and len(paths) == 1:
+    if mmap and not later:
         try:
-            index = faiss.read_index(str(paths[0]), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(first), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
             mapped = True
         except RuntimeError:  # an index type FAISS cannot map: read it whole
             index = None
     if index is None:
-        index = faiss.read_index(str(paths[0]))
-    for p in paths[1:]:
-        append_segment(index, faiss.read_index(str(p)))
+        index = faiss.read_index(str(first))
+    for seg in later:
+        x = np.load(root / seg.dir / VECTORS, mmap_mode="r")
+        for at in range(0, len(x), 65_536):
+            add_rows(index, x[at:at + 65_536], seg.start + at)
     return index, mapped
-
-
-def append_segment(index: faiss.Index, more: faiss.Index) -> None:
-    """Append the rows of `more` (an index over the next rows, same trained parts) to
-    `index`: IVF lists merged (ids are global rows), re-rank codes and flat codes
-    concatenated."""
-    down, other = faiss.downcast_index(index), faiss.downcast_index(more)
-    if isinstance(down, faiss.IndexRefine):
-        base, extra = faiss.downcast_index(down.base_index), faiss.downcast_index(other.base_index)
-        base.merge_from(extra, 0)
-        faiss.downcast_index(down.refine_index).merge_from(faiss.downcast_index(other.refine_index), 0)
-        down.ntotal = base.ntotal
-        return
-    down.merge_from(other, 0)
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -328,18 +325,24 @@ class Writer:
         self.segments.append(rel)
         return rel, local
 
-    def write_segment(self, index: faiss.Index, ids: pa.Table | list[pa.Table], *, start: int,
-                      trained: faiss.Index | None = None) -> Segment:
-        """A segment holding `index` (rows start..start+ntotal) and its id map."""
+    def write_segment(self, index: faiss.Index | np.ndarray, ids: pa.Table | list[pa.Table], *,
+                      start: int, trained: faiss.Index | None = None) -> Segment:
+        """A segment of rows start...: a FAISS index (the first segment) or the vectors of
+        a later one (float32[rows, dim]), and its id map."""
         rel, local = self.new_segment()
         names = []
         for n, t in enumerate(ids if isinstance(ids, list) else [ids]):
             names.append(f"ids-{n:05d}.parquet")
             pq.write_table(t.select(IDS_SCHEMA.names).cast(IDS_SCHEMA), local / names[-1])
-        faiss.write_index(index, str(local / "index.faiss"))
+        if isinstance(index, np.ndarray):
+            np.save(local / VECTORS, np.ascontiguousarray(index, dtype=np.float32))
+            rows = len(index)
+        else:
+            faiss.write_index(index, str(local / "index.faiss"))
+            rows = int(index.ntotal)
         if trained is not None:
             faiss.write_index(trained, str(local / "trained.faiss"))
-        return Segment(rel, start, int(index.ntotal), tuple(names))
+        return Segment(rel, start, rows, tuple(names))
 
     def commit(self, manifest: dict, segments: list[Segment], live: np.ndarray | None, *,
                keep: int = KEEP_VERSIONS) -> str:

@@ -18,24 +18,23 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import build as B
 from index import versions as V
 from index.shards import shardable
-from index.source import BATCH_ROWS, COLUMNS, vectors_of
+from index.source import BATCH_ROWS, vectors_of
 from models.errors import LakelensError
 from pipelines import version
-from pipelines.lake.table import LakeTable, embed_weights, open_table
+from pipelines.indexing.reading import Plan, count_parts, id_rows, scan_parts, vectors
+from pipelines.indexing.sharded import build_shards, count_shards, sample_shards
+from pipelines.lake.table import open_table
 from pipelines.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 HELD_OUT_QUERIES = 1000
 SHARD_MIN_ROWS = 2_000_000  # inside a Ray job, shard the build past this many vectors
 SHARD_ROWS = 2_000_000  # rows per shard when sharding automatically
-EMBEDDED = pc.field("embedding").is_valid()
 
 
 @dataclass(frozen=True)
@@ -81,61 +79,6 @@ def index_lock(path: str):
         yield lock
 
 
-# -- reading the table, part by part (in a task or in this process) --------------------------
-
-def count_parts(table: LakeTable, parts: list[str], weights_id: str) -> list[tuple[str, int, int]]:
-    """(part, rows with an embedding, of them made by another embedder) per part."""
-    out = []
-    for part in parts:
-        count = others = 0
-        for b in table.current_part(part, ["models"], where=EMBEDDED, batch_rows=65_536):
-            count += b.num_rows
-            made_by = embed_weights(b.column("models"))  # null: a row naming no embedder, taken as is
-            others += int(pc.sum(pc.not_equal(made_by, weights_id)).as_py() or 0)
-        out.append((part, count, others))
-    return out
-
-
-def scan_parts(table: LakeTable, parts: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """The parts' rows with an embedding (COLUMNS), in the current view's order."""
-    for part in parts:
-        for b in table.current_part(part, COLUMNS, where=EMBEDDED, batch_rows=batch_rows):
-            emb = b.column("embedding")
-            if emb.null_count:
-                b = b.filter(pc.is_valid(emb))
-            if b.num_rows:
-                yield b
-
-
-def vectors(batches: Iterator[pa.RecordBatch], dim: int) -> Iterator[np.ndarray]:
-    for b in batches:
-        yield vectors_of(b.column("embedding"), dim)
-
-
-def _ids(b: pa.RecordBatch) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([b.column(c).cast(pa.string()) for c in V.IDS_SCHEMA.names],
-                                      schema=V.IDS_SCHEMA)
-
-
-# -- the job -----------------------------------------------------------------------------
-
-@dataclass
-class Plan:
-    """What both ways of building share: the table state, counts, the empty index."""
-
-    table: LakeTable
-    parts: list[str]
-    counts: list[int]  # per part
-    dim: int
-    embedder: dict
-    choice: B.Choice
-    index: faiss.Index  # new, untrained
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts)
-
-
 def build(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS) -> dict:
     """Build INDEX_DIR from a results table, under the index's writer lock; returns the
     manifest written (`keep`: index versions left, 1 after an erasure)."""
@@ -156,9 +99,7 @@ def build_locked(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS,
     shards = _shards(cfg)
     parts = table.parts()
     if shards > 1:
-        from pipelines.indexing import sharded
-
-        counted = sharded.count(table, parts, model["weights_id"], shards)
+        counted = count_shards(table, parts, model["weights_id"], shards)
     else:
         counted = count_parts(table, parts, model["weights_id"])
     n, others = sum(c for _, c, _ in counted), sum(o for _, _, o in counted)
@@ -189,9 +130,7 @@ def build_locked(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS,
     queries_at, train_at = np.sort(picks[:n_queries]), np.sort(picks[n_queries:])
     positions = B.sample_positions(n, n_queries + n_train, seed=cfg.seed)
     if shards > 1:
-        from pipelines.indexing import sharded
-
-        sampled = sharded.sample(plan, positions, shards, cfg.batch_rows)
+        sampled = sample_shards(plan, positions, shards, cfg.batch_rows)
     else:
         sampled = B.take_rows(vectors(scan_parts(table, parts, cfg.batch_rows), dim), positions)
     queries, query_rows = np.ascontiguousarray(sampled[queries_at]), positions[queries_at]
@@ -200,10 +139,8 @@ def build_locked(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS,
     writer = V.Writer(cfg.out)
     try:
         if shards > 1:
-            from pipelines.indexing import sharded
-
-            index, segment, exact, built_on = sharded.build(plan, cfg, writer, queries, query_rows,
-                                                            held.pop("train"), gpu, shards)
+            index, segment, exact, built_on = build_shards(
+                plan, cfg.metric, cfg.batch_rows, writer, queries, query_rows, held.pop("train"), gpu, shards)
         else:
             index, segment, exact = _build_here(plan, cfg, writer, queries, query_rows, held, gpu)
             built_on = "gpu" if gpu else "cpu"
@@ -259,7 +196,7 @@ def _build_here(plan: Plan, cfg: IndexBuildConfig, writer: V.Writer, queries: np
 
     def blocks():
         for b in scan_parts(plan.table, plan.parts, cfg.batch_rows):
-            ids_out.write_batch(_ids(b))
+            ids_out.write_batch(id_rows(b))
             x = vectors_of(b.column("embedding"), plan.dim)
             exact.add(x)  # exact answers for the queries, from the same pass
             yield x
@@ -272,8 +209,3 @@ def _build_here(plan: Plan, cfg: IndexBuildConfig, writer: V.Writer, queries: np
         ids_out.close()
     faiss.write_index(kept.get("trained") or faiss.clone_index(plan.index), str(local / "trained.faiss"))
     return index, V.Segment(rel, 0, int(index.ntotal), ("ids-00000.parquet",)), exact
-
-
-def trained_of(plan_index: faiss.Index, sample: np.ndarray, gpu: bool) -> faiss.Index:
-    """The index trained on `sample` (a CPU copy; on the GPU(s) when asked), still empty."""
-    return B.train_and_add(plan_index, lambda: sample, [], gpu=gpu)

@@ -18,17 +18,9 @@ import pyarrow.parquet as pq
 
 from index import build as B
 from index import versions as V
-from index.shards import add_shard
+from index.shards import add_shard, finish, merge_shard, shard_template
 from index.source import vectors_of
-from pipelines.indexing.build import (
-    IndexBuildConfig,
-    Plan,
-    _ids,
-    count_parts,
-    scan_parts,
-    trained_of,
-    vectors,
-)
+from pipelines.indexing.reading import Plan, count_parts, id_rows, scan_parts, trained_of, vectors
 from pipelines.lake.table import open_table
 
 logger = logging.getLogger(__name__)
@@ -62,7 +54,7 @@ def _count_task(out: str, at: tuple[int, int], parts: list[str], weights_id: str
     return count_parts(open_table(out, at=at), parts, weights_id)
 
 
-def count(table, parts: list[str], weights_id: str, shards: int) -> list[tuple[str, int, int]]:
+def count_shards(table, parts: list[str], weights_id: str, shards: int) -> list[tuple[str, int, int]]:
     import ray
 
     task = _remote(_count_task)
@@ -85,7 +77,7 @@ def _ranges(plan: Plan, shards: int) -> list[tuple[list[str], int, int]]:
     return out
 
 
-def sample(plan: Plan, positions: np.ndarray, shards: int, batch_rows: int) -> np.ndarray:
+def sample_shards(plan: Plan, positions: np.ndarray, shards: int, batch_rows: int) -> np.ndarray:
     """The vectors at the sorted global `positions`, read by one task per shard."""
     import ray
 
@@ -110,7 +102,7 @@ def _shard_task(out: str, at: tuple[int, int], parts: list[str], start: int, row
 
     def blocks():
         for b in scan_parts(table, parts, batch_rows):
-            ids.append(_ids(b))
+            ids.append(id_rows(b))
             x = vectors_of(b.column("embedding"), dim)
             exact.add(x)
             yield x
@@ -122,7 +114,7 @@ def _shard_task(out: str, at: tuple[int, int], parts: list[str], start: int, row
     return faiss.serialize_index(index), pa.Table.from_batches(ids, schema=V.IDS_SCHEMA), exact.partial()
 
 
-def build(plan: Plan, cfg: IndexBuildConfig, writer: V.Writer, queries: np.ndarray,
+def build_shards(plan: Plan, metric: str, batch_rows: int, writer: V.Writer, queries: np.ndarray,
           query_rows: np.ndarray, train: np.ndarray, gpu: bool, shards: int):
     """(merged index, its segment (index file not yet written), exact neighbours, built_on)."""
     import ray
@@ -132,27 +124,30 @@ def build(plan: Plan, cfg: IndexBuildConfig, writer: V.Writer, queries: np.ndarr
     del train
     rel, local = writer.new_segment()
     faiss.write_index(trained, str(local / "trained.faiss"))
-    blob = ray.put(faiss.serialize_index(trained))
+    data = faiss.serialize_index(shard_template(trained))
+    blob = ray.put(data)
     q, qr = ray.put(queries), ray.put(query_rows)
     task = _remote(_shard_task)
     ranges = _ranges(plan, shards)
-    refs = [task.remote(plan.table.out, plan.table.versions, parts, start, rows, blob, q, qr, cfg.metric,
-                        plan.dim, cfg.batch_rows) for parts, start, rows in ranges]
+    refs = [task.remote(plan.table.out, plan.table.versions, parts, start, rows, blob, q, qr, metric,
+                        plan.dim, batch_rows) for parts, start, rows in ranges]
     logger.info("adding %d vectors in %d shards on Ray", plan.n, len(refs))
-    exact = B.ExactNeighbors(queries, B.RECALL_K, cfg.metric, exclude=query_rows)
-    merged, names = trained, []
+    exact = B.ExactNeighbors(queries, B.RECALL_K, metric, exclude=query_rows)
+    merged, names = faiss.deserialize_index(data), []
+    del data
     for n in range(len(refs)):  # in row order: the merged lists are those of one process
         data, ids, partial = ray.get(refs[n])
         refs[n] = None  # the shard leaves the object store once merged
         shard = faiss.deserialize_index(data)
         del data
-        V.append_segment(merged, shard)
+        merge_shard(merged, shard)
         del shard
         names.append(f"ids-{n:05d}.parquet")
         pq.write_table(ids, local / names[-1])
         del ids
         exact.merge([partial])
         logger.info("merged shard %d of %d (%d vectors so far)", n + 1, len(ranges), merged.ntotal)
+    merged = finish(merged, trained)
     logger.info("built %d vectors in %d shards in %.1f s", merged.ntotal, len(ranges),
                 time.perf_counter() - started)
     return merged, V.Segment(rel, 0, int(merged.ntotal), tuple(names)), exact, (

@@ -24,10 +24,11 @@ import pyarrow.compute as pc
 
 from index import build as B
 from index import versions as V
-from index.shards import add_shard, shardable
+from index.shards import shardable
 from index.source import BATCH_ROWS, vectors_of
 from models.errors import LakelensError
-from pipelines.indexing.build import IndexBuildConfig, _ids, build_locked, index_lock
+from pipelines.indexing.build import IndexBuildConfig, build_locked, index_lock
+from pipelines.indexing.reading import id_rows
 from pipelines.lake.table import open_table
 from pipelines.schema import SCHEMA_VERSION
 
@@ -123,7 +124,7 @@ def _update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> di
             keep = pc.and_(pc.equal(batch.column("status"), "ok"), pc.is_valid(batch.column("embedding")))
             batch = batch.filter(keep)
             if batch.num_rows:
-                new_ids.append(_ids(batch))
+                new_ids.append(id_rows(batch))
                 new_vectors.append(vectors_of(batch.column("embedding"), dim))
     if forgotten:  # erasure: their vectors leave the files, and no older version keeps them
         return _rebuild(index_dir, results, manifest, f"{forgotten} forgotten images' vectors are erased",
@@ -136,17 +137,15 @@ def _update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> di
     n_live = int(live.sum()) + added
     reason = rebuild_reason({**manifest, "segments": segments + ([None] if added else [])}, n_live,
                             total + added)
-    trained = faiss.read_index(str(trained_path))
-    if reason is None and added and not (shardable(trained) or isinstance(
-            faiss.downcast_index(trained), faiss.IndexFlat)):
-        reason = f"{manifest['factory']} cannot take a segment"
+    if reason is None and added and not _appendable(trained_path):
+        reason = f"{manifest['factory']} cannot take rows in order"
     if reason:
         return _rebuild(index_dir, results, manifest, reason, started, added=added, replaced=closed)
     writer = V.Writer(index_dir)
     try:
         if added:
-            delta = _delta(trained, new_vectors, total)
-            segments = [*segments, writer.write_segment(delta, pa.Table.from_batches(new_ids, V.IDS_SCHEMA),
+            segments = [*segments, writer.write_segment(np.concatenate(new_vectors),
+                                                        pa.Table.from_batches(new_ids, V.IDS_SCHEMA),
                                                         start=total)]
             live = np.concatenate([live, np.ones(added, bool)])
         keep_keys = {k: v for k, v in manifest.items() if k not in ("segments", "version", "format_version")}
@@ -165,14 +164,10 @@ def _update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> di
     return {**out, "version": name, "segments": [s.as_json() for s in segments]}
 
 
-def _delta(trained: faiss.Index, new_vectors: list[np.ndarray], start: int) -> faiss.Index:
-    """The night's vectors as a segment over the index's trained parts (rows start...)."""
-    if isinstance(faiss.downcast_index(trained), faiss.IndexFlat):
-        delta = faiss.clone_index(trained)
-        for x in new_vectors:
-            delta.add(x)
-        return delta
-    return add_shard(trained, new_vectors, start, reserve=sum(len(x) for x in new_vectors))
+def _appendable(trained_path) -> bool:
+    """Whether rows can be added to the index in row order (IVF, re-ranked IVF, Flat)."""
+    trained = faiss.read_index(str(trained_path))
+    return shardable(trained) or isinstance(faiss.downcast_index(trained), faiss.IndexFlat)
 
 
 def _retire(vdir, manifest: dict, changed: pa.ChunkedArray | None, live: np.ndarray) -> int:

@@ -23,6 +23,7 @@ from models.decode import (
     NotAnImageError,
     UnsupportedFormatError,
     decode_image,
+    max_image_bytes,
     probe_image,
     read_capped,
     read_file,
@@ -31,6 +32,7 @@ from models.decode import (
 from tests.zoo import (
     ALLOWED_NAMES,
     EXIF_ORIENTATION,
+    ZOO_MAX_IMAGE_MB,
     build_zoo,
     write_allowed,
     write_blank_png,
@@ -48,8 +50,10 @@ def zoo(tmp_path_factory: pytest.TempPathFactory):
 def test_every_zoo_case_decodes_or_fails_as_expected(zoo) -> None:
     for case in zoo:
         if case.stage == "read":
-            with pytest.raises(FileNotFoundError):
-                case.path.read_bytes()
+            with pytest.raises(Exception) as info:
+                read_file(case.path, max_image_bytes(ZOO_MAX_IMAGE_MB))
+            assert type(info.value).__name__ == case.error_type, case.name
+            assert all(n in str(info.value) for n in case.needles), (case.name, info.value)
             continue
         data = case.path.read_bytes()
         if case.stage == "decode":
@@ -57,6 +61,7 @@ def test_every_zoo_case_decodes_or_fails_as_expected(zoo) -> None:
                 decode_image(data, short=256, long=512)
             assert type(info.value).__name__ == case.error_type, case.name
             assert str(info.value) and "\n" not in str(info.value), case.name
+            assert all(n in str(info.value) for n in case.needles), (case.name, info.value)
         else:
             dec = decode_image(data, short=256, long=512)
             assert (dec.width, dec.height) == case.size, case.name
@@ -247,17 +252,16 @@ def test_image_extensions_cover_the_zoo(zoo) -> None:
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory):
-    return write_hostile(tmp_path_factory.mktemp("hostile"))
+    return {c.name: c for c in write_hostile(tmp_path_factory.mktemp("hostile"))}
 
 
 def test_files_outside_the_policy_are_refused_with_their_message(hostile) -> None:
     # The EPS is real: Pillow's scan of every plugin (formats=None) would take it (and hand
     # it to Ghostscript on load); the policy refuses it from its first bytes.
-    eps = next(c for c in hostile if c.name == "figure.eps")
-    with Image.open(eps.path) as im:
+    with Image.open(hostile["eps_named.jpg"].path) as im:
         assert im.format == "EPS"
-    assert {c.name for c in hostile} == {"figure.eps", "scan.pdf", "logo.svg", "huge.png", "bomb.png"}
-    for case in hostile:
+    assert set(hostile) == {"eps_named.jpg", "pdf_named.png", "svg_named.png", "huge.png", "zip_bomb.png"}
+    for case in hostile.values():
         data = case.path.read_bytes()
         for call in (decode_image, probe_image):
             with pytest.raises(Exception) as info:
@@ -271,7 +275,7 @@ def test_the_bombs_are_small_files_that_fail_before_any_pixel_is_allocated(hosti
     """In a fresh process: peak RSS after refusing both PNGs is within a few MB of before,
     where decoding either would take >= 144 MB (Pillow holds a byte per pixel even for
     1-bit images) and its RGB conversion three times that."""
-    bombs = [c.path for c in hostile if c.name in ("huge.png", "bomb.png")]
+    bombs = [hostile["huge.png"].path, hostile["zip_bomb.png"].path]
     assert all(p.stat().st_size < 256 * 1024 for p in bombs)
     script = (
         "import resource, sys\n"
@@ -323,7 +327,7 @@ def test_message_names_what_the_bytes_look_like() -> None:
 
 
 def test_pillows_ceiling_is_reported_when_it_is_below_max_pixels(hostile) -> None:
-    huge = next(c for c in hostile if c.name == "huge.png").path.read_bytes()
+    huge = hostile["huge.png"].path.read_bytes()
     pattern = r"Image size \(200000000 pixels\) exceeds limit of \d+ pixels.*\(Pillow's limit, PIL"
     with pytest.raises(ImageTooLargeError, match=pattern):
         decode_image(huge, max_pixels=300_000_000)

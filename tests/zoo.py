@@ -16,6 +16,7 @@ from PIL import Image
 pillow_heif.register_heif_opener()  # lets Image.save write format="HEIF"
 
 EXIF_ORIENTATION = 0x0112
+ZOO_MAX_IMAGE_MB = 5.0  # annotate's --max-image-mb for the zoo: large.jpg (4 MB) passes, over_cap.bmp not
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Case:
     stage: str | None = None  # None: a result row; else the error row's stage
     error_type: str | None = None
     size: tuple[int, int] | None = None  # upright (width, height) of a result row
+    needles: tuple[str, ...] = ()  # parts of an error row's message
 
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -135,6 +137,7 @@ def build_zoo(root: Path) -> list[Case]:
     sub.mkdir(parents=True)
     _noise(15, 25).save(sub / "nested.jpeg")
     cases.append(Case("nested/deeper/nested.jpeg", sub / "nested.jpeg", size=(15, 25)))
+    cases += write_hostile(lake, max_image_mb=ZOO_MAX_IMAGE_MB)
     return cases
 
 
@@ -175,46 +178,42 @@ def write_blank_png(path: Path, width: int, height: int, *, bit_depth: int = 8) 
 ALLOWED_NAMES = "allowed: JPEG, PNG, WebP, GIF, BMP, TIFF, HEIF, AVIF"
 
 
-@dataclass(frozen=True)
-class Hostile:
-    name: str
-    path: Path
-    stage: str  # the error row's stage
-    error_type: str
-    needles: tuple[str, ...]  # parts of the error message
-
-
-def write_hostile(root: Path, *, max_image_mb: float | None = None) -> list[Hostile]:
-    """Files the decoder policy refuses, each with its expected error: EPS, PDF and SVG
-    (formats outside the allow-list), a 200 MP PNG (over Pillow's own ceiling), a PNG
-    bomb (18 KB that would decode to 144 MP, over the default 100 MP limit) and, with
-    `max_image_mb`, a valid PNG just over that byte cap."""
+def write_hostile(root: Path, *, max_image_mb: float | None = None) -> list[Case]:
+    """Files the decoder policy refuses, each with its expected error row: an EPS, a PDF
+    and an SVG under image names (formats outside the allow-list: the name is never
+    trusted), a 200 MP PNG (over Pillow's own ceiling), a PNG bomb (18 KB that would
+    decode to 144 MP, over the default 100 MP limit) and, with `max_image_mb`, a valid BMP
+    just over that byte cap."""
     root.mkdir(parents=True, exist_ok=True)
     cases = []
-    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "figure.eps", format="EPS")
-    cases.append(Hostile("figure.eps", root / "figure.eps", "decode", "NotAnImageError", (
-        "unsupported image format PostScript/EPS (first bytes b'%!PS-Adobe-3'); " + ALLOWED_NAMES,)))
-    Image.new("RGB", (16, 16), (0, 200, 0)).save(root / "scan.pdf", format="PDF")
-    cases.append(Hostile("scan.pdf", root / "scan.pdf", "decode", "NotAnImageError", (
-        "unsupported image format PDF (first bytes b'%PDF-1.", ALLOWED_NAMES)))
-    (root / "logo.svg").write_text('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/'
-                                   '2000/svg" width="16" height="16"><rect width="16" height="16"/></svg>\n')
-    cases.append(Hostile("logo.svg", root / "logo.svg", "decode", "NotAnImageError", (
-        "unsupported image format SVG/XML (first bytes b'<?xml versio'); " + ALLOWED_NAMES,)))
+
+    def bad(name: str, error_type: str, *needles: str, stage: str = "decode") -> None:
+        cases.append(Case(name, root / name, stage, error_type, needles=needles))
+
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "eps_named.jpg", format="EPS")
+    bad("eps_named.jpg", "NotAnImageError",
+        "unsupported image format PostScript/EPS (first bytes b'%!PS-Adobe-3'); " + ALLOWED_NAMES)
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(root / "pdf_named.png", format="PDF")
+    bad("pdf_named.png", "NotAnImageError", "unsupported image format PDF (first bytes b'%PDF-1.",
+        ALLOWED_NAMES)
+    (root / "svg_named.png").write_text('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.'
+                                        'org/2000/svg" width="16" height="16"><rect width="16" height="16"/>'
+                                        '</svg>\n')
+    bad("svg_named.png", "NotAnImageError",
+        "unsupported image format SVG/XML (first bytes b'<?xml versio'); " + ALLOWED_NAMES)
     write_blank_png(root / "huge.png", 20_000, 10_000)
-    cases.append(Hostile("huge.png", root / "huge.png", "decode", "ImageTooLargeError", (
-        "200000000 pixels exceeds the limit of 100000000 (--max-pixels)",)))
-    write_blank_png(root / "bomb.png", 12_000, 12_000, bit_depth=1)
-    cases.append(Hostile("bomb.png", root / "bomb.png", "decode", "ImageTooLargeError", (
-        "12000x12000 = 144000000 pixels exceeds the limit of 100000000 (--max-pixels)",)))
+    bad("huge.png", "ImageTooLargeError", "200000000 pixels exceeds the limit of 100000000 (--max-pixels)")
+    write_blank_png(root / "zip_bomb.png", 12_000, 12_000, bit_depth=1)
+    bad("zip_bomb.png", "ImageTooLargeError",
+        "12000x12000 = 144000000 pixels exceeds the limit of 100000000 (--max-pixels)")
     if max_image_mb is not None:
-        side = int((max_image_mb * 2**20 / 3) ** 0.5) + 16  # noise PNGs barely compress
-        _noise(side, side, seed=7).save(root / "over_cap.png")
-        size = (root / "over_cap.png").stat().st_size
+        side = int((max_image_mb * 2**20 / 3) ** 0.5) + 16  # BMP: 3 bytes a pixel, no compression
+        Image.new("RGB", (side, side), (30, 60, 90)).save(root / "over_cap.bmp")
+        size = (root / "over_cap.bmp").stat().st_size
         assert size > max_image_mb * 2**20, size
-        cases.append(Hostile("over_cap.png", root / "over_cap.png", "read", "FileTooLargeError", (
+        bad("over_cap.bmp", "FileTooLargeError",
             f"the file is {size} bytes ({size / 2**20:.1f} MiB), over the cap of "
-            f"{int(max_image_mb * 2**20)} bytes ({max_image_mb:g} MiB, --max-image-mb)",)))
+            f"{int(max_image_mb * 2**20)} bytes ({max_image_mb:g} MiB, --max-image-mb)", stage="read")
     return cases
 
 

@@ -511,6 +511,8 @@ def _query(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise LakelensError(f"-k must be >= 1, got {args.k}")
+    if not args.max_image_mb > 0:
+        raise LakelensError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
     idx = open_index(args.index)
     if args.image:
         import os
@@ -520,8 +522,6 @@ def _query(args: argparse.Namespace) -> int:
         paths = list_local_images(args.image) if os.path.isdir(args.image) else [args.image]
         if not paths:
             raise LakelensError(f"no images in {args.image!r}")
-        if not args.max_image_mb > 0:
-            raise LakelensError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
         labels, found = paths, idx.search_images(paths, args.k, weights=args.weights,
                                                  max_image_mb=args.max_image_mb)
     elif args.id:

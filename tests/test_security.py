@@ -175,8 +175,15 @@ def test_uploads_outside_the_policy_are_a_4xx_and_the_service_keeps_answering(po
     assert client.get("/health").json()["status"] == "ok"
 
 
-def test_serve_flag_sets_the_request_pixel_budget() -> None:
-    args = cli.build_parser().parse_args(["serve", "INDEX", "--max-request-pixels", "1234"])
+def test_the_policy_flags_reach_their_configs(tmp_path: Path) -> None:
+    parse = cli.build_parser().parse_args
+    lake = write_allowed(tmp_path / "lake")["PNG"].parent
+    with pytest.raises(LakelensError, match=r"^--max-image-mb must be > 0, got 0.0$"):
+        cli._annotate(parse(["annotate", str(lake), "--out", str(tmp_path / "o"), "--max-image-mb", "0"]))
+    assert parse(["annotate", str(lake), "--out", "o"]).max_image_mb == 64.0
+    with pytest.raises(LakelensError, match=r"^--max-image-mb must be > 0, got -1.0$"):
+        cli._query(parse(["query", str(tmp_path), "--image", str(lake / "a.png"), "--max-image-mb", "-1"]))
+    args = parse(["serve", "INDEX", "--max-request-pixels", "1234"])
     assert args.max_request_pixels == 1234
     assert cli.build_parser().parse_args(["serve", "INDEX"]).max_request_pixels == ServeConfig(
         index="INDEX").max_request_pixels == 100_000_000

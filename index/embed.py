@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from models import weights as W
-from models.decode import decode_image
+from models.decode import DEFAULT_MAX_IMAGE_MB, decode_image, max_image_bytes, read_file
 from models.embedding import EMBED_ARCHS
 from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
@@ -37,21 +37,23 @@ def weights_spec(embedder: dict, override: str | None = None) -> str:
     return spec
 
 
-def embed_files(paths: list[str], embedder: dict, *, weights: str | None = None) -> np.ndarray:
-    """float32[len(paths), dim]. An unreadable image is a LakelensError naming it."""
+def embed_files(paths: list[str], embedder: dict, *, weights: str | None = None,
+                max_image_mb: float | None = None) -> np.ndarray:
+    """float32[len(paths), dim]. An unreadable image (missing, over `max_image_mb` MiB, a
+    format outside models.decode.ALLOWED_FORMATS, too many pixels) is a LakelensError
+    naming it."""
     from models.predict import EmbeddingPredictor
 
     if not paths:
         raise LakelensError("no query images given")
     arch = embedder["arch"]
     predictor = EmbeddingPredictor(arch, weights=weights_spec(embedder, weights))
+    cap = max_image_bytes(DEFAULT_MAX_IMAGE_MB if max_image_mb is None else max_image_mb)
     short, long = embed_decode_sizes(arch)
     images = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            images.append(decode_image(data, short=short, long=long).pixels)
+            images.append(decode_image(read_file(path, cap), short=short, long=long).pixels)
         except (OSError, ValueError) as e:
             raise LakelensError(f"cannot read query image {path!r}: {type(e).__name__}: {e}") from e
     return np.stack(predictor(images)).astype(np.float32)

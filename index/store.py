@@ -172,11 +172,15 @@ class SimilarityIndex:
         """Neighbours of images already in the index, by image_id."""
         return self.search(self.vectors_of(image_ids), k, **kw)
 
-    def search_images(self, paths: list[str], k: int = 10, *, weights: str | None = None) -> Neighbors:
-        """Neighbours of image files, embedded with the index's own embedder."""
+    def search_images(self, paths: list[str], k: int = 10, *, weights: str | None = None,
+                      max_image_mb: float | None = None) -> Neighbors:
+        """Neighbours of image files, embedded with the index's own embedder; a file over
+        `max_image_mb` MiB (None: models.decode.DEFAULT_MAX_IMAGE_MB) is refused unread
+        (LakelensError)."""
         from index.embed import embed_files
 
-        return self.search(embed_files(paths, self.manifest["embedder"], weights=weights), k)
+        return self.search(embed_files(paths, self.manifest["embedder"], weights=weights,
+                                       max_image_mb=max_image_mb), k)
 
 
 def _numpy_search(index: faiss.Index):

@@ -1,5 +1,19 @@
 """Bytes to an upright RGB array sized for the models, or an error that names the problem.
 
+The decoder policy, one for every path that decodes untrusted bytes (annotate, `lakelens
+query --image`, the service's uploads and /images):
+- Only ALLOWED_FORMATS are decoded (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIF/HEIC, AVIF). The
+  format is sniffed from the first bytes and Pillow is handed exactly that one plugin
+  (`Image.open(formats=[...])`), never its scan of every plugin: bytes that match no
+  allowed magic (EPS, which would reach Ghostscript, PDF, SVG, PSD, ...) are refused with a
+  NotAnImageError naming the allowed formats.
+- A pixel limit is checked on the header size, before any pixel is allocated: ours
+  (`max_pixels`) right after `Image.open`, which parses the header only, and Pillow's own
+  (DecompressionBombError at 2 x Image.MAX_IMAGE_PIXELS, raised inside `Image.open`) as
+  the ceiling. `probe_image` is that check alone, for budgets over several images.
+- A byte cap per read (`read_file`, `read_capped`): a file's size is checked before its
+  bytes are read when the size is known, and at most cap + 1 bytes are read otherwise.
+
 Handles: EXIF orientation (applied; sizes and coordinates are of the upright image),
 CMYK, 16-bit and float grayscale, palette (with transparency), RGBA/LA (composited on
 white), 1-bit, animated GIF / multipage TIFF (first frame), HEIC/HEIF (via pillow-heif)
@@ -13,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -22,6 +39,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_IMAGE_MB = 64.0  # bytes read per image at most (--max-image-mb)
+# Sniffed name -> Pillow's format name: the only formats lakelens decodes.
+ALLOWED_FORMATS: dict[str, str] = {"JPEG": "JPEG", "PNG": "PNG", "WebP": "WEBP", "GIF": "GIF",
+                                   "BMP": "BMP", "TIFF": "TIFF", "HEIF": "HEIF", "AVIF": "AVIF"}
 ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
@@ -81,6 +102,12 @@ class UnsupportedFormatError(DecodeError):
     """A recognised format whose decoder is not installed."""
 
 
+class FileTooLargeError(ValueError):
+    """An image file over the byte cap (--max-image-mb); refused before its bytes are read.
+    The class name is the error row's error_type (a read error, permanent until the file
+    changes)."""
+
+
 @dataclass(frozen=True)
 class Decoded:
     pixels: np.ndarray  # uint8[h, w, 3], upright RGB, at most the requested size
@@ -112,35 +139,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  short: int | None = None, long: int | None = None) -> Decoded:
     """Decode `data` to an upright RGB image no larger than (short, long).
 
-    Raises a DecodeError subclass with a one-line message for anything unreadable.
+    Only ALLOWED_FORMATS are decoded; more than `max_pixels` (from the header) is refused
+    before any pixel is allocated. Raises a DecodeError subclass with a one-line message for
+    anything unreadable.
     """
-    if not data:
-        raise EmptyFileError("the file is empty (0 bytes)")
-    fmt = _sniff(data)
-    if fmt in MISSING_CODECS:
-        raise UnsupportedFormatError(MISSING_CODECS[fmt])
-    # ISO-BMFF files go straight to the plugin their brand names: pillow-heif also accepts
-    # the generic brand mif1 and would fail on an AVIF labelled so only when decoding.
-    formats = [fmt] if fmt in ("HEIF", "AVIF") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data), formats=formats)
-        except UnidentifiedImageError as e:
-            if fmt:
-                raise CorruptImageError(f"starts like a {fmt} file but cannot be parsed") from e
-            raise NotAnImageError(
-                f"not a recognised image format (starts with {data[:8]!r})") from e
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(_one_line(e)) from e
-        except Exception as e:
-            raise CorruptImageError(f"cannot read the image header: {_describe(e)}") from e
+        im = _open(data, max_pixels)
         w, h = im.size
-        if w * h > max_pixels:
-            raise ImageTooLargeError(
-                f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (--max-pixels)")
-        if w == 0 or h == 0:
-            raise CorruptImageError(f"the header says the image is {w}x{h}")
         # libheif applies HEIF's own rotation (irot/imir) on decode, and in HEIF the EXIF
         # orientation is informative only (pillow-heif resets it to 1): never rotate twice.
         orientation = 1 if im.format == "HEIF" else _orientation(im)
@@ -164,14 +170,81 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return Decoded(np.asarray(im, dtype=np.uint8), up_w, up_h)
 
 
-MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-         (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WebP"))
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as stored, from the header alone (nothing is decoded), under the same
+    policy as decode_image: the same errors for a disallowed format, a bad header or too
+    many pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _open(data, max_pixels) as im:
+            return im.size
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image, header parsed and checked, pixels not loaded: Pillow tries only the one
+    allowed plugin the first bytes name."""
+    if not data:
+        raise EmptyFileError("the file is empty (0 bytes)")
+    fmt = _sniff(data)
+    if fmt is None:
+        raise NotAnImageError(unsupported_message(data))
+    if fmt in MISSING_CODECS:
+        raise UnsupportedFormatError(MISSING_CODECS[fmt])
+    # One plugin only: never Pillow's scan of all of them (formats=None). ISO-BMFF files go
+    # to the plugin their brand names: pillow-heif also accepts the generic brand mif1 and
+    # would fail on an AVIF labelled so only when decoding.
+    try:
+        im = Image.open(io.BytesIO(data), formats=[ALLOWED_FORMATS[fmt]])
+    except UnidentifiedImageError as e:
+        raise CorruptImageError(f"starts like a {fmt} file but cannot be parsed") from e
+    except Image.DecompressionBombError as e:
+        # Pillow's ceiling (2 x Image.MAX_IMAGE_PIXELS), checked on the header size inside
+        # Image.open, before any pixel is allocated; its message holds the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else None
+        if pixels is not None and pixels > max_pixels:
+            raise ImageTooLargeError(
+                f"{pixels} pixels exceeds the limit of {max_pixels} (--max-pixels)") from e
+        raise ImageTooLargeError(f"{_one_line(e)} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS)") from e
+    except Exception as e:
+        raise CorruptImageError(f"cannot read the image header: {_describe(e)}") from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageTooLargeError(
+            f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+    if w == 0 or h == 0:
+        im.close()
+        raise CorruptImageError(f"the header says the image is {w}x{h}")
+    return im
+
+
+def unsupported_message(data: bytes) -> str:
+    """One line for bytes that match no allowed format: what they look like, if known."""
+    head = data[:12]
+    name = next((n for magic, n in OTHER_MAGIC if head.startswith(magic)), None)
+    if name is None and data[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<?xml", b"<svg")):
+        name = "SVG/XML"
+    what = f" {name}" if name else ""
+    return (f"unsupported image format{what} (first bytes {head!r}); allowed: "
+            f"{', '.join(ALLOWED_FORMATS)}")
+
+
+MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
+         (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+         (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))  # the last two: BigTIFF
+# Formats refused by name in the message (never decoded): a hint, not a policy.
+OTHER_MAGIC = ((b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+               (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+               (b"qoif", "QOI"), (b"\x00\x00\x01\x00", "ICO"), (b"RIFF", "RIFF (not WebP)"))
 
 
 def _sniff(data: bytes) -> str | None:
-    """The format a file's first bytes claim, if any."""
+    """The allowed format a file's first bytes claim, if any."""
     if data[4:8] == b"ftyp":
         return _sniff_ftyp(data)
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP"
     return next((fmt for magic, fmt in MAGIC if data.startswith(magic)), None)
 
 
@@ -230,3 +303,35 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def max_image_bytes(mb: float) -> int:
+    """--max-image-mb in bytes."""
+    return int(mb * 2**20)
+
+
+def check_file_size(size: int, max_bytes: int | None) -> None:
+    """Raise FileTooLargeError when a file of `size` bytes is over the cap (None: no cap)."""
+    if max_bytes is not None and size > max_bytes:
+        raise FileTooLargeError(f"the file is {size} bytes ({size / 2**20:.1f} MiB), over the cap of "
+                                f"{max_bytes} bytes ({max_bytes / 2**20:g} MiB, --max-image-mb)")
+
+
+def read_capped(f: BinaryIO, max_bytes: int | None, *, size: int | None = None) -> bytes:
+    """The rest of `f`, at most `max_bytes` of it. A known `size` is checked before reading;
+    whatever the size said, at most max_bytes + 1 bytes are read (a file may grow)."""
+    if max_bytes is None:
+        return f.read()
+    if size is not None:
+        check_file_size(size, max_bytes)
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"the file is more than {max_bytes} bytes, over the cap of "
+                                f"{max_bytes} bytes ({max_bytes / 2**20:g} MiB, --max-image-mb)")
+    return data
+
+
+def read_file(path: str | os.PathLike, max_bytes: int | None) -> bytes:
+    """A local file's bytes under the byte cap: its size is checked (fstat) before reading."""
+    with open(path, "rb") as f:
+        return read_capped(f, max_bytes, size=os.fstat(f.fileno()).st_size)

@@ -114,6 +114,8 @@ def _add_annotate_run(a: argparse.ArgumentParser) -> None:
                    help="annotate at most N of the images that need it (the rest next run)")
     a.add_argument("--max-pixels", type=int, metavar="N",
                    help="reject images with more pixels than this (default 100000000)")
+    a.add_argument("--max-image-mb", type=float, default=64.0, metavar="MB",
+                   help="reject image files larger than this, before reading them (default 64 MiB)")
     a.add_argument("--full", action="store_true",
                    help="re-annotate every listed image, not only new and changed ones (the "
                         "old rows stay as history)")
@@ -205,6 +207,8 @@ def add_query(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true", help="print one JSON array")
     q.add_argument("--weights", metavar="PATH",
                    help="the embedder checkpoint, if it moved since annotate")
+    q.add_argument("--max-image-mb", type=float, default=64.0, metavar="MB",
+                   help="refuse --image files larger than this (default 64 MiB)")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -225,6 +229,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                     help="seconds between checks for a new index or table version (0: never)")
     sv.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask (default 1000)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32)")
+    sv.add_argument("--max-request-pixels", type=int, default=100_000_000, metavar="N",
+                    help="pixels of one upload request's images together, read from their headers "
+                         "before decoding (default 100000000; over it: 413)")
     sv.add_argument("--weights", metavar="PATH",
                     help="the embedder checkpoint, if the index names one that moved")
     sv.add_argument("--ray", action="store_true",
@@ -407,6 +414,7 @@ def _annotate(args: argparse.Namespace) -> int:
         image_size=args.image_size, score_threshold=args.score_threshold,
         batch_size=args.batch_size, address=args.address, limit=args.limit,
         full=args.full, prune=args.prune, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        max_image_mb=args.max_image_mb,
         chunk_size=args.chunk_size, max_error_rate=args.max_error_rate, index=args.index,
         num_cpus=args.num_cpus, max_gpus=args.max_gpus)
     summary = run(cfg)
@@ -503,6 +511,8 @@ def _query(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise LakelensError(f"-k must be >= 1, got {args.k}")
+    if not args.max_image_mb > 0:
+        raise LakelensError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
     idx = open_index(args.index)
     if args.image:
         import os
@@ -512,7 +522,8 @@ def _query(args: argparse.Namespace) -> int:
         paths = list_local_images(args.image) if os.path.isdir(args.image) else [args.image]
         if not paths:
             raise LakelensError(f"no images in {args.image!r}")
-        labels, found = paths, idx.search_images(paths, args.k, weights=args.weights)
+        labels, found = paths, idx.search_images(paths, args.k, weights=args.weights,
+                                                 max_image_mb=args.max_image_mb)
     elif args.id:
         labels, found = args.id, idx.search_ids(args.id, args.k)
     else:
@@ -609,7 +620,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(index=args.index, table=args.table, host=args.host, port=args.port,
                       workers=args.workers, reload_s=args.reload_interval, max_k=args.max_k,
-                      max_body_mb=args.max_body_mb, weights=args.weights)
+                      max_body_mb=args.max_body_mb, max_request_pixels=args.max_request_pixels,
+                      weights=args.weights)
     token = read_token(args.token_file)
     if args.ray:
         from pipelines.cluster.local import start_local_ray

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models import weights as W
-from models.decode import DEFAULT_MAX_PIXELS
+from models.decode import DEFAULT_MAX_IMAGE_MB, DEFAULT_MAX_PIXELS, max_image_bytes
 from models.errors import LakelensError
 from models.registry import DEFAULT_ARCHS, DEFAULT_TASKS, TASKS, check_arch, check_task
 from pipelines.lake.sources import canonical
@@ -43,6 +43,7 @@ class AnnotateConfig:
     full: bool = False  # re-annotate every listed image, not only new and changed ones
     prune: bool = False  # close the current rows of images that are no longer listed
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB  # bytes read per image at most (MiB)
     chunk_size: int = 50_000  # images per commit at most (also committed at 128 MiB or 5 minutes)
     max_error_rate: float = 0.5  # exit non-zero above it (once >= 100 images were tried)
     index: str | None = None  # INDEX_DIR to bring up to date after the run
@@ -73,6 +74,8 @@ class AnnotateConfig:
         for name in ("batch_size", "chunk_size", "max_pixels", "buckets"):
             if getattr(self, name) < 1:
                 raise LakelensError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.max_image_mb > 0:
+            raise LakelensError(f"--max-image-mb must be > 0, got {self.max_image_mb}")
         if self.max_gpus is not None and self.max_gpus < 1:
             raise LakelensError(f"--max-gpus must be >= 1, got {self.max_gpus}")
         if self.image_size is not None and not 16 <= self.image_size <= 4096:
@@ -83,6 +86,10 @@ class AnnotateConfig:
             raise LakelensError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
         if self.limit is not None and self.limit < 1:
             raise LakelensError(f"--limit must be >= 1, got {self.limit}")
+
+    @property
+    def max_image_bytes(self) -> int:
+        return max_image_bytes(self.max_image_mb)
 
     def weights_for(self, task: str) -> str:
         return self.weights.get(task, W.DEFAULT)

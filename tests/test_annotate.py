@@ -20,7 +20,7 @@ from pipelines.lake.sources import image_id
 from pipelines.schema import SCHEMA_VERSION, TABLE_SCHEMA, TASK_TYPES
 from tests.conftest import TINY_ARCHS
 from tests.helpers import read_current, read_errors, read_results
-from tests.zoo import ZOO_NON_IMAGES, build_zoo
+from tests.zoo import ZOO_MAX_IMAGE_MB, ZOO_NON_IMAGES, build_zoo
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def zoo_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
     cfg = AnnotateConfig(sources=(str(root / "lake"), str(root / "extra.txt")),
                          out=str(root / "out"), weights={t: "random" for t in TINY_ARCHS},
                          archs=dict(TINY_ARCHS), image_size=64, batch_size=4,
-                         score_threshold=0.0, chunk_size=10)
+                         score_threshold=0.0, chunk_size=10, max_image_mb=ZOO_MAX_IMAGE_MB)
     summary = run(cfg)
     out = Path(cfg.out)
     return cases, missing, summary, out, read_results(out), read_errors(out)
@@ -64,6 +64,7 @@ def test_each_zoo_case_has_its_exact_outcome(zoo_run) -> None:
             row = err_by_uri[uri]
             assert (row["error_stage"], row["error_type"]) == (case.stage, case.error_type), case.name
             assert row["error_message"] and "\n" not in row["error_message"]
+            assert all(n in row["error_message"] for n in case.needles), (case.name, row["error_message"])
             assert row["error_retryable"] is False  # undecodable bytes: not until they change
     row = err_by_uri[str(missing)]
     assert (row["error_stage"], row["error_type"], row["error_retryable"]) == (

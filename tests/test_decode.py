@@ -14,14 +14,30 @@ from PIL import Image
 
 from models import decode
 from models.decode import (
+    ALLOWED_FORMATS,
     IMAGE_EXTENSIONS,
+    MISSING_CODECS,
     CorruptImageError,
+    FileTooLargeError,
     ImageTooLargeError,
+    NotAnImageError,
     UnsupportedFormatError,
     decode_image,
+    max_image_bytes,
+    probe_image,
+    read_capped,
+    read_file,
     target_size,
 )
-from tests.zoo import EXIF_ORIENTATION, build_zoo
+from tests.zoo import (
+    ALLOWED_NAMES,
+    EXIF_ORIENTATION,
+    ZOO_MAX_IMAGE_MB,
+    build_zoo,
+    write_allowed,
+    write_blank_png,
+    write_hostile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +50,10 @@ def zoo(tmp_path_factory: pytest.TempPathFactory):
 def test_every_zoo_case_decodes_or_fails_as_expected(zoo) -> None:
     for case in zoo:
         if case.stage == "read":
-            with pytest.raises(FileNotFoundError):
-                case.path.read_bytes()
+            with pytest.raises(Exception) as info:
+                read_file(case.path, max_image_bytes(ZOO_MAX_IMAGE_MB))
+            assert type(info.value).__name__ == case.error_type, case.name
+            assert all(n in str(info.value) for n in case.needles), (case.name, info.value)
             continue
         data = case.path.read_bytes()
         if case.stage == "decode":
@@ -43,6 +61,7 @@ def test_every_zoo_case_decodes_or_fails_as_expected(zoo) -> None:
                 decode_image(data, short=256, long=512)
             assert type(info.value).__name__ == case.error_type, case.name
             assert str(info.value) and "\n" not in str(info.value), case.name
+            assert all(n in str(info.value) for n in case.needles), (case.name, info.value)
         else:
             dec = decode_image(data, short=256, long=512)
             assert (dec.width, dec.height) == case.size, case.name
@@ -189,6 +208,10 @@ def test_truncated_heic_is_corrupt_not_unknown(keep: float) -> None:
     (b"\x00\x00\x00\x18ftypheic"[:10], None),  # too short to hold a brand
     (b"\xff\xd8\xff\xe0", "JPEG"),
     (b"hello world", None),
+    (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "WebP"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt ", None),  # a RIFF that is not WebP: no plugin is tried
+    (b"II+\x00\x08\x00\x00\x00", "TIFF"),  # BigTIFF
+    (b"%!PS-Adobe-3.0 EPSF-3.0", None),
 ])
 def test_sniff(head: bytes, fmt: str | None) -> None:
     assert decode._sniff(head) == fmt
@@ -223,3 +246,107 @@ def test_image_extensions_cover_the_zoo(zoo) -> None:
                                 ".webp", ".heic", ".heif", ".avif"}
     for case in zoo:
         assert case.path.suffix.lower() in IMAGE_EXTENSIONS, case.name
+
+
+# -- the decoder policy: allow-listed formats, pixel limits from the header, byte caps -----
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory):
+    return {c.name: c for c in write_hostile(tmp_path_factory.mktemp("hostile"))}
+
+
+def test_files_outside_the_policy_are_refused_with_their_message(hostile) -> None:
+    # The EPS is real: Pillow's scan of every plugin (formats=None) would take it (and hand
+    # it to Ghostscript on load); the policy refuses it from its first bytes.
+    with Image.open(hostile["eps_named.jpg"].path) as im:
+        assert im.format == "EPS"
+    assert set(hostile) == {"eps_named.jpg", "pdf_named.png", "svg_named.png", "huge.png", "zip_bomb.png"}
+    for case in hostile.values():
+        data = case.path.read_bytes()
+        for call in (decode_image, probe_image):
+            with pytest.raises(Exception) as info:
+                call(data)
+            assert type(info.value).__name__ == case.error_type, (case.name, info.value)
+            message = str(info.value)
+            assert "\n" not in message and all(n in message for n in case.needles), (case.name, message)
+
+
+def test_the_bombs_are_small_files_that_fail_before_any_pixel_is_allocated(hostile, tmp_path: Path) -> None:
+    """In a fresh process: peak RSS after refusing both PNGs is within a few MB of before,
+    where decoding either would take >= 144 MB (Pillow holds a byte per pixel even for
+    1-bit images) and its RGB conversion three times that."""
+    bombs = [hostile["huge.png"].path, hostile["zip_bomb.png"].path]
+    assert all(p.stat().st_size < 256 * 1024 for p in bombs)
+    script = (
+        "import resource, sys\n"
+        "from models.decode import ImageTooLargeError, decode_image\n"
+        "datas = [open(p, 'rb').read() for p in sys.argv[1:]]\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for data in datas:\n"
+        "    try:\n        decode_image(data, short=256, long=512)\n"
+        "    except ImageTooLargeError:\n        pass\n"
+        "    else:\n        raise SystemExit('decoded a bomb')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, *map(str, bombs)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    grew_kb = int(out.strip())
+    assert grew_kb < 16 * 1024, f"peak RSS grew by {grew_kb} KiB"
+
+
+def test_blank_png_helper_writes_a_valid_png(tmp_path: Path) -> None:
+    """The bombs above are real PNGs: a small one of the same make decodes to zeros."""
+    write_blank_png(tmp_path / "z.png", 3001, 777)
+    with Image.open(tmp_path / "z.png") as im:
+        im.load()
+        assert im.size == (3001, 777) and not np.asarray(im).any()
+    dec = decode_image((tmp_path / "z.png").read_bytes())
+    assert (dec.width, dec.height) == (3001, 777) and dec.pixels.max() == 0
+
+
+@pytest.mark.parametrize("fmt", list(ALLOWED_FORMATS))
+def test_every_allowed_format_still_decodes(fmt: str, tmp_path: Path) -> None:
+    if fmt in MISSING_CODECS:
+        pytest.skip(f"this environment cannot write or read {fmt}: {MISSING_CODECS[fmt]}")
+    path = write_allowed(tmp_path)[fmt]
+    with Image.open(path) as im:
+        expected = np.asarray(im.convert("RGB"), np.int16)
+    assert probe_image(path.read_bytes()) == expected.shape[1::-1]
+    dec = decode_image(path.read_bytes())
+    assert dec.pixels.shape == expected.shape and (dec.width, dec.height) == expected.shape[1::-1]
+    assert np.abs(dec.pixels.astype(np.int16) - expected).mean() < 1  # the same pixels as Pillow's
+
+
+def test_message_names_what_the_bytes_look_like() -> None:
+    for data, name in ((b"8BPS\x00\x01" + bytes(30), "PSD"), (b"\x00\x00\x00\x0cjP  \r\n", "JPEG 2000"),
+                       (b"\xef\xbb\xbf  <svg width='1'/>", "SVG/XML"), (b"just text", None)):
+        with pytest.raises(NotAnImageError) as info:
+            decode_image(data)
+        head = f"unsupported image format {name} (" if name else "unsupported image format (first bytes"
+        assert str(info.value).startswith(head) and str(info.value).endswith(ALLOWED_NAMES), info.value
+
+
+def test_pillows_ceiling_is_reported_when_it_is_below_max_pixels(hostile) -> None:
+    huge = hostile["huge.png"].path.read_bytes()
+    pattern = r"Image size \(200000000 pixels\) exceeds limit of \d+ pixels.*\(Pillow's limit, PIL"
+    with pytest.raises(ImageTooLargeError, match=pattern):
+        decode_image(huge, max_pixels=300_000_000)
+
+
+def test_byte_cap_is_checked_from_the_size_and_never_read_past(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10240 bytes
+    assert read_file(path, 10240) == path.read_bytes() and read_file(path, None) == path.read_bytes()
+    with pytest.raises(FileTooLargeError, match=r"^the file is 10240 bytes \(0.0 MiB\), over the cap of "
+                                                r"10239 bytes \(0.00976467 MiB, --max-image-mb\)$"):
+        read_file(path, 10239)
+    # A stream that does not say its size (or lied about it) is read to cap + 1 bytes, no further.
+    stream = io.BytesIO(path.read_bytes())
+    with pytest.raises(FileTooLargeError, match="the file is more than 4096 bytes"):
+        read_capped(stream, 4096)
+    assert stream.tell() == 4097
+    stream = io.BytesIO(path.read_bytes())
+    with pytest.raises(FileTooLargeError):
+        read_capped(stream, 4096, size=100)
+    assert stream.tell() == 4097
+    assert read_capped(io.BytesIO(b"abc"), 3) == b"abc"

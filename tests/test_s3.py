@@ -84,3 +84,31 @@ def test_annotate_index_and_read_back_everything_from_s3(s3, tmp_path: Path) -> 
     again = lakelens("annotate", lake, "--out", out, "--index", index, *TINY)  # nothing new
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 annotated, 0 errors" in again.stdout and "6 unchanged" in again.stdout
+
+
+def test_annotates_read_stage_refuses_an_s3_object_over_the_byte_cap(s3) -> None:
+    """The size S3 reports on open is checked before any byte is fetched: an error row
+    naming the size and the cap, not retried (permanent until the object changes)."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipelines.annotate.read import read_decode
+    from pipelines.lake.sources import image_id
+
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (700, 700), (1, 2, 3)).save(big, format="BMP")  # 1.4 MiB, uncompressed
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(small, format="PNG")
+    s3["client"].put_object(Bucket=BUCKET, Key="cap/big.bmp", Body=big.getvalue())
+    s3["client"].put_object(Bucket=BUCKET, Key="cap/small.png", Body=small.getvalue())
+    uris = [f"s3://{BUCKET}/cap/big.bmp", f"s3://{BUCKET}/cap/small.png"]
+    out = read_decode(pa.table({"image_id": [image_id(u) for u in uris], "uri": uris}),
+                      max_pixels=10**8, short=None, long=64, max_bytes=2**20)
+    rows = out.select(["error_stage", "error_type", "error_message", "read_retries", "dec_width",
+                       "content_hash"]).to_pylist()
+    n = len(big.getvalue())
+    assert rows[0] == {"error_stage": "read", "error_type": "FileTooLargeError", "read_retries": 0,
+                       "error_message": f"the file is {n} bytes (1.4 MiB), over the cap of 1048576 bytes "
+                                        "(1 MiB, --max-image-mb)", "dec_width": None, "content_hash": None}
+    assert rows[1]["error_type"] is None and rows[1]["dec_width"] == 40 and rows[1]["read_retries"] == 0

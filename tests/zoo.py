@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from PIL import Image
 pillow_heif.register_heif_opener()  # lets Image.save write format="HEIF"
 
 EXIF_ORIENTATION = 0x0112
+ZOO_MAX_IMAGE_MB = 5.0  # annotate's --max-image-mb for the zoo: large.jpg (4 MB) passes, over_cap.bmp not
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Case:
     stage: str | None = None  # None: a result row; else the error row's stage
     error_type: str | None = None
     size: tuple[int, int] | None = None  # upright (width, height) of a result row
+    needles: tuple[str, ...] = ()  # parts of an error row's message
 
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -133,7 +137,92 @@ def build_zoo(root: Path) -> list[Case]:
     sub.mkdir(parents=True)
     _noise(15, 25).save(sub / "nested.jpeg")
     cases.append(Case("nested/deeper/nested.jpeg", sub / "nested.jpeg", size=(15, 25)))
+    cases += write_hostile(lake, max_image_mb=ZOO_MAX_IMAGE_MB)
     return cases
 
 
 ZOO_NON_IMAGES = 1  # notes.txt
+
+
+# -- hostile files for the decoder policy (formats outside the allow-list, pixel bombs) ------
+
+ZERO_BLOCK = 1 << 20  # zero bytes per repeated deflate segment of a blank PNG
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_blank_png(path: Path, width: int, height: int, *, bit_depth: int = 8) -> Path:
+    """A valid grayscale PNG of all-zero pixels whose header says width x height, written
+    without ever holding the image: the zlib body is one deflate segment of ZERO_BLOCK zero
+    bytes, ended by a full flush (so it stands alone), repeated, then the rest and the
+    Adler-32 of n zero bytes ((n mod 65521) << 16 | 1). 200 MP take ~200 KB and milliseconds."""
+    raw = height * (1 + -(-width * bit_depth // 8))  # a filter byte (0) and the packed row
+    segment = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = segment.compress(bytes(ZERO_BLOCK)) + segment.flush(zlib.Z_FULL_FLUSH)
+    whole, rest = divmod(raw, ZERO_BLOCK)
+    last = zlib.compressobj(9, zlib.DEFLATED, -15)
+    tail = last.compress(bytes(rest)) + last.flush(zlib.Z_FINISH)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)))
+        f.write(_png_chunk(b"IDAT", b"\x78\xda"))  # the zlib header
+        for _ in range(whole):
+            f.write(_png_chunk(b"IDAT", block))
+        f.write(_png_chunk(b"IDAT", tail + struct.pack(">I", (raw % 65521) << 16 | 1)))
+        f.write(_png_chunk(b"IEND", b""))
+    return path
+
+
+ALLOWED_NAMES = "allowed: JPEG, PNG, WebP, GIF, BMP, TIFF, HEIF, AVIF"
+
+
+def write_hostile(root: Path, *, max_image_mb: float | None = None) -> list[Case]:
+    """Files the decoder policy refuses, each with its expected error row: an EPS, a PDF
+    and an SVG under image names (formats outside the allow-list: the name is never
+    trusted), a 200 MP PNG (over Pillow's own ceiling), a PNG bomb (18 KB that would
+    decode to 144 MP, over the default 100 MP limit) and, with `max_image_mb`, a valid BMP
+    just over that byte cap."""
+    root.mkdir(parents=True, exist_ok=True)
+    cases = []
+
+    def bad(name: str, error_type: str, *needles: str, stage: str = "decode") -> None:
+        cases.append(Case(name, root / name, stage, error_type, needles=needles))
+
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "eps_named.jpg", format="EPS")
+    bad("eps_named.jpg", "NotAnImageError",
+        "unsupported image format PostScript/EPS (first bytes b'%!PS-Adobe-3'); " + ALLOWED_NAMES)
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(root / "pdf_named.png", format="PDF")
+    bad("pdf_named.png", "NotAnImageError", "unsupported image format PDF (first bytes b'%PDF-1.",
+        ALLOWED_NAMES)
+    (root / "svg_named.png").write_text('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.'
+                                        'org/2000/svg" width="16" height="16"><rect width="16" height="16"/>'
+                                        '</svg>\n')
+    bad("svg_named.png", "NotAnImageError",
+        "unsupported image format SVG/XML (first bytes b'<?xml versio'); " + ALLOWED_NAMES)
+    write_blank_png(root / "huge.png", 20_000, 10_000)
+    bad("huge.png", "ImageTooLargeError", "200000000 pixels exceeds the limit of 100000000 (--max-pixels)")
+    write_blank_png(root / "zip_bomb.png", 12_000, 12_000, bit_depth=1)
+    bad("zip_bomb.png", "ImageTooLargeError",
+        "12000x12000 = 144000000 pixels exceeds the limit of 100000000 (--max-pixels)")
+    if max_image_mb is not None:
+        side = int((max_image_mb * 2**20 / 3) ** 0.5) + 16  # BMP: 3 bytes a pixel, no compression
+        Image.new("RGB", (side, side), (30, 60, 90)).save(root / "over_cap.bmp")
+        size = (root / "over_cap.bmp").stat().st_size
+        assert size > max_image_mb * 2**20, size
+        bad("over_cap.bmp", "FileTooLargeError",
+            f"the file is {size} bytes ({size / 2**20:.1f} MiB), over the cap of "
+            f"{int(max_image_mb * 2**20)} bytes ({max_image_mb:g} MiB, --max-image-mb)", stage="read")
+    return cases
+
+
+def write_allowed(root: Path) -> dict[str, Path]:
+    """One small valid image per allowed format: {format: path}; HEIF via pillow-heif,
+    AVIF via Pillow's own plugin (both present in this environment)."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = {"JPEG": "a.jpg", "PNG": "a.png", "WebP": "a.webp", "GIF": "a.gif", "BMP": "a.bmp",
+             "TIFF": "a.tiff", "HEIF": "a.heic", "AVIF": "a.avif"}
+    for n, (fmt, name) in enumerate(names.items()):
+        _noise(40 + n, 30 + n, seed=10 + n).save(root / name, format=fmt.upper())
+    return {fmt: root / name for fmt, name in names.items()}

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20  # rows held before a commit: one large file per commit
 CHUNK_SECONDS = 300.0  # at most this long between commits while rows come in
 RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "semantic", "embed"}
-PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
+PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError",
+                         "FileTooLargeError"}  # over --max-image-mb: until the file changes
 
 
 def retryable(stage: str | None, error_type: str | None, message: str | None) -> bool | None:

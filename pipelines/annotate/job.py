@@ -225,7 +225,8 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
         # Ray 2.60 names no parameter for task retries; its ray_remote_args still take them.
         warnings.simplefilter("ignore", RayDeprecationWarning)
         ds = ds.map_batches(read_decode, batch_size=rows_per_block, batch_format="pyarrow",
-                            fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long},
+                            fn_kwargs={"max_pixels": cfg.max_pixels, "short": short, "long": long,
+                                       "max_bytes": cfg.max_image_bytes},
                             num_cpus=READ_CPUS, max_retries=TASK_RETRIES,
                             label_selector=role_selector(view, "decode"))
         tcfgs = task_configs(cfg, infos, plan)

@@ -11,7 +11,7 @@ import time
 
 import pyarrow as pa
 
-from models.decode import content_hash, decode_image
+from models.decode import FileTooLargeError, content_hash, decode_image
 from pipelines.lake.sources import read_bytes
 
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message")
@@ -29,18 +29,19 @@ def is_transient(exc: BaseException) -> bool:
     """Timeouts, connection resets, 5xx and throttling: worth another try."""
     if isinstance(exc, TimeoutError | ConnectionError | InterruptedError):
         return True
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | FileTooLargeError):
         return False
     text = str(exc).lower()
     return any(h in text for h in TRANSIENT_HINTS)
 
 
-def read_with_retries(uri: str, *, attempts: int = READ_ATTEMPTS,
+def read_with_retries(uri: str, *, max_bytes: int | None = None, attempts: int = READ_ATTEMPTS,
                       backoff_s: float = READ_BACKOFF_S) -> tuple[bytes, int]:
-    """The object's bytes and how many transient failures were retried on the way."""
+    """The object's bytes and how many transient failures were retried on the way; an
+    object over `max_bytes` is a FileTooLargeError, found before its bytes are read."""
     for attempt in range(attempts):
         try:
-            return read_bytes(uri), attempt
+            return read_bytes(uri, max_bytes=max_bytes), attempt
         except Exception as e:
             if attempt + 1 == attempts or not is_transient(e):
                 raise
@@ -54,17 +55,18 @@ def error_message(exc: BaseException) -> str:
 
 
 def read_decode(batch: pa.Table, *, max_pixels: int, short: int | None,
-                long: int | None) -> pa.Table:
+                long: int | None, max_bytes: int | None = None) -> pa.Table:
     """(image_id, uri, ...) -> + content_hash, width, height, pixels, dec_*, read_retries and
-    error columns; the input columns pass through."""
+    error columns; the input columns pass through. An object over `max_bytes` is a read
+    error row (FileTooLargeError); a disallowed format or too many pixels a decode one."""
     n = batch.num_rows
     cols: dict[str, list] = {k: [None] * n for k in (
         "content_hash", "width", "height", "pixels", "dec_width", "dec_height") + ERROR_COLUMNS}
     retries = [0] * n
     for i, uri in enumerate(batch.column("uri").to_pylist()):
         try:
-            data, retries[i] = read_with_retries(uri)
-        except Exception as e:  # missing, broken symlink, permission, network
+            data, retries[i] = read_with_retries(uri, max_bytes=max_bytes)
+        except Exception as e:  # missing, broken symlink, permission, network, over the byte cap
             cols["error_stage"][i], cols["error_type"][i] = "read", type(e).__name__
             cols["error_message"][i] = error_message(e)
             continue

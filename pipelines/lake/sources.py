@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.decode import IMAGE_EXTENSIONS
+from models.decode import IMAGE_EXTENSIONS, read_capped, read_file
 from models.errors import LakelensError
 
 logger = logging.getLogger(__name__)
@@ -145,14 +145,19 @@ def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path
 
 
-def read_bytes(uri: str) -> bytes:
-    """The object's bytes. Raises OSError (FileNotFoundError, PermissionError, ...)."""
+def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
+    """The object's bytes. Raises OSError (FileNotFoundError, PermissionError, ...), and
+    FileTooLargeError for an object over `max_bytes` (None: no cap): its size (fstat, or
+    the size the store reports on open, no extra request) is checked before any byte is
+    read, and at most max_bytes + 1 bytes are read whatever it said."""
     if not is_remote(uri):
-        with open(uri, "rb") as f:
-            return f.read()
+        return read_file(uri, max_bytes)
     fs, path = split_uri(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    if max_bytes is None:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    with fs.open_input_file(path) as f:
+        return read_capped(f, max_bytes, size=f.size())
 
 
 # -- planning (driver) ------------------------------------------------------------------

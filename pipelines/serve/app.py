@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import LakelensError
-from pipelines.serve.engine import Engine, ServeConfig, Snapshot
+from pipelines.serve.engine import Engine, PixelBudgetError, ServeConfig, Snapshot
 from pipelines.serve.facets import Filter
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,10 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         snap = engine.current()
         data = [await f.read() for f in image]
         # decoding and the embedder run in a worker thread; the event loop stays free
-        vectors = await run_in_threadpool(engine.embed, snap, data)
+        try:  # the pixel budget is checked from the headers before anything is decoded
+            vectors = await run_in_threadpool(engine.embed, snap, data)
+        except PixelBudgetError as e:
+            raise ApiError(413, str(e)) from e
         return await answer(request, snap, vectors, k, nprobe, flt, started,
                             [f.filename or "" for f in image])
 

@@ -19,7 +19,7 @@ import numpy as np
 from index import store
 from index.embed import weights_spec
 from index.store import Neighbors, SimilarityIndex
-from models.decode import decode_image
+from models.decode import decode_image, probe_image
 from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 from pipelines.lake.table import open_table
@@ -40,6 +40,7 @@ class ServeConfig:
     max_body_mb: float = 32.0
     max_pixels: int = 50_000_000
     max_images: int = 16  # per upload request
+    max_request_pixels: int = 100_000_000  # an upload request's images together, from their headers
     weights: str | None = None  # the embedder's checkpoint when the index names one
 
     def __post_init__(self) -> None:
@@ -51,6 +52,13 @@ class ServeConfig:
             raise LakelensError(f"--max-k must be >= 1, got {self.max_k}")
         if self.reload_s < 0:
             raise LakelensError(f"--reload-interval must be >= 0, got {self.reload_s}")
+        if self.max_request_pixels < 1:
+            raise LakelensError(f"--max-request-pixels must be >= 1, got {self.max_request_pixels}")
+
+
+class PixelBudgetError(LakelensError):
+    """An upload request whose images hold more pixels together than --max-request-pixels
+    (the service answers 413)."""
 
 
 @dataclass
@@ -237,8 +245,11 @@ class Engine:
 
     def embed(self, snap: Snapshot, images: list[bytes]) -> np.ndarray:
         """float32[len(images), dim] with the snapshot's embedder (loaded once, reused
-        while the index's embedder stays the same)."""
+        while the index's embedder stays the same). The uploads are checked first
+        (check_uploads), from their headers."""
         from models.predict import EmbeddingPredictor
+
+        self.check_uploads(images)
 
         embedder = snap.index.manifest["embedder"]
         key = (embedder["arch"], embedder["weights"])
@@ -257,6 +268,23 @@ class Engine:
             except Exception as e:  # not an image, truncated, over the pixel limit
                 raise LakelensError(f"upload {n + 1} is not a readable image: {_one_line(e)}") from e
         return np.stack(predictor(pixels)).astype(np.float32)
+
+    def check_uploads(self, images: list[bytes]) -> int:
+        """The uploads' pixels together, from their headers (nothing decoded): each must be
+        an allowed format within --max-pixels (else a LakelensError naming it), and the sum
+        within --max-request-pixels (else PixelBudgetError)."""
+        total = 0
+        for n, data in enumerate(images):
+            try:
+                w, h = probe_image(data, max_pixels=self.cfg.max_pixels)
+            except Exception as e:  # not an allowed format, a bad header, over the pixel limit
+                raise LakelensError(f"upload {n + 1} is not a readable image: {_one_line(e)}") from e
+            total += w * h
+        if total > self.cfg.max_request_pixels:
+            raise PixelBudgetError(
+                f"the {len(images)} uploaded image(s) hold {total} pixels together, over the budget "
+                f"of {self.cfg.max_request_pixels} pixels per request (--max-request-pixels)")
+        return total
 
 
 def _one_line(e: Exception) -> str:

@@ -46,6 +46,25 @@ def _detections(i: int) -> list[dict]:
     return dets
 
 
+def _semantic(i: int) -> list[dict]:
+    """Semantic regions as the semantic task writes them (real RLE masks, pixel areas): sky
+    over the top 3..36 rows (1/16..3/4) of every 4th image, road over the bottom quarter of
+    every 5th."""
+    from pycocotools import mask as mask_utils
+
+    regions = []
+    for name, label, on, band in (("sky", 1, i % 4 == 0, slice(0, 3 * (1 + (i // 4) % 12))),
+                                  ("road", 2, i % 5 == 2, slice(36, 48))):
+        if on:
+            pixels = np.zeros((48, 64), np.uint8, order="F")
+            pixels[band] = 1
+            rle = mask_utils.encode(pixels)
+            regions.append({"label": label, "label_name": name, "area": int(pixels.sum()),
+                            "mean_score": 0.8,
+                            "mask": {"size": [48, 64], "counts": rle["counts"].decode("ascii")}})
+    return regions
+
+
 def write_lake(root: Path) -> tuple[list[Path], Path]:
     """N small distinct JPEGs, their tiny-embedder vectors and known detections committed
     as one chunk of a real table; returns the image paths and the table's DIR."""
@@ -60,17 +79,20 @@ def write_lake(root: Path) -> tuple[list[Path], Path]:
     predictor = EmbeddingPredictor("tiny", weights="random")
     vectors = predictor([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     models = [{"task": "detect", "arch": "fasterrcnn_tiny", "weights": "random:seed0"},
+              {"task": "semantic", "arch": "unet_tiny", "weights": "random:seed0"},
               {"task": "embed", "arch": "tiny", "weights": predictor.info.weights_id}]
     rows = [{"image_id": image_id(str(p)), "uri": str(p), "content_hash": f"h{i}", "width": 64,
              "height": 48, "embedding": vectors[i].tolist(), "detections": _detections(i),
-             "models": models} for i, p in enumerate(paths)]
+             "semantic": _semantic(i), "models": models} for i, p in enumerate(paths)]
     out = commit_rows(root / "out", rows, run_id="night-1")
     table = open_table(str(out))
     dim = len(vectors[0])
     table.meta["embedding_dim"] = dim
     table.meta["models"] = {"embed": {"arch": "tiny", "weights_id": predictor.info.weights_id,
                                       "spec": "random", "labels": [], "keypoint_names": [],
-                                      "embedding_dim": dim}}
+                                      "embedding_dim": dim},
+                            "semantic": {"arch": "unet_tiny", "weights_id": "random:seed0",
+                                         "labels": ["__background__", "sky", "road"]}}
     save_meta(table)
     return paths, out
 

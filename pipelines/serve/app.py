@@ -6,6 +6,7 @@ Endpoints (JSON; OpenAPI at /docs):
   POST /search/image         multipart upload(s) named `image`, embedded by the index's embedder
   GET  /images/{image_id}    the image, resized (?size=), with ?overlay=1 what the models saw
   GET  /labels               labels (and semantic regions) in the table, images with each
+  GET  /browse?<filters>     the images that pass the filters, no query: ?offset=&limit= pages them
   GET  /health, GET /stats
 Every search takes k, nprobe and the filters label, min_count, min_score, min_width,
 min_height, since, until, run_id, region, min_area (see pipelines.serve.facets).
@@ -49,6 +50,7 @@ TOKEN_COOKIE = "lakelens_token"
 OPEN_PATHS = {"/", "/health"}  # the page asks for the token itself; probes need no secret
 PAGE = Path(__file__).with_name("page.html")
 IMAGE_SIZES = (64, 2048)
+BROWSE_LIMIT = 500  # images per /browse page
 
 
 class ApiError(Exception):
@@ -230,6 +232,17 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         return {"source": snap.facets.source, "min_score": min_score,
                 "labels": snap.facets.label_counts(min_score),
                 "regions": snap.facets.region_counts()}
+
+    @app.get("/browse")
+    def browse(request: Request, flt: FilterParams, offset: int = 0, limit: int = 48) -> Response:
+        if not 1 <= limit <= BROWSE_LIMIT:
+            raise ApiError(400, f"limit must be in 1..{BROWSE_LIMIT}, got {limit}")
+        if offset < 0:
+            raise ApiError(400, f"offset must be >= 0, got {offset}")
+        total, ids, uris = engine_of(request).current().browse(flt, offset, limit)
+        images = [{"image_id": i, "uri": u} for i, u in zip(ids, uris, strict=True)]
+        return Response(json.dumps({"total": total, "offset": offset, "images": images}),
+                        media_type="application/json")
 
     @app.get("/search")
     async def search_id(request: Request, image_id: str, flt: FilterParams, k: int = 10,

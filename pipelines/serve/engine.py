@@ -81,6 +81,19 @@ class Snapshot:
         found = self.index.search(vectors, k, allow=allow, nprobe=nprobe)
         return found, None if allow is None else int((allow & self.index.live).sum())
 
+    def browse(self, flt: Filter, offset: int, limit: int) -> tuple[int, list[str], list[str]]:
+        """The live index rows that pass `flt`, in row order (all live rows when it sets no
+        condition): (how many pass, image_ids and uris of the passing rows offset..offset+limit)."""
+        if flt.is_empty():
+            keep = self.index.live
+        elif self.facets is None:
+            raise LakelensError("filters need the annotations table; start the service with --table")
+        else:  # with posting lists: rows = facets.select(flt); rows = rows[self.index.live[rows]]
+            keep = self.facets.mask(flt) & self.index.live
+        total, rows = int(np.count_nonzero(keep)), _true_rows(keep, offset, limit)
+        ids = self.index.ids
+        return total, ids.image_ids.take(rows).to_pylist(), ids.uris.take(rows).to_pylist()
+
 
 class Batcher:
     """Greedy batching of concurrent searches. One thread runs FAISS; whatever queries
@@ -285,6 +298,23 @@ class Engine:
                 f"the {len(images)} uploaded image(s) hold {total} pixels together, over the budget "
                 f"of {self.cfg.max_request_pixels} pixels per request (--max-request-pixels)")
         return total
+
+
+def _true_rows(keep: np.ndarray, offset: int, limit: int, block: int = 1 << 20) -> np.ndarray:
+    """int64 positions of the True values of `keep` from the offset-th on, at most `limit`;
+    scanned a block at a time, so it never holds more than a block's positions."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(keep), block):
+        part = keep[start:start + block]
+        n = int(np.count_nonzero(part))
+        if offset >= n:
+            offset -= n
+            continue
+        out.append(np.flatnonzero(part)[offset:offset + limit] + start)
+        offset, limit = 0, limit - len(out[-1])
+        if limit <= 0:
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def _one_line(e: Exception) -> str:

@@ -54,7 +54,8 @@ def shard_template(trained: faiss.Index) -> faiss.Index:
 
 
 def finish(merged: faiss.Index, trained: faiss.Index) -> faiss.Index:
-    """The merged shards in the trained index's own form (fast-scan lists packed again)."""
+    """The merged shards in the trained index's own form (fast-scan lists packed again).
+    The re-rank codes move over as they are (never copied: they are most of the index)."""
     base, want = _base(merged), _base(trained)
     if not isinstance(want, faiss.IndexIVFPQFastScan) or isinstance(base, faiss.IndexIVFPQFastScan):
         return merged
@@ -66,11 +67,16 @@ def finish(merged: faiss.Index, trained: faiss.Index) -> faiss.Index:
     down = faiss.downcast_index(merged)
     if not isinstance(down, faiss.IndexRefine):
         return fast
-    refine = faiss.clone_index(down.refine_index)
-    out = faiss.IndexRefine(fast, refine)
-    out.own_fields = True
-    fast.this.disown()
-    refine.this.disown()
+    # The plain IVF's lists are freed (fast-scan has its own copy); `merged` stays alive
+    # (the fast-scan index still refers to parts of it) and keeps owning the re-rank
+    # index, which the new wrapper uses as it is.
+    plain = faiss.downcast_index(down.base_index)
+    empty = faiss.ArrayInvertedLists(plain.nlist, plain.code_size)
+    plain.replace_invlists(empty, True)
+    empty.this.disown()  # plain owns it now
+    out = faiss.IndexRefine(fast, down.refine_index)
+    out.own_fields = False
+    out.referenced_objects = [fast, merged]
     out.k_factor = faiss.downcast_index(trained).k_factor
     return out
 

@@ -190,6 +190,11 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory-gb", type=float, default=16.0, metavar="GB",
                    help="RAM the index may take; auto picks the most accurate code that fits "
                         "(default 16)")
+    b.add_argument("--shards", type=int, metavar="N",
+                   help="add the vectors in N parallel Ray tasks over one trained quantizer, merged "
+                        "into one index (default: one process, or shards of ~2M vectors inside a Ray job)")
+    b.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster for --shards (default: RAY_ADDRESS, else a local Ray)")
     u = ixs.add_parser("update", help="add the table's changes since the index was built")
     u.add_argument("index", metavar="INDEX_DIR")
     u.add_argument("results", metavar="DIR", help="the annotate --out DIR the index was built from")
@@ -493,13 +498,34 @@ def _index(args: argparse.Namespace) -> int:
         return 0
     cfg = indexing.IndexBuildConfig(
         results=args.results, out=args.out, factory=args.factory, metric=args.metric,
-        gpu=args.gpu, train_sample=args.train_sample, memory_budget_gb=args.memory_gb)
+        gpu=args.gpu, train_sample=args.train_sample, memory_budget_gb=args.memory_gb,
+        shards=args.shards)
+    if (args.shards or 0) > 1:
+        _join_ray(args.address)
     m = indexing.build(cfg)
     print(f"built {args.out}: {m['count']} vectors of dim {m['dim']}, {m['factory']} "
           f"({m['factory_reason']}); recall@10 vs exact search {m['recall_at_10']:.3f} on "
           f"{m['recall_queries']} held-out queries with {m['search_params'] or 'no tuning'}; "
           f"{m['build_s']:.1f} s on {m['built_on']}")
     return 0
+
+
+def _join_ray(address: str | None) -> None:
+    """Join ADDR (or RAY_ADDRESS); else start a local Ray on loopback with token auth."""
+    import logging
+
+    import ray
+
+    from pipelines.cluster.local import start_local_ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            start_local_ray(dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
 
 
 def _query(args: argparse.Namespace) -> int:

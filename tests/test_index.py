@@ -139,7 +139,8 @@ def test_manifest_round_trip(data: np.ndarray, tmp_path: Path) -> None:
     idx = open_index(tmp_path / "idx")
     assert (idx.dim, len(idx), idx.manifest["metric"]) == (DIM, len(data), "l2")
     assert idx.search_ids(["img0000042"], 3).image_ids[0][0] == "img0000042"
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(["CURRENT", "_lakelens", name, "segments"])
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(
+        ["CURRENT", "_lakelens", name, "segments"])
     assert sorted(p.name for p in (tmp_path / "idx" / name).iterdir()) == ["manifest.json"]
     assert (segment["start"], segment["rows"]) == (0, len(data))
     assert sorted(p.name for p in (tmp_path / "idx" / segment["dir"]).iterdir()) == [
@@ -161,7 +162,8 @@ def test_update_equals_a_rebuild_of_the_table(data: np.ndarray, tmp_path: Path) 
     m = update(str(tmp_path / "inc"), str(lake))
     up = m["last_update"]
     assert (up["added"], up["replaced"], m["count"], m["vectors"]) == (2100, 100, 6000, 6100)
-    assert m["version"].startswith("v2-") and (tmp_path / "inc" / "CURRENT").read_text().strip() == m["version"]
+    assert m["version"].startswith("v2-")
+    assert (tmp_path / "inc" / "CURRENT").read_text().strip() == m["version"]
     # the night is one new segment; the build's segment is left as it was
     assert [(s["start"], s["rows"]) for s in m["segments"]] == [(0, 4000), (4000, 2100)]
     build(IndexBuildConfig(results=str(lake), out=str(tmp_path / "full")))

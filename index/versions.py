@@ -385,6 +385,8 @@ class Writer:
         try:  # the switch: one conditional PUT against the CURRENT this write began from
             current.create(data) if self._tag is None else current.replace(data, self._tag.tag)
         except Conflict as e:
+            for rel in [name, *self.segments]:  # ours, never switched in: not left behind
+                fs.delete_dir(f"{root}/{rel}")
             raise LakelensError(f"{self.path}/CURRENT changed while this version was written (another "
                                 f"index writer?); {name} was uploaded but not switched in") from e
         _collect_remote(fs, root, name)
@@ -452,7 +454,9 @@ def _collect_remote(fs: pafs.FileSystem, root: str, current: str, *, keep: int =
     listed_info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     versions = sorted((i.base_name for i in listed_info if i.type == pafs.FileType.Directory
                        and version_number(i.base_name) is not None), key=version_number)
-    kept = set(versions[-keep:]) | {current}
+    # a version numbered past the one switched in was left by a writer stopped before its switch
+    before = [v for v in versions if version_number(v) < version_number(current)]
+    kept = (set(before[-(keep - 1):]) if keep > 1 else set()) | {current}
     listed: set[str] = set()
     for v in versions:
         if v not in kept:

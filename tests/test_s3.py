@@ -112,3 +112,39 @@ def test_annotates_read_stage_refuses_an_s3_object_over_the_byte_cap(s3) -> None
                        "error_message": f"the file is {n} bytes (1.4 MiB), over the cap of 1048576 bytes "
                                         "(1 MiB, --max-image-mb)", "dec_width": None, "content_hash": None}
     assert rows[1]["error_type"] is None and rows[1]["dec_width"] == 40 and rows[1]["read_retries"] == 0
+
+
+def test_two_index_writers_on_s3_one_switches_current(s3, tmp_path: Path) -> None:
+    """CURRENT on S3 is switched with a conditional PUT against the CURRENT each writer
+    read when it began: of two writers that began from the same version, the second to
+    switch is refused in one line and leaves the first's version live."""
+    import faiss
+    import numpy as np
+    import pyarrow as pa
+
+    from index.store import open_index
+    from index.versions import IDS_SCHEMA, Writer, read_current, save
+    from models.errors import LakelensError
+
+    uri = f"s3://{BUCKET}/raced-index"
+    x = np.eye(4, dtype=np.float32)
+
+    def version(n: int) -> tuple[faiss.Index, pa.Table, dict]:
+        index = faiss.IndexFlatIP(4)
+        index.add(x[:n])
+        ids = pa.table({"image_id": [f"i{j}" for j in range(n)], "uri": [f"u{j}" for j in range(n)],
+                        "content_hash": ["h"] * n}, schema=IDS_SCHEMA)
+        return index, ids, {"dim": 4, "metric": "ip", "count": n, "factory": "Flat", "embedder": {}}
+
+    first = save(uri, *version(1))
+    a, b = Writer(uri), Writer(uri)  # both begin from `first`
+    index, ids, manifest = version(2)
+    won = a.commit(manifest, [a.write_segment(index, ids, start=0)], None)
+    index, ids, manifest = version(3)
+    with pytest.raises(LakelensError, match="CURRENT changed while this version was written") as e:
+        b.commit(manifest, [b.write_segment(index, ids, start=0)], None)
+    assert "\n" not in str(e.value)
+    assert read_current(uri) == won != first
+    assert len(open_index(uri)) == 2
+    keys = {o["Key"] for o in s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="raced-index/")["Contents"]}
+    assert f"raced-index/{first}/manifest.json" in keys  # the previous version is kept

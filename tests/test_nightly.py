@@ -330,3 +330,22 @@ def test_transient_and_permanent_errors_are_told_apart() -> None:
     assert retryable("decode", "TruncatedImageError", "truncated") is False
     assert retryable("crash", "WorkerCrashed", "died") is True
     assert retryable(None, None, None) is None
+
+
+def test_a_lagging_index_catches_up_on_a_quiet_night(nightly) -> None:
+    """A run that annotated without keeping the index in step (or whose index update
+    failed after the last commit) leaves the index behind the table; the next run, with
+    nothing new in the lake, still brings it up to date."""
+    import dataclasses
+
+    root, _, cfg, _ = nightly
+    added = write_images(root / "lake", 2, start=300, seed=11)
+    ahead = run(dataclasses.replace(cfg, index=None))
+    assert ahead.annotated == 2
+    assert open_index(root / "index").manifest["table_version"] < ahead.table_version
+    quiet = run(cfg)
+    assert (quiet.new, quiet.annotated) == (0, 0)
+    assert quiet.index["summary"].startswith("2 vectors added"), quiet.index
+    idx = open_index(root / "index")
+    assert idx.manifest["table_version"] >= ahead.table_version
+    assert [u[0] for u in idx.search_images([str(p) for p in added], 1).uris] == [str(p) for p in added]

@@ -110,17 +110,17 @@ def run_child(results: Path, out: Path, factory: str) -> dict:
 def open_built(index_dir: Path):
     """The FAISS index as lakelens stores and searches it (tuned parameters applied), and
     row -> data row (image ids are the data rows' numbers)."""
-    import faiss
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from index.build import set_search_params
     from index.store import current_dir, load_manifest
+    from index.versions import read_ids, read_index
 
     path = current_dir(index_dir)
-    index = faiss.read_index(str(path / "index.faiss"))
-    set_search_params(index, load_manifest(path).get("search_params", {}))
-    ids = pq.read_table(path / "ids.parquet", columns=["image_id"]).column("image_id")
+    manifest = load_manifest(path)
+    index, _ = read_index(path, manifest)
+    set_search_params(index, manifest.get("search_params", {}))
+    ids = read_ids(path, manifest, ["image_id"]).column("image_id")
     return index, pc.cast(ids, pa.int64()).to_numpy()
 
 

@@ -264,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             timing: dict = {}
 
             def switch() -> None:
-                import pyarrow.parquet as pq
+                from index.versions import read_ids
 
                 time.sleep(1.0)
                 opened = store.open_index(root / "index")
-                ids = pq.read_table(opened.path / "ids.parquet")
+                ids = read_ids(opened.path, opened.manifest)
                 store.save(root / "index", opened.index, ids, opened.manifest)
                 timing["switched"] = time.perf_counter()
                 while httpx.get(f"{url}/health").json()["index_version"] == before:

@@ -1,7 +1,7 @@
 """Build a FAISS index from blocks of vectors: choose, train on a sample, add, tune, measure.
 
 Plain FAISS and numpy. Row numbers are the FAISS ids (0..n-1, in add order); the caller
-keeps the row -> image mapping (ids.parquet).
+keeps the row -> image mapping (index.versions: ids-*.parquet).
 """
 
 from __future__ import annotations

@@ -158,6 +158,18 @@ def current_dir(path: str | Path) -> Path:
     return path / name
 
 
+def current_name(path: str | Path) -> str:
+    """The name CURRENT holds ("v<N>"): one small file (one object) read, nothing opened or
+    downloaded. A watcher polls this and opens a version only when it changes."""
+    if is_remote(path):
+        return _remote_current(str(path))
+    path = Path(str(path).removeprefix("file://"))
+    try:
+        return (path / "CURRENT").read_text().strip()
+    except FileNotFoundError as e:
+        raise LakelensError(f"{path} is not a lakelens index: no CURRENT") from e
+
+
 def _versions(path: Path) -> list[int]:
     return sorted(int(p.name[1:]) for p in path.glob("v*") if p.name[1:].isdigit())
 

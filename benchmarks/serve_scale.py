@@ -283,7 +283,7 @@ def measure(root: Path, n: int, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000000,10000000", help="images per table, comma separated")
-    p.add_argument("--quick", action="store_true", help="CI sizes: 30,000 and 100,000 images, 3 s each")
+    p.add_argument("--quick", action="store_true", help="CI sizes: 30,000 and 90,000 images, 3 s each")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     p.add_argument("--dir", default="/work/bench-data/serve_scale", help="tables and indexes (kept)")
     p.add_argument("--reuse", action="store_true", help="reuse tables and indexes built before in --dir")
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             child_night(args.child[1], int(args.child[2]))
         return 0
     if args.quick:
-        args.sizes, args.duration = "30000,100000", 3.0
+        args.sizes, args.duration = "30000,90000", 3.0
     sizes = [int(s) for s in args.sizes.split(",")]
     base = Path(args.dir)
     result: dict = {"bench": "serve_scale", "quick": args.quick, "sizes": sizes, "dim": DIM, "k": K,

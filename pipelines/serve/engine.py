@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from types import EllipsisType
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    reload_s: float = 10.0  # how often to look for a new index or table version (0: never)
+    reload_s: float = 10.0  # how often to read CURRENT for a new index version (0: never)
     max_k: int = 1000
     max_body_mb: float = 32.0
     max_pixels: int = 50_000_000
@@ -110,7 +111,7 @@ class Batcher:
         self.calls = self.queries = 0
 
     def submit(self, snap: Snapshot, vectors: np.ndarray, k: int, flt: Filter, nprobe: int | None,
-               *, rows: np.ndarray | None | type(...) = ...):
+               *, rows: np.ndarray | None | EllipsisType = ...):
         """A concurrent.futures.Future of (Neighbors, allowed) for these queries. `rows`:
         snap.select(flt) if the caller has it; else it is evaluated here, in the caller's
         thread (never in the search thread, where it would hold up every search)."""

@@ -152,6 +152,7 @@ class Facets:
         self.regions: dict[str, int] = {}
         self.source = label_source(table)
         self.semantic = table.model("semantic") is not None
+        self.dtype = _row_dtype(n)
 
     def _columns(self) -> list[str]:
         return ["image_id", "width", "height", "annotated_at", "run_id", self.source,
@@ -174,12 +175,14 @@ class Facets:
         self.run[r] = _decode(codes, runs.indices)
         found = _entries(batch.column(self.source).filter(mask), r, self.labels)
         if found is not None:
-            det.append((found[0], found[1], found[2].field("score").fill_null(0).to_numpy()))
+            det.append((found[0].astype(self.dtype), found[1],
+                        found[2].field("score").fill_null(0).to_numpy().astype(np.float32)))
         found = _entries(batch.column("semantic").filter(mask), r, self.regions) if self.semantic else None
         if found is not None:
             rr, codes, flat = found
             pixels = np.maximum(self.width[rr].astype(np.float64) * self.height[rr], 1.0)
-            seg.append((rr, codes, flat.field("area").fill_null(0).to_numpy() / pixels))
+            seg.append((rr.astype(self.dtype), codes,
+                        (flat.field("area").fill_null(0).to_numpy() / pixels).astype(np.float32)))
 
     @classmethod
     def updated(cls, old: Facets, table: LakeTable, ids: IdMap, *, since: int,
@@ -356,9 +359,9 @@ def _row_dtype(n: int) -> type:
 def _cat(pieces: list[tuple], dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not pieces:
         return np.zeros(0, dtype), np.zeros(0, np.int32), np.zeros(0, np.float32)
-    return (np.concatenate([p[0] for p in pieces]).astype(dtype),
-            np.concatenate([p[1] for p in pieces]).astype(np.int32),
-            np.concatenate([p[2] for p in pieces]).astype(np.float32))
+    return (np.concatenate([p[0] for p in pieces]).astype(dtype, copy=False),
+            np.concatenate([p[1] for p in pieces]).astype(np.int32, copy=False),
+            np.concatenate([p[2] for p in pieces]).astype(np.float32, copy=False))
 
 
 def _entries(lists: pa.Array, rows: np.ndarray, names: dict[str, int]

@@ -26,6 +26,7 @@ from index.versions import (
     Writer,
     cache_root,
     current_dir,
+    current_name,
     exists,
     is_remote,
     load_manifest,
@@ -40,7 +41,7 @@ from models.errors import LakelensError
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "IDS_SCHEMA", "KEEP_VERSIONS", "Neighbors", "SimilarityIndex", "Writer",
-           "cache_root", "current_dir", "exists", "is_remote", "load_manifest", "materialize",
+           "cache_root", "current_dir", "current_name", "exists", "is_remote", "load_manifest", "materialize",
            "open_index", "save", "search_parameters"]
 
 

@@ -110,6 +110,15 @@ def read_current(path: str | Path) -> str | None:
     return name
 
 
+def current_name(path: str | Path) -> str:
+    """The name CURRENT holds: one small file (one object) read, nothing opened or
+    downloaded. A watcher polls this and opens a version only when it changes."""
+    name = read_current(path)
+    if name is None:
+        raise LakelensError(f"{path} is not a lakelens index: no CURRENT")
+    return name
+
+
 def exists(path: str | Path) -> bool:
     """Whether INDEX_DIR holds an index (a CURRENT pointer)."""
     return read_current(path) is not None

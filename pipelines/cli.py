@@ -231,7 +231,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                     help="file holding the access token requests must send (or set "
                          "LAKELENS_SERVE_TOKEN); never given on the command line")
     sv.add_argument("--reload-interval", type=float, default=10.0, metavar="S",
-                    help="seconds between checks for a new index or table version (0: never)")
+                    help="seconds between checks for a new index version (0: never)")
     sv.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask (default 1000)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32)")
     sv.add_argument("--max-request-pixels", type=int, default=100_000_000, metavar="N",

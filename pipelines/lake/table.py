@@ -359,12 +359,26 @@ class LakeTable:
         return pa.concat_tables(batches) if batches else schema.empty_table()
 
     def lookup(self, image_id: str, columns: list[str], *, status: str | None = "ok") -> dict | None:
-        """One image's current row (reads only its part), or None."""
+        """One image's current row, or None. Reads only what can hold it: the latest of its
+        log rows after its part's watermark (log files past the watermark, and in each the
+        row groups whose image_id range holds it: files are sorted by image_id), else its
+        snapshot row (its part's files, the same row-group pruning); never a whole part."""
         parts = self.parts()
         part = parts[int(part_index(pa.array([image_id]), parts)[0])]
-        rows = [r for b in self.current_part(part, columns, status=status,
-                                             where=col("image_id") == image_id) for r in b.to_pylist()]
-        return rows[0] if rows else None
+        mark = self.watermark(part)
+        read = list(dict.fromkeys([*columns, "status"]))
+        logged = _rows_of(self.log_dataset(mark), image_id, ["committed_in"], pc.field("committed_in") > mark)
+        if logged.num_rows:  # changed since the watermark: its latest log row (ids first, then the row)
+            latest = int(pc.max(logged.column("committed_in")).as_py())
+            rows = _rows_of(self.log_dataset(mark), image_id, read, pc.field("committed_in") == latest)
+        else:
+            rows = _rows_of(self.snapshot_dataset(), image_id, read, pc.field("part") == part)
+        if not rows.num_rows:
+            return None
+        row = rows.slice(0, 1).to_pylist()[0]
+        if row["status"] != status if status is not None else row["status"] not in STATUSES:
+            return None
+        return {c: row[c] for c in columns}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -483,6 +497,16 @@ class LakeTable:
                                      enforce_retention_duration=False))
             dt.update_incremental()
         return removed
+
+
+def _rows_of(dataset: pds.Dataset, image_id: str, columns: list[str], where: pc.Expression) -> pa.Table:
+    """The rows of one image_id. The predicate names the column itself (no cast), so that
+    the scanner skips files and row groups by their image_id statistics; files that carry
+    string_view (delta-io/delta-rs#4579) take the cast one, which reads them whole."""
+    try:
+        return dataset.to_table(columns=columns, filter=where & (pc.field("image_id") == image_id))
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid):
+        return dataset.to_table(columns=columns, filter=where & (col("image_id") == image_id))
 
 
 def _stats(rows: pa.Table) -> str:

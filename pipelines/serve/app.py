@@ -175,7 +175,9 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
     async def answer(request: Request, snap: Snapshot, vectors: np.ndarray, k: int,
                      nprobe: int | None, flt: Filter, started: float,
                      queries: list[str] | None = None) -> Response:
-        future = engine_of(request).batcher.submit(snap, vectors, k, flt, nprobe)
+        # the filter runs here, in a worker thread: never in the event loop or the search thread
+        rows = None if flt.is_empty() else await run_in_threadpool(snap.select, flt)
+        future = engine_of(request).batcher.submit(snap, vectors, k, flt, nprobe, rows=rows)
         found, allowed = await asyncio.wrap_future(future)
         facets = snap.facets
         results = []
@@ -219,6 +221,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
                 "built_at": m.get("built_at"), "index_table_version": m.get("table_version"),
                 "table_version": snap.table_version, "memory_mapped": snap.index.mmapped,
                 "filters": snap.facets is not None, "reloads": engine.reloads,
+                "facets": snap.facets.info() if snap.facets is not None else None,
                 "reload_errors": engine.reload_errors, "search_calls": engine.batcher.calls,
                 "searched_queries": engine.batcher.queries,
                 "loaded_at": datetime.fromtimestamp(snap.loaded_at, UTC).isoformat(),

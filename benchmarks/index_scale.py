@@ -40,20 +40,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from benchmarks.common import emit  # noqa: E402
+from benchmarks.scale import hex_ids  # noqa: E402
 
 CHUNK = 100_000
-HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-def hex_ids(idx: np.ndarray) -> pa.Array:
-    """32-hex-digit ids from integers (a bijective mix: spread over every part, as sha256 is)."""
-    x = (idx.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-    y = (x ^ (x >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
-    b = np.stack([x, y], 1).astype(">u8").view(np.uint8).reshape(len(idx), 16)
-    out = np.empty((len(idx), 32), np.uint8)
-    out[:, 0::2], out[:, 1::2] = HEX[b >> 4], HEX[b & 15]
-    offsets = np.arange(0, 32 * len(idx) + 1, 32, dtype=np.int32)
-    return pa.StringArray.from_buffers(len(idx), pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
 
 
 def clustered(lo: int, hi: int, dim: int, centres: np.ndarray, spread: float = 0.3) -> np.ndarray:
@@ -67,7 +56,7 @@ def rows(lo: int, hi: int, dim: int, centres: np.ndarray, run: str) -> pa.Table:
     from pipelines.schema import TABLE_SCHEMA
 
     n = hi - lo
-    ids = hex_ids(np.arange(lo, hi))
+    ids = hex_ids(np.arange(lo, hi), salt=1)
     x = clustered(lo, hi, dim, centres)
     model = pa.array([{"task": "embed", "arch": "bench", "weights": "random:seed0"}],
                      TABLE_SCHEMA.field("models").type.value_type)

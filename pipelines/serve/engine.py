@@ -106,11 +106,13 @@ class Snapshot:
         condition): (how many pass, image_ids and uris of the passing rows offset..offset+limit)."""
         if flt.is_empty():
             keep = self.index.live
+            total, rows = int(np.count_nonzero(keep)), _true_rows(keep, offset, limit)
         elif self.facets is None:
             raise LakelensError("filters need the annotations table; start the service with --table")
-        else:  # with posting lists: rows = facets.select(flt); rows = rows[self.index.live[rows]]
-            keep = self.facets.mask(flt) & self.index.live
-        total, rows = int(np.count_nonzero(keep)), _true_rows(keep, offset, limit)
+        else:  # the posting lists' rows: what the filter matches, never a scan of the index
+            matched = self.facets.select(flt)
+            matched = matched[self.index.live[matched]]
+            total, rows = len(matched), matched[offset:offset + limit]
         ids = self.index.ids
         return total, ids.image_ids.take(rows).to_pylist(), ids.uris.take(rows).to_pylist()
 

@@ -50,10 +50,13 @@ PLANS = ("exact", "lists", "selector")
 @dataclass(frozen=True)
 class Plan:
     """How one filtered call runs: `kind` in PLANS; `nprobe` lists per query (lists and
-    selector plans)."""
+    selector plans); `shortlist`: the selector plan's re-rank shortlist is this many times
+    the tuned one (k_factor), since the allowed neighbours lie farther out, where the
+    compressed codes that pick the shortlist err more."""
 
     kind: str
     nprobe: int | None = None
+    shortlist: float = 1.0
 
 
 def probes(nprobe: int, allowed: int, total: int, nlist: int) -> int:
@@ -65,8 +68,9 @@ def probes(nprobe: int, allowed: int, total: int, nlist: int) -> int:
 
 def bitmap(rows: np.ndarray, n: int) -> np.ndarray:
     """IDSelectorBitmap bits (little bit order) of sorted unique `rows` among n."""
-    weights = np.left_shift(1, rows & 7).astype(np.float64)
-    return np.bincount(rows >> 3, weights=weights, minlength=(n + 7) // 8).astype(np.uint8)
+    mask = np.zeros(n, bool)
+    mask[rows] = True
+    return np.packbits(mask, bitorder="little")
 
 
 class RowCodes:
@@ -164,7 +168,7 @@ class FilteredSearch:
             return Plan("selector")
         want = probes(nprobe or ivf.nprobe, allowed, total, ivf.nlist)
         if allowed >= total * SELECTOR_MIN_FRACTION or self.codes is None or self.row_lists() is None:
-            return Plan("selector", want)
+            return Plan("selector", want, math.sqrt(total / max(allowed, 1)))
         if 2 * want >= ivf.nlist:  # half the lists or more: score every allowed row
             return Plan("exact")
         return Plan("lists", want)

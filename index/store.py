@@ -316,6 +316,7 @@ class SimilarityIndex:
         x = np.ascontiguousarray(x)
         fetch = min(k, self.index.ntotal)
         rows = None if allow is None else self.allowed_rows(allow)
+        mask = allow if rows is not None and np.asarray(allow).dtype == np.bool_ else None
         if fetch == 0 or self._live_count == 0 or (rows is not None and len(rows) == 0):
             empty = [np.zeros(0, np.float32) for _ in x]
             return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
@@ -327,7 +328,7 @@ class SimilarityIndex:
             scores, found = _numpy_search(self.index)(x, fetch, params=params)
             member = self.live
         else:
-            scores, found = self._search_filtered(x, fetch, rows, nprobe)
+            scores, found = self._search_filtered(x, fetch, rows, nprobe, mask)
             member = None
         out_s, out_r = [], []
         for s, r in zip(scores, found, strict=True):
@@ -357,14 +358,15 @@ class SimilarityIndex:
             raise LakelensError(f"allow must be a bool mask of {total} rows or a 1-d array of "
                                 f"row numbers, got {a.dtype} of shape {a.shape}")
         a = a.astype(np.int64, copy=False)
-        if a.size and (a[0] < 0 or a[-1] >= total or (a.size > 1 and (np.diff(a) <= 0).any())):
+        if a.size and (a[0] < 0 or a[-1] >= total or not (a[1:] > a[:-1]).all()):
             raise LakelensError(f"allow rows must be sorted, unique row numbers in 0..{total - 1}")
         return a[self.live[a]] if self._live_count < total else a
 
-    def _search_filtered(self, x: np.ndarray, fetch: int, rows: np.ndarray,
-                         nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_filtered(self, x: np.ndarray, fetch: int, rows: np.ndarray, nprobe: int | None,
+                         mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) of the `fetch` nearest of `rows` (allowed, live) per query, by
-        the plan FilteredSearch picks; rows past the hits found are -1."""
+        the plan FilteredSearch picks; rows past the hits found are -1. mask: the caller's
+        bool mask, if it gave one (its bitmap costs less than one made from rows)."""
         tuned = dict(self.manifest.get("search_params", {}))
         if nprobe is not None:
             tuned["nprobe"] = int(nprobe)
@@ -375,9 +377,13 @@ class SimilarityIndex:
             return self._filtered.search_exact(x, fetch, rows)
         if plan.kind == "lists":
             return self._filtered.search_lists(x, fetch, rows, plan.nprobe)
-        bits = bitmap(rows, self.index.ntotal)
+        bits = (np.packbits(np.asarray(mask) & self.live, bitorder="little") if mask is not None
+                else bitmap(rows, self.index.ntotal))
         if plan.nprobe is not None:
             tuned["nprobe"] = plan.nprobe
+        refine = faiss.downcast_index(self.index)
+        if isinstance(refine, faiss.IndexRefine):
+            tuned["k_factor"] = float(tuned.get("k_factor", refine.k_factor)) * plan.shortlist
         while True:
             params = _selector_parameters(self.index, tuned, bits, self.index.ntotal)
             scores, found = _numpy_search(self.index)(x, fetch, params=params)

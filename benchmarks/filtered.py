@@ -44,7 +44,7 @@ QUERIES = 1_000
 TUNE_QUERIES = 200
 TARGET = 0.95
 LABELS = {"1pct": 0.01, "0.1pct": 0.001}  # label name -> share of rows
-LANCE_NPROBES = (20, 50, 100, 200, 400, 800)
+LANCE_NPROBES = (20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200)
 
 
 def recall(found: list[np.ndarray] | np.ndarray, truth: np.ndarray) -> float:
@@ -122,7 +122,7 @@ def lance_child(work: str, pq: bool) -> None:
 
 def run_lance(python: str, work: Path, pq: bool) -> dict:
     env = {**os.environ, "LANCE_CPU_THREADS": "1", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "RUST_LOG": "error"}
+           "LANCEDB_LOG": "error"}
     proc = subprocess.run([python, __file__, "--lance-child", str(work)] + (["--lance-pq"] if pq else []),
                           stdout=subprocess.PIPE, text=True, env=env, check=False)
     if proc.returncode:

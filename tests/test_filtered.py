@@ -15,7 +15,7 @@ import pytest
 import index.build as B
 import index.filtered as F
 from index import store
-from index.filtered import FilteredSearch
+from index.filtered import FilteredSearch, numpy_search
 from index.store import SimilarityIndex, open_index
 from models.errors import LakelensError
 from tests.helpers import clustered_vectors
@@ -83,7 +83,7 @@ def test_selective_filters_keep_recall_on_the_auto_index(data, auto: SimilarityI
     # What FAISS's selector alone gives at the tuned nprobe, for the record: the allowed
     # neighbours lie outside the probed lists, so this data does test the plan.
     params = store.search_parameters(auto.index, auto.manifest["search_params"], mask, always=True)
-    selector = auto.index.search(q, 10, params=params)[1]
+    selector = numpy_search(auto.index)(q, 10, params=params)[1]
     assert recall(list(selector), truth) < 0.9
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from index.build import ivf_of, reconstruct, set_search_params
+from index.filtered import FilteredSearch, bitmap
+from index.filtered import numpy_search as _numpy_search
 from index.idmap import IdMap
 
 # The on-disk layout and its writers live in index.versions; these names are the store's API.
@@ -85,6 +87,7 @@ class SimilarityIndex:
         set_search_params(self.index, self.manifest.get("search_params", {}))
         self._params = search_parameters(self.index, self.manifest.get("search_params", {}),
                                          self.live)
+        self._filtered = FilteredSearch(self.index)
 
     def live_count(self) -> int:
         return self._live_count
@@ -108,9 +111,16 @@ class SimilarityIndex:
 
     def search(self, vectors: np.ndarray, k: int = 10, *, allow: np.ndarray | None = None,
                nprobe: int | None = None) -> Neighbors:
-        """Nearest live images of each vector (float32[q, dim] or [dim]). `allow`
-        (bool per row) keeps only those rows, inside the search: a selective filter still
-        returns k hits when k rows pass it. `nprobe` overrides the tuned value."""
+        """Nearest live images of each vector (float32[q, dim] or [dim]).
+
+        `allow` keeps only some rows, inside the search: None (every live row), a bool mask
+        of one entry per row (len == ntotal), or the allowed row numbers (int, sorted,
+        unique; a posting list, which costs what it holds rather than what the index holds).
+        Dead rows stay excluded either way; every hit returned is an allowed live row, and a
+        filter keeping fewer than k such rows returns exactly those. A selective filter is
+        answered from the allowed rows' own stored codes (see index/filtered.py), so its
+        recall holds as the filter narrows. `nprobe` overrides the tuned value (for a
+        filtered search: the unfiltered value the filter's selectivity scales up)."""
         if k <= 0:
             raise LakelensError(f"k must be >= 1, got {k}")
         x = np.asarray(vectors, dtype=np.float32)
@@ -122,40 +132,87 @@ class SimilarityIndex:
         if not np.isfinite(x).all():
             raise LakelensError("query vectors hold NaN or infinite values")
         x = np.ascontiguousarray(x)
-        if allow is None:  # per query batch nothing here may cost O(rows of the index)
-            keep, n_keep = self.live, self._live_count
-        else:
-            keep = self.live & allow
-            n_keep = int(keep.sum())
         fetch = min(k, self.index.ntotal)
-        if fetch == 0 or n_keep == 0:
+        rows = None if allow is None else self.allowed_rows(allow)
+        mask = allow if rows is not None and np.asarray(allow).dtype == np.bool_ else None
+        if fetch == 0 or self._live_count == 0 or (rows is not None and len(rows) == 0):
             empty = [np.zeros(0, np.float32) for _ in x]
             return Neighbors(empty, [np.zeros(0, np.int64) for _ in x], [[] for _ in x], [[] for _ in x])
-        tuned = dict(self.manifest.get("search_params", {}))
-        if nprobe is not None:
-            tuned["nprobe"] = int(nprobe)
-        ivf = self._ivf
-        while True:
-            params = self._params if allow is None and nprobe is None else search_parameters(
-                self.index, tuned, keep, always=True)
-            scores, rows = _numpy_search(self.index)(x, fetch, params=params)
-            if allow is None or ivf is None:
-                break
-            short = ((rows >= 0).sum(axis=1) < min(k, n_keep)).any()
-            probed = int(tuned.get("nprobe", ivf.nprobe))
-            if not short or probed >= ivf.nlist:
-                break
-            # a selective filter left too few hits in the probed lists: probe more
-            tuned["nprobe"] = min(ivf.nlist, max(1, probed) * 4)
+        if rows is None:  # per query batch nothing here may cost O(rows of the index)
+            params = self._params
+            if nprobe is not None:
+                tuned = {**self.manifest.get("search_params", {}), "nprobe": int(nprobe)}
+                params = search_parameters(self.index, tuned, self.live, always=True)
+            scores, found = _numpy_search(self.index)(x, fetch, params=params)
+            member = self.live
+        else:
+            scores, found = self._search_filtered(x, fetch, rows, nprobe, mask)
+            member = None
         out_s, out_r = [], []
-        for s, r in zip(scores, rows, strict=True):
+        for s, r in zip(scores, found, strict=True):
             ok = (r >= 0)
-            ok[ok] &= keep[r[ok]]
+            if member is not None:
+                ok[ok] &= member[r[ok]]
+            else:  # exactly the allowed live rows, whatever the plan returned
+                at = np.minimum(np.searchsorted(rows, r), len(rows) - 1)
+                ok &= rows[at] == r
             out_s.append(s[ok][:k])
             out_r.append(r[ok][:k])
         ids, uris = self.ids.image_ids, self.ids.uris
         return Neighbors(out_s, out_r, [ids.take(pa.array(r)).to_pylist() for r in out_r],
                          [uris.take(pa.array(r)).to_pylist() for r in out_r])
+
+    def allowed_rows(self, allow: np.ndarray) -> np.ndarray:
+        """The live rows `allow` keeps (int64, sorted): from a bool mask of ntotal entries,
+        or from sorted unique row numbers. A LakelensError names a malformed filter."""
+        a = np.asarray(allow)
+        total = self.index.ntotal
+        if a.dtype == np.bool_:
+            if a.shape != (total,):
+                raise LakelensError(f"allow mask has shape {a.shape}; this index has {total} rows "
+                                    "(pass a bool per row, or the allowed row numbers)")
+            return np.flatnonzero(a & self.live)
+        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+            raise LakelensError(f"allow must be a bool mask of {total} rows or a 1-d array of "
+                                f"row numbers, got {a.dtype} of shape {a.shape}")
+        a = a.astype(np.int64, copy=False)
+        if a.size and (a[0] < 0 or a[-1] >= total or not (a[1:] > a[:-1]).all()):
+            raise LakelensError(f"allow rows must be sorted, unique row numbers in 0..{total - 1}")
+        return a[self.live[a]] if self._live_count < total else a
+
+    def _search_filtered(self, x: np.ndarray, fetch: int, rows: np.ndarray, nprobe: int | None,
+                         mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of the `fetch` nearest of `rows` (allowed, live) per query, by
+        the plan FilteredSearch picks; rows past the hits found are -1. mask: the caller's
+        bool mask, if it gave one (its bitmap costs less than one made from rows)."""
+        tuned = dict(self.manifest.get("search_params", {}))
+        if nprobe is not None:
+            tuned["nprobe"] = int(nprobe)
+        ivf = self._ivf
+        plan = self._filtered.plan(len(rows), tuned.get("nprobe", ivf.nprobe if ivf else None))
+        logger.debug("filtered search: %d allowed rows, %s plan", len(rows), plan)
+        if plan.kind == "exact":
+            return self._filtered.search_exact(x, fetch, rows)
+        if plan.kind == "lists":
+            return self._filtered.search_lists(x, fetch, rows, plan.nprobe)
+        bits = (np.packbits(np.asarray(mask) & self.live, bitorder="little") if mask is not None
+                else bitmap(rows, self.index.ntotal))
+        if plan.nprobe is not None:
+            tuned["nprobe"] = plan.nprobe
+        refine = faiss.downcast_index(self.index)
+        if isinstance(refine, faiss.IndexRefine):
+            tuned["k_factor"] = float(tuned.get("k_factor", refine.k_factor)) * plan.shortlist
+        while True:
+            params = _selector_parameters(self.index, tuned, bits, self.index.ntotal)
+            scores, found = _numpy_search(self.index)(x, fetch, params=params)
+            if ivf is None:
+                return scores, found
+            short = ((found >= 0).sum(axis=1) < min(fetch, len(rows))).any()
+            probed = int(tuned.get("nprobe", ivf.nprobe))
+            if not short or probed >= ivf.nlist:
+                return scores, found
+            # a selective filter left too few hits in the probed lists: probe more
+            tuned["nprobe"] = min(ivf.nlist, max(1, probed) * 4)
 
     def rows_of_ids(self, image_ids: list[str]) -> np.ndarray:
         """Live rows of image_ids; a LakelensError names the first that is not indexed."""
@@ -184,13 +241,6 @@ class SimilarityIndex:
                                        max_image_mb=max_image_mb), k)
 
 
-def _numpy_search(index: faiss.Index):
-    """FAISS's own search, which takes search parameters. `faiss.contrib.torch_utils`
-    (imported by pytorch-metric-learning) replaces Index.search in the whole process with
-    a torch-aware one that takes none, keeping the original as `search_numpy`."""
-    return getattr(index, "search_numpy", index.search)
-
-
 def open_index(path: str | Path, *, mmap: bool = False) -> SimilarityIndex:
     """Open INDEX_DIR for searching. Raises LakelensError for a missing or corrupt index."""
     return SimilarityIndex(path, mmap=mmap)
@@ -202,22 +252,32 @@ def search_parameters(index: faiss.Index, params: dict, live: np.ndarray, *, alw
     is live (unless `always`: parameters such as nprobe are wanted anyway)."""
     if live.all() and not always:
         return None
-    bits = np.packbits(live, bitorder="little")
-    sel = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(bits))
+    return _selector_parameters(index, params, np.packbits(live, bitorder="little"), len(live))
+
+
+def _selector_parameters(index: faiss.Index, params: dict, bits: np.ndarray, n: int):
+    sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
     sel.referenced_objects = [bits]  # the C++ selector holds a raw pointer to the bits
     down = faiss.downcast_index(index)
     if isinstance(down, faiss.IndexRefine):
         base = _ivf_params(faiss.downcast_index(down.base_index), params, sel)
         p = faiss.IndexRefineSearchParameters(sel=sel, base_index_params=base)
         p.k_factor = float(params.get("k_factor", down.k_factor))
-        p._keep = (sel, base, live)  # the C++ side holds raw pointers
+        p._keep = (sel, base, bits)  # the C++ side holds raw pointers
         return p
     return _ivf_params(down, params, sel)
 
 
 def _ivf_params(index: faiss.Index, params: dict, sel):
     if isinstance(index, faiss.IndexIVF):
-        p = faiss.SearchParametersIVF(sel=sel, nprobe=int(params.get("nprobe", index.nprobe)))
+        nprobe = int(params.get("nprobe", index.nprobe))
+        p = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        quantizer = faiss.downcast_index(index.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):  # the graph walk must reach nprobe lists
+            ef = max(int(params.get("quantizer_efSearch", quantizer.hnsw.efSearch)), 2 * nprobe)
+            p.quantizer_params = q = faiss.SearchParametersHNSW(efSearch=ef)
+            p._keep = (sel, q)
+            return p
     else:
         p = faiss.SearchParameters(sel=sel)
     p._keep = sel

@@ -95,10 +95,7 @@ class Snapshot:
                     nprobe: int | None) -> tuple[Neighbors, int | None]:
         """Search among `rows` (select's answer; None: every live row). Returns the hits and
         how many rows the filter allowed (None without one)."""
-        allow = rows
-        # TEMPORARY (lead: delete the next line at merge, when SimilarityIndex.search takes sorted rows)
-        allow = None if rows is None else np.put(m := np.zeros(len(self.index.live), bool), rows, True) or m
-        found = self.index.search(vectors, k, allow=allow, nprobe=nprobe)
+        found = self.index.search(vectors, k, allow=rows, nprobe=nprobe)
         return found, None if rows is None else int(self.index.live[rows].sum())
 
     def browse(self, flt: Filter, offset: int, limit: int) -> tuple[int, list[str], list[str]]:

@@ -485,11 +485,14 @@ def _collect_remote(fs: pafs.FileSystem, root: str, current: str, *, keep: int =
 def save(path: str | Path, index: faiss.Index, ids: pa.Table, manifest: dict, *,
          keep: int = KEEP_VERSIONS, live: np.ndarray | None = None,
          trained: faiss.Index | None = None) -> str:
-    """Write `index` and its id map as a new version of one segment and switch CURRENT to
-    it; all but the `keep` newest versions are deleted (1: erasure, no earlier version
-    survives). Returns the version's name."""
+    """Write `index` and its id map (image_id, uri, content_hash; `live` per row as an
+    argument or a column) as a new version of one segment and switch CURRENT to it; all
+    but the `keep` newest versions are deleted (1: erasure, no earlier version survives).
+    Returns the version's name."""
     if index.ntotal != ids.num_rows:
         raise AssertionError(f"index has {index.ntotal} vectors but ids has {ids.num_rows} rows")
+    if live is None and "live" in ids.column_names:  # the id map of format 1 carried it
+        live = np.asarray(ids.column("live").to_numpy(zero_copy_only=False), dtype=bool)
     writer = Writer(path)
     try:
         seg = writer.write_segment(index, ids, start=0, trained=trained)

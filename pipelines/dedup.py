@@ -13,10 +13,12 @@ the night did not add, or one it added at a lower index row. The night's edges a
 table version they cover land in one commit whose app transaction `lakelens.dedup` holds
 that version, so a rerun finds nothing left to do, and a run that crashed before the
 commit leaves the next run to cover its images (no duplicate, no loss). Cost follows the
-night's new images: one changed-ids read of the table's log since that version, one
+night's new images: two streamed reads of the table's log since that version (their ids,
+then their embeddings: the query vectors, exact whatever the index compresses) and one
 search per new image; memory holds one batch of queries and the night's new rows (an
-int64 per new image), never a per-lake structure. FLOOR sits well below any sensible
-threshold, so the table grows with the lake's duplicates, not with the lake.
+int64 per new image), never a per-lake structure. (The first run covers every image the
+index holds, once.) FLOOR sits well below any sensible threshold of a trained embedder,
+so the table grows with the lake's duplicates, not with the lake.
 
 Changed and vanished images: edges are never rewritten. An edge records the table
 version it was found at; at read time (`load_graph`) it counts only while both images
@@ -38,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -50,8 +53,8 @@ from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction
 
 from index import store
-from index.build import reconstruct
 from index.idmap import IdMap
+from index.source import vectors_of
 from models.errors import LakelensError
 from pipelines.lake.table import LakeTable, col, location, open_table, output_fs, part_index
 
@@ -109,17 +112,48 @@ def check_threshold(threshold: float) -> float:
 
 # -- nightly ------------------------------------------------------------------------------
 
+def _indexed_since(table: LakeTable, since: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The latest rows committed after `since` that carry an embedding (every current one
+    when `since` < 0), streamed part by part."""
+    flt = pc.field("embedding").is_valid()
+    if since < 0:
+        yield from table.current(columns, where=flt)
+        return
+    for part in table.parts():
+        yield from table.changes(part, since, columns, where=(pc.field("status") == "ok") & flt)
+
+
 def _new_rows(table: LakeTable, index: store.SimilarityIndex, since: int) -> np.ndarray:
     """Sorted live index rows of the images whose latest row was committed after `since`
     (every live row when `since` < 0: the first run covers the whole index)."""
     if since < 0:
         return np.flatnonzero(index.live).astype(np.int64)
-    found = []
-    for part in table.parts():
-        for batch in table.changes(part, since, ["image_id"]):
-            rows = index.ids.rows_of(batch.column("image_id"))
-            found.append(rows[rows >= 0])
-    return np.unique(np.concatenate(found)).astype(np.int64) if found else np.zeros(0, np.int64)
+    found = [np.zeros(0, np.int64)]
+    for batch in _indexed_since(table, since, ["image_id"]):
+        rows = index.ids.rows_of(batch.column("image_id"))
+        found.append(rows[rows >= 0])
+    return np.unique(np.concatenate(found)).astype(np.int64)
+
+
+def _queries(table: LakeTable, index: store.SimilarityIndex, since: int
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(index rows, their vectors) of the images indexed since `since`, QUERY_BATCH at a
+    time. The vectors are the table's embeddings (exact, whatever the index compresses),
+    taken from the rows the index holds."""
+    rows_buf, vec_buf, held = [], [], 0
+    for batch in _indexed_since(table, since, ["image_id", "embedding"]):
+        rows = index.ids.rows_of(batch.column("image_id"))
+        live = rows >= 0
+        if not live.any():
+            continue
+        rows_buf.append(rows[live])
+        vec_buf.append(vectors_of(batch.column("embedding").filter(pa.array(live)), index.dim))
+        held += int(live.sum())
+        if held >= QUERY_BATCH:
+            yield np.concatenate(rows_buf), np.concatenate(vec_buf)
+            rows_buf, vec_buf, held = [], [], 0
+    if held:
+        yield np.concatenate(rows_buf), np.concatenate(vec_buf)
 
 
 def _similarity(scores: np.ndarray, metric: str) -> np.ndarray:
@@ -127,19 +161,19 @@ def _similarity(scores: np.ndarray, metric: str) -> np.ndarray:
     return scores if metric == "ip" else 1.0 - scores / 2.0
 
 
-def earlier_neighbours(index: store.SimilarityIndex, rows: np.ndarray, new: np.ndarray, *,
-                       k: int = NEIGHBOURS, floor: float = FLOOR
+def earlier_neighbours(index: store.SimilarityIndex, rows: np.ndarray, vectors: np.ndarray,
+                       new: np.ndarray, *, k: int = NEIGHBOURS, floor: float = FLOOR
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Up to k neighbours of each index row in `rows` (a batch of `new`, the sorted rows the
-    run added) that were indexed before it (not in `new`, or in `new` at a lower row), with
-    cosine similarity >= floor, nearest first. Returns (query rows, neighbour rows,
-    similarities), one entry per edge."""
+    run added; `vectors` theirs) that were indexed before it (not in `new`, or in `new` at
+    a lower row), with cosine similarity >= floor, nearest first. Returns (query rows,
+    neighbour rows, similarities), one entry per edge."""
     metric = index.manifest.get("metric", "ip")
     out_q, out_n, out_s = [], [], []
-    todo = rows
+    todo, todo_vectors = rows, vectors
     fetch = min(2 * k + 1, index.live_count())
     while len(todo) and fetch > 0:
-        found = index.search(reconstruct(index.index, todo), fetch)
+        found = index.search(todo_vectors, fetch)
         width = fetch
         hits = np.full((len(todo), width), -1, np.int64)
         sims = np.full((len(todo), width), -np.inf, np.float32)
@@ -161,7 +195,7 @@ def earlier_neighbours(index: store.SimilarityIndex, rows: np.ndarray, new: np.n
         out_q.append(todo[qi])
         out_n.append(hits[qi, ni])
         out_s.append(sims[qi, ni])
-        todo = todo[more]
+        todo, todo_vectors = todo[more], todo_vectors[more]
         fetch = min(fetch * 4, MAX_FETCH, index.live_count())
     if not out_q:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -173,7 +207,7 @@ def nightly(out: str, index_dir: str, *, run_id: str, k: int = NEIGHBOURS, floor
     (see the module's docstring), in one commit that also records the table version they
     cover. Call under the run lock, after the index was synced. Returns what was done."""
     started = time.perf_counter()
-    index = store.open_index(index_dir)
+    index = store.open_index(index_dir, mmap=True)
     target = index.manifest.get("table_version")
     if target is None:
         raise LakelensError(f"{index_dir} was not built from a lakelens table; rebuild it with "
@@ -186,8 +220,8 @@ def nightly(out: str, index_dir: str, *, run_id: str, k: int = NEIGHBOURS, floor
     table = open_table(out)
     new = _new_rows(table, index, seen)
     qs, ns, ss = [], [], []
-    for start in range(0, len(new), QUERY_BATCH):
-        q, n, s = earlier_neighbours(index, new[start:start + QUERY_BATCH], new, k=k, floor=floor)
+    for rows, vectors in _queries(table, index, seen):
+        q, n, s = earlier_neighbours(index, rows, vectors, new, k=k, floor=floor)
         qs.append(q)
         ns.append(n)
         ss.append(s)

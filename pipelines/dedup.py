@@ -103,9 +103,11 @@ def _create(out: str) -> DeltaTable:
     return DeltaTable(dedup_uri(out))
 
 
-def check_threshold(threshold: float) -> float:
+def check_threshold(threshold: float, name: str = "--threshold ") -> float:
+    """`threshold` if it is a similarity the dedup table can answer, else a LakelensError
+    naming it as `name` (the CLI's flag; the service's query parameter)."""
     if not FLOOR <= threshold <= 1.0:
-        raise LakelensError(f"--threshold {threshold}: a cosine similarity in [{FLOOR}, 1] (edges "
+        raise LakelensError(f"{name}{threshold}: a cosine similarity in [{FLOOR}, 1] (edges "
                             f"below {FLOOR} are not stored); the calibrated default is {DEFAULT_THRESHOLD}")
     return float(threshold)
 
@@ -232,8 +234,8 @@ def nightly(out: str, index_dir: str, *, run_id: str, k: int = NEIGHBOURS, floor
         "image_id": ids.take(pa.array(q)), "neighbour_id": ids.take(pa.array(n)),
         "similarity": pa.array(np.concatenate(ss) if ss else np.zeros(0, np.float32), pa.float32()),
         "table_version": pa.array(np.full(len(q), int(target), np.int64)),
-        "run_id": pa.array([run_id] * len(q), pa.string()),
-        "found_at": pa.array(np.full(len(q), datetime.now(UTC)), EDGE_SCHEMA.field("found_at").type),
+        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), len(q)),
+        "found_at": pa.repeat(pa.scalar(datetime.now(UTC), EDGE_SCHEMA.field("found_at").type), len(q)),
     }, schema=EDGE_SCHEMA).sort_by("image_id")
     _commit(dt, edges, target=int(target), run_id=run_id)
     done = {"edges": edges.num_rows, "searched": int(len(new)), "table_version": int(target),

@@ -185,7 +185,7 @@ def test_duplicates_endpoint_on_a_real_server(two_nights, tmp_path: Path) -> Non
             missing = client.get("/images/nope/duplicates")
             assert missing.status_code == 404 and "not in the index" in missing.json()["error"]
             bad = client.get("/images/c/duplicates", params={"threshold": 0.2})
-            assert bad.status_code == 400 and "--threshold" in bad.json()["error"]
+            assert bad.status_code == 400 and "threshold=0.2: a cosine similarity in" in bad.json()["error"]
     finally:
         server.stop()
     # a service whose table has no dedup table: 404 with one line

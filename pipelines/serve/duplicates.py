@@ -50,7 +50,7 @@ class DuplicateGroups:
     def groups(self, snap: Snapshot, threshold: float) -> dedup.Groups:
         """The groups at `threshold` of the snapshot's table. Raises NoDedupTable when the
         service has no table, or the table no DIR/dedup."""
-        threshold = dedup.check_threshold(threshold)
+        threshold = dedup.check_threshold(threshold, "threshold=")
         with self._lock:
             loaded = self._current(snap)
             found = loaded.groups.get(threshold)

@@ -67,8 +67,8 @@ APP = "lakelens.dedup"  # app transaction: the table version the edges cover
 # per image at 0.9, 2.7 at 0.8 on the synthetic lake, where every scene looks alike).
 FLOOR = 0.9
 # The default threshold (cosine similarity) for groups: calibrated on synthetic
-# near-duplicates of the demo lake with the demo's trained `tiny` embedder (README,
-# "Near-duplicates"; tests/test_dedup.py measures it again on a tiny lake).
+# near-duplicates (JPEG, resize, brightness) of the demo lake with the demo's trained `tiny`
+# embedder (README "Near-duplicates"; tests/test_dedup.py, -m slow, measures it again).
 DEFAULT_THRESHOLD = 0.96
 NEIGHBOURS = 5  # earlier neighbours kept per new image (at or above FLOOR)
 MAX_FETCH = 1024  # a query's search widens (x4) up to this many hits to find earlier ones
@@ -125,7 +125,7 @@ def _indexed_since(table: LakeTable, since: int, columns: list[str]) -> Iterator
         yield from table.current(columns, where=flt)
         return
     for part in table.parts():
-        yield from table.changes(part, since, columns, where=(pc.field("status") == "ok") & flt)
+        yield from table.changes(part, since, columns, where=(col("status") == "ok") & flt)
 
 
 def _new_rows(table: LakeTable, index: store.SimilarityIndex, since: int) -> np.ndarray:

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (add_annotate, add_results, add_migrate, add_forget, add_index, add_query, add_serve,
-                add_eval, add_export, add_render, add_synth, add_train, add_demo, add_submit, add_jobs):
+                add_eval, add_export, add_render, add_synth, add_train, add_demo, add_submit, add_jobs,
+                add_dedup):
         add(sub)
     return parser
 
@@ -245,6 +246,33 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                       "or a local Ray)")
     sv.add_argument("--min-replicas", type=int, default=1, help="with --ray (default 1)")
     sv.add_argument("--max-replicas", type=int, default=4, help="with --ray (default 4)")
+
+
+def add_dedup(sub: argparse._SubParsersAction) -> None:
+    dd = sub.add_parser(
+        "dedup", help="near-duplicate groups of an annotations table",
+        description="Groups the images whose near-duplicate edges (found by every `annotate --index` "
+                    "run, in DIR/dedup) reach the threshold: connected components, each named by "
+                    "its smallest image_id. Prints a summary; --out writes one row per image in a group.")
+    dd.add_argument("table", metavar="DIR", help="an annotate --out DIR (local or URI)")
+    dd.add_argument("--threshold", type=float, metavar="S",
+                    help="cosine similarity at which two images are duplicates (default: the "
+                         "calibrated one, see README)")
+    dd.add_argument("--out", metavar="groups.parquet",
+                    help="write image_id, uri, group_id, group_size, similarity (to the group's "
+                         "representative) per image in a group")
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from pipelines import dedup
+
+    found = dedup.groups(args.table, dedup.DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
+    s = found.summary()
+    print(f"near-duplicates in {args.table} at similarity >= {s['threshold']:g}: {s['groups']} groups, "
+          f"{s['images_in_groups']} images in groups, largest group {s['largest_group']}")
+    if args.out:
+        print(f"wrote {dedup.write_groups(found, args.out)} rows to {args.out}")
+    return 0
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -695,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {"annotate": _annotate, "results": _results, "migrate": _migrate,
                     "forget": _forget, "index": _index, "query": _query, "eval": _eval,
                     "export": _export, "render": _render, "synth": _synth, "train": _train,
-                    "demo": _demo, "submit": _submit, "jobs": _jobs, "serve": _serve}
+                    "demo": _demo, "submit": _submit, "jobs": _jobs, "serve": _serve, "dedup": _dedup}
         return commands[args.command](args)
     except LakelensError as e:
         print(f"lakelens: error: {e}", file=sys.stderr)

@@ -191,3 +191,39 @@ def moto_s3(log_dir: Path) -> Iterator[dict[str, str]]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def train_tiny_embedder(data: Path, path: Path, *, epochs: int, seed: int = 0) -> Path:
+    """Train the `tiny` embedder the way `lakelens demo` does (pipelines.train.loops's
+    embedder loop: random init, 128-d projection, multi-similarity loss on P=8 x K=4
+    batches of the train split's image families, random crops and flips, AdamW at 3e-3
+    with warm-up and cosine), in this process on one worker instead of Ray Train's DDP.
+    Writes the checkpoint `annotate --weights embed=PATH` loads."""
+    from models.embedding import build_for_training
+    from models.metric import PKSampler, build_loss
+    from pipelines.train.datasets import EmbedDataset, contiguous_labels, embed_items
+    from pipelines.train.worker import LR_FLOOR, lr_schedule
+
+    torch.manual_seed(seed)
+    items, _ = embed_items(data / "train" / "annotations.json")
+    items, _ = contiguous_labels(items)
+    model, _, crop = build_for_training("tiny", init="random", dim=128, seed=seed)
+    loss = build_loss("multi_similarity")
+    dataset = EmbedDataset(items, crop, train=True)
+    sampler = PKSampler(dataset.labels, 8, 4, seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    lr = 3e-3
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = lr_schedule(opt, len(loader) * epochs, floor=LR_FLOOR * lr)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            value = loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # the loop's GRAD_CLIP
+            opt.step()
+            sched.step()
+    model.eval()
+    save_checkpoint(path, model.state_dict(), {"arch": "tiny", "task": "embed", "dim": model.dim})
+    return path

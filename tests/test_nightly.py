@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import psutil
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 from PIL import Image
@@ -107,6 +108,30 @@ def test_unchanged_lake_then_three_changed_and_five_new(nightly) -> None:
         hits = idx.search(old, 45)
         assert len(hits.image_ids[0]) == 45  # every live image, no dead row among them
     assert idx.index.ntotal == 48  # 3 dead rows kept, excluded by the ID selector
+
+
+def test_near_duplicate_edges_follow_the_nights_once(nightly) -> None:
+    """annotate --index records the edges of the images each night indexed, once: night one
+    searched its 40, the unchanged rerun nothing (no commit), the next night its 8."""
+    from pipelines.dedup import APP
+    from pipelines.lake.sources import image_id
+
+    root, paths, _, first = nightly
+    assert first.index["dedup"]["searched"] == 40
+    dedup = DeltaTable(str(root / "out" / "dedup"))
+    commits = [h for h in dedup.history() if h.get("operation") == "WRITE"]
+    assert len(commits) == 2, commits  # night one, and the night of 5 new and 3 changed
+    edges = dedup.to_pyarrow_table()
+    keys = list(zip(edges.column("image_id").to_pylist(), edges.column("neighbour_id").to_pylist(),
+                    edges.column("table_version").to_pylist(), strict=True))
+    # once each (a changed image records its edges anew, at the version that indexed it)
+    assert len(keys) == len(set(keys)) and not any(a == b for a, b, _ in keys)
+    later = set(edges.filter(pc.not_equal(edges.column("table_version"), first.table_version))
+                .column("image_id").to_pylist())
+    night = {image_id(str(p)) for p in paths[:3]} | {image_id(str(p)) for p in
+                                                      sorted((root / "lake").glob("001*.png"))}
+    assert later and later <= night
+    assert dedup.transaction_version(APP) == open_index(root / "index").manifest["table_version"]
 
 
 def test_readers_need_only_a_filter(nightly) -> None:

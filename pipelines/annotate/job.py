@@ -1,6 +1,6 @@
 """`lakelens annotate`: plan -> lock (its epoch committed into the table) -> list + diff
 against the table -> read+decode (CPU tasks) -> one actor pool per model task -> the commit
-loop (one append to the log per chunk) -> upkeep -> index -> run record
+loop (one append to the log per chunk) -> upkeep -> index -> near-duplicate edges -> run record
 (pipelines.annotate.report).
 
 Incremental by default: only new and changed images (and transient errors of earlier
@@ -330,9 +330,14 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                        wall=time.perf_counter() - started)
     log_actors(run_id, actors, summary.wall_s)
     if cfg.index:  # every run: an index left behind by an earlier failure catches up
-        from pipelines import indexing
+        from pipelines import dedup, indexing
 
-        summary = dataclasses.replace(summary, index=indexing.sync(cfg.index, cfg.out))
+        index = indexing.sync(cfg.index, cfg.out)
+        # then the near-duplicate edges of the images it gained (catching up the same way)
+        found = dedup.nightly(cfg.out, cfg.index, run_id=run_id)
+        index = {**index, "summary": f"{index['summary']}; {dedup.describe_nightly(found)}",
+                 "dedup": found}
+        summary = dataclasses.replace(summary, index=index)
     write_record(cfg, summary, infos, committer, base_version=base_version, actors=actors, upkeep=upkeep)
     return summary
 

@@ -9,8 +9,9 @@ then written about 1 + 1/ratio times in all, whatever the lake's size, and a par
 outgrows `max_part_rows` is split into its 16 sub-prefixes by the same rewrite.
 
 `forget` tombstones images at once; their bytes leave the snapshot (their parts are
-rebuilt), the log (the files holding their rows are rewritten without them) and the
-legacy history at the next upkeep, followed by a vacuum of the replaced files.
+rebuilt), the log (the files holding their rows are rewritten without them), the
+near-duplicate edges naming them (pipelines.dedup.erase) and the legacy history at the
+next upkeep, followed by a vacuum of the replaced files.
 
 `migrate` brings a schema 2/3 table (DIR/table, one SCD2 table) to schema 4 in place:
 its current rows become the snapshot, part by part; DIR/table stays as the history
@@ -212,10 +213,13 @@ def _erase(table: LakeTable, ids: pa.Table) -> dict:
             deleted += int(legacy.delete(f"image_id IN ({quoted})").get("num_deleted_rows", 0))
         legacy.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
     table.vacuum(retention_hours=0)
+    from pipelines import dedup
+
+    edges = dedup.erase(table.out, ids.column("image_id").combine_chunks())  # either side, vacuumed
     fs, root = output_fs(table.out)
     fs.delete_dir_contents(f"{root}/{FORGET_DIR}", missing_dir_ok=True)
     logger.info("erased %d images (%d log rows) from %s", len(values), deleted, table.out)
-    return {"erased": len(values), "log_rows_deleted": deleted}
+    return {"erased": len(values), "log_rows_deleted": deleted, "dedup_edges_deleted": edges}
 
 
 def forget(out: str, *, ids_file: str | None = None, where: str | None = None, upkeep: bool = True) -> dict:
@@ -369,6 +373,7 @@ def describe(result: dict) -> str:
         up = result.get("upkeep")
         if up:
             text += (f"; {up.get('erased', 0)} erased ({up.get('log_rows_deleted', 0)} log rows deleted, "
+                     f"{up.get('dedup_edges_deleted', 0)} near-duplicate edges deleted, "
                      f"{up['rebuilt']} snapshot parts rebuilt, replaced files vacuumed)")
         else:
             text += "; their bytes go at the next upkeep (the next annotate, or forget without --no-upkeep)"

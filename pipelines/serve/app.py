@@ -7,6 +7,7 @@ Endpoints (JSON; OpenAPI at /docs):
   GET  /images/{image_id}    the image, resized (?size=), with ?overlay=1 what the models saw
   GET  /labels               labels (and semantic regions) in the table, images with each
   GET  /browse?<filters>     the images that pass the filters, no query: ?offset=&limit= pages them
+  GET  /images/{image_id}/duplicates   its near-duplicate group (?threshold=, cosine)
   GET  /health, GET /stats
 Every search takes k, nprobe and the filters label, min_count, min_score, min_width,
 min_height, since, until, run_id, region, min_area (see pipelines.serve.facets).
@@ -39,6 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import LakelensError
+from pipelines.dedup import DEFAULT_THRESHOLD
+from pipelines.serve.duplicates import DuplicateGroups, NoDedupTable
 from pipelines.serve.engine import Engine, PixelBudgetError, ServeConfig, Snapshot
 from pipelines.serve.facets import Filter
 
@@ -329,6 +332,22 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         picture.save(buf, format="JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=300"})
+
+    dup_groups = DuplicateGroups(recheck_s=cfg.reload_s)
+
+    @app.get("/images/{image_id}/duplicates")
+    def duplicates(request: Request, image_id: str, threshold: float | None = None) -> dict:
+        """{"image_id", "group_id" (null: in no group), "threshold", "duplicates": [{"image_id",
+        "uri", "similarity"}]}: the other images of its near-duplicate group, most similar first."""
+        snap = engine_of(request).current()
+        try:
+            groups = dup_groups.groups(snap, DEFAULT_THRESHOLD if threshold is None else threshold)
+        except NoDedupTable as e:
+            raise ApiError(404, str(e)) from e
+        if snap.index.row(image_id) is None:
+            raise ApiError(404, f"image_id {image_id!r} is not in the index")
+        return {"image_id": image_id, "group_id": groups.group_of(image_id),
+                "threshold": groups.threshold, "duplicates": groups.duplicates(image_id)}
 
     return app
 

@@ -186,6 +186,7 @@ def test_duplicates_endpoint_on_a_real_server(two_nights, tmp_path: Path) -> Non
             assert missing.status_code == 404 and "not in the index" in missing.json()["error"]
             bad = client.get("/images/c/duplicates", params={"threshold": 0.2})
             assert bad.status_code == 400 and "threshold=0.2: a cosine similarity in" in bad.json()["error"]
+        _page_shows_the_duplicates(server.url, "c", tmp_path)
     finally:
         server.stop()
     # a service whose table has no dedup table: 404 with one line
@@ -198,6 +199,30 @@ def test_duplicates_endpoint_on_a_real_server(two_nights, tmp_path: Path) -> Non
         assert "\n" not in r.json()["error"]
     finally:
         server.stop()
+
+
+def _page_shows_the_duplicates(url: str, image_id: str, tmp_path: Path) -> None:
+    """In the real browser: opening an image shows its duplicates beside it, each with its
+    similarity, best first (the web page's panel, pipelines/serve/page.html)."""
+    from selenium.webdriver.common.by import By
+
+    from tests.test_serve import chromium_driver
+    from tests.test_serve_page import waiter
+
+    browser = chromium_driver(tmp_path / "chromium")
+    try:
+        browser.get(f"{url}/?image_id={image_id}&k=3")
+        panel = browser.find_element(By.ID, "duplicates")
+        waiter(browser).until(lambda b: panel.get_attribute("data-state") == "shown"
+                              and panel.get_attribute("data-image-id") == image_id)
+        assert panel.is_displayed()
+        items = browser.find_elements(By.CSS_SELECTOR, "#dup-list .dup")
+        assert {i.get_attribute("data-image-id") for i in items} == {"a1", "a2", "b1", "b2"}
+        sims = [float(i.find_element(By.CSS_SELECTOR, ".similarity").text) for i in items]
+        assert sims == sorted(sims, reverse=True) and sims[0] >= dedup.DEFAULT_THRESHOLD
+        browser.save_screenshot(str(tmp_path / "page-duplicates.png"))
+    finally:
+        browser.quit()
 
 
 def _images(folder: Path, n: int, *, seed: int) -> list[Path]:

@@ -6,7 +6,7 @@ INDEX_DIR/v<N>-<hex>/manifest.json   factory, dim, metric, count, embedder, tabl
 INDEX_DIR/v<N>-<hex>/live.bits       one bit per row (little-endian packbits); 0: a replaced
                                      or removed image's row. Absent: every row is live.
 INDEX_DIR/segments/<id>/index.faiss  the first segment: a FAISS index over rows 0..n-1
-INDEX_DIR/segments/<id>/vectors.npy  a later segment (an update): its rows' vectors, added
+INDEX_DIR/segments/<id>/vectors.f32  a later segment (an update): its rows' vectors, added
                                      to the index as rows start... when a reader opens it
 INDEX_DIR/segments/<id>/ids-*.parquet  row -> image_id, uri, content_hash, in row order (one
                                      file per build shard; never gathered in one object)
@@ -64,7 +64,8 @@ READS_FORMATS = (1, 2)
 KEEP_VERSIONS = 2
 IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("content_hash", pa.string())])
 SEGMENTS = "segments"
-VECTORS = "vectors.npy"  # a later segment: its rows' vectors, float32[rows, dim]
+VECTORS = "vectors.f32"  # a later segment: its rows' vectors, raw float32[rows, dim]
+FIRST_IDS = "ids-00000.parquet"
 _NAME = re.compile(r"^v(\d+)(-[0-9a-f]{8})?$")
 
 
@@ -282,7 +283,7 @@ def read_index(version_dir: Path, manifest: dict, *, mmap: bool = False) -> tupl
     if index is None:
         index = faiss.read_index(str(first))
     for seg in later:
-        x = np.load(root / seg.dir / VECTORS, mmap_mode="r")
+        x = np.memmap(root / seg.dir / VECTORS, dtype=np.float32, mode="r").reshape(seg.rows, index.d)
         for at in range(0, len(x), 65_536):
             add_rows(index, x[at:at + 65_536], seg.start + at)
     return index, mapped
@@ -344,7 +345,7 @@ class Writer:
             names.append(f"ids-{n:05d}.parquet")
             pq.write_table(t.select(IDS_SCHEMA.names).cast(IDS_SCHEMA), local / names[-1])
         if isinstance(index, np.ndarray):
-            np.save(local / VECTORS, np.ascontiguousarray(index, dtype=np.float32))
+            np.ascontiguousarray(index, dtype=np.float32).tofile(local / VECTORS)
             rows = len(index)
         else:
             faiss.write_index(index, str(local / "index.faiss"))
@@ -399,6 +400,11 @@ class Writer:
             raise LakelensError(f"{self.path}/CURRENT changed while this version was written (another "
                                 f"index writer?); {name} was uploaded but not switched in") from e
         _collect_remote(fs, root, name)
+
+    def discard(self, rel: str) -> None:
+        """Drop a segment this writer staged (it will not be part of the version)."""
+        shutil.rmtree(self.root / rel, ignore_errors=True)
+        self.segments.remove(rel)
 
     def abort(self) -> None:
         """Remove what this writer staged (segments of a version never committed)."""

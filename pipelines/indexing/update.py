@@ -111,43 +111,33 @@ def _update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> di
     total = sum(s.rows for s in segments)
     dim = int(manifest["dim"])
 
-    # The night's changes, part by part: the ids that changed, and the new rows' vectors.
-    changed: list[pa.Array] = []
-    new_ids: list[pa.RecordBatch] = []
-    new_vectors: list[np.ndarray] = []
-    forgotten = 0
-    columns = ["image_id", "uri", "content_hash", "status", "reason", "embedding"]
-    for part in table.parts():
-        for batch in table.changes(part, seen, columns, batch_rows=batch_rows):
-            changed.append(batch.column("image_id").cast(pa.string()))
-            forgotten += int(pc.sum(pc.equal(batch.column("reason"), "forgotten")).as_py() or 0)
-            keep = pc.and_(pc.equal(batch.column("status"), "ok"), pc.is_valid(batch.column("embedding")))
-            batch = batch.filter(keep)
-            if batch.num_rows:
-                new_ids.append(id_rows(batch))
-                new_vectors.append(vectors_of(batch.column("embedding"), dim))
-    if forgotten:  # erasure: their vectors leave the files, and no older version keeps them
-        return _rebuild(index_dir, results, manifest, f"{forgotten} forgotten images' vectors are erased",
-                        started, keep=1)
-    live = V.read_live(vdir, total)
-    closed = _retire(vdir, manifest, pa.chunked_array(changed, pa.string()) if changed else None, live)
-    added = sum(len(v) for v in new_vectors)
-    if not added and not closed:  # only empty commits (lock fences) since: nothing to rewrite
-        return _unchanged(manifest, seen)
-    n_live = int(live.sum()) + added
-    reason = rebuild_reason({**manifest, "segments": segments + ([None] if added else [])}, n_live,
-                            total + added)
-    if reason is None and added and not _appendable(trained_path):
-        reason = f"{manifest['factory']} cannot take rows in order"
-    if reason:
-        return _rebuild(index_dir, results, manifest, reason, started, added=added, replaced=closed)
+    # The night's changes, part by part: the ids that changed are kept (a column of the
+    # night), the new rows' vectors and ids go straight into the new segment's files.
     writer = V.Writer(index_dir)
     try:
+        seg_dir, changed, added, forgotten = _stream_night(writer, table, seen, dim, batch_rows)
+        if forgotten:  # erasure: their vectors leave the files, and no older version keeps them
+            writer.abort()
+            return _rebuild(index_dir, results, manifest, f"{forgotten} forgotten images' vectors are erased",
+                            started, keep=1)
+        live = V.read_live(vdir, total)
+        closed = _retire(vdir, manifest, changed, live)
+        if not added and not closed:  # only empty commits (lock fences) since: nothing to rewrite
+            writer.abort()
+            return _unchanged(manifest, seen)
+        n_live = int(live.sum()) + added
+        reason = rebuild_reason({**manifest, "segments": segments + ([None] if added else [])}, n_live,
+                                total + added)
+        if reason is None and added and not _appendable(trained_path):
+            reason = f"{manifest['factory']} cannot take rows in order"
+        if reason:
+            writer.abort()
+            return _rebuild(index_dir, results, manifest, reason, started, added=added, replaced=closed)
         if added:
-            segments = [*segments, writer.write_segment(np.concatenate(new_vectors),
-                                                        pa.Table.from_batches(new_ids, V.IDS_SCHEMA),
-                                                        start=total)]
+            segments = [*segments, V.Segment(seg_dir, total, added, (V.FIRST_IDS,))]
             live = np.concatenate([live, np.ones(added, bool)])
+        else:
+            writer.discard(seg_dir)  # an empty segment is not kept
         keep_keys = {k: v for k, v in manifest.items() if k not in ("segments", "version", "format_version")}
         out = {**keep_keys, "count": int(live.sum()), "vectors": int(len(live)),
                "table_version": table.version, "updated_at": datetime.now(UTC).isoformat(),
@@ -162,6 +152,36 @@ def _update(index_dir: str, results: str, *, batch_rows: int = BATCH_ROWS) -> di
     finally:
         writer.close()
     return {**out, "version": name, "segments": [s.as_json() for s in segments]}
+
+
+def _stream_night(writer: V.Writer, table, seen: int, dim: int, batch_rows: int
+                  ) -> tuple[str, pa.ChunkedArray | None, int, int]:
+    """Read the changes since `seen` part by part, writing the new rows (status ok, with an
+    embedding) into a new segment as they come: (its dir, the changed ids, rows written,
+    forgotten images). Only the changed ids are kept in memory."""
+    import pyarrow.parquet as pq
+
+    rel, local = writer.new_segment()
+    changed: list[pa.Array] = []
+    added = forgotten = 0
+    columns = ["image_id", "uri", "content_hash", "status", "reason", "embedding"]
+    ids_out = pq.ParquetWriter(local / V.FIRST_IDS, V.IDS_SCHEMA)
+    try:
+        with open(local / V.VECTORS, "wb") as vectors_out:
+            for part in table.parts():
+                for batch in table.changes(part, seen, columns, batch_rows=batch_rows):
+                    ids = batch.column("image_id").cast(pa.string())
+                    changed.append(ids.take(pa.array(np.arange(len(ids)))))  # its own buffers
+                    forgotten += int(pc.sum(pc.equal(batch.column("reason"), "forgotten")).as_py() or 0)
+                    batch = batch.filter(pc.and_(pc.equal(batch.column("status"), "ok"),
+                                                 pc.is_valid(batch.column("embedding"))))
+                    if batch.num_rows:
+                        ids_out.write_batch(id_rows(batch))
+                        vectors_of(batch.column("embedding"), dim).tofile(vectors_out)
+                        added += batch.num_rows
+    finally:
+        ids_out.close()
+    return rel, pa.chunked_array(changed, pa.string()) if changed else None, added, forgotten
 
 
 def _appendable(trained_path) -> bool:

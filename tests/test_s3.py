@@ -35,6 +35,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         yield {"client": client}
 
 
+@pytest.mark.slow  # ~50 s; the S3 index race and the byte cap stay in the default run
 def test_annotate_index_and_read_back_everything_from_s3(s3, tmp_path: Path) -> None:
     lake, out, index = f"s3://{BUCKET}/lake", f"s3://{BUCKET}/out", f"s3://{BUCKET}/index"
     proc = lakelens("annotate", lake, "--out", out, "--index", index, *TINY)

@@ -183,6 +183,7 @@ def _annotate_and_eval(val: Path, checkpoint: Path, out: Path, *more: str) -> di
     return json.loads((out / "eval.json").read_text())["tasks"]["semantic"]
 
 
+@pytest.mark.slow  # ~27 s
 def test_a_checkpoint_annotates_and_eval_scores_it_as_the_model_does(
         shapes: tuple[Path, Path], tmp_path: Path) -> None:
     """A 4-class U-Net checkpoint (seeded, untrained: what it predicts does not matter,

@@ -67,6 +67,7 @@ def head(tmp_path_factory: pytest.TempPathFactory):
         _kill_session(proc.pid)
 
 
+@pytest.mark.slow  # ~22 s; a failing job on the cluster stays in the default run
 def test_submit_annotate_runs_on_the_cluster_and_fills_the_table(head: str, tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     lake.mkdir()

@@ -105,6 +105,7 @@ def test_resume_continues_from_the_checkpoint(detector_run, data: Path) -> None:
     assert sched["last_epoch"] == 4 * 4  # the LR schedule continued too
 
 
+@pytest.mark.slow  # ~38 s; the detector training tests stay in the default run
 def test_embedder_trains_and_serves_index_queries(ray_local, data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(kind="embedder", task="embed", arch="tiny", init="random", data=str(data),
                       out=str(tmp_path / "emb"), workers=2, epochs=4, p=2, k=4, dim=16,

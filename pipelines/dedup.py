@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,13 +49,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction
+from deltalake.transaction import CommitProperties, Transaction
 
 from index import store
 from index.idmap import IdMap
 from index.source import vectors_of
 from models.errors import LakelensError
-from pipelines.lake.table import LakeTable, col, location, open_table, output_fs, part_index
+from pipelines.lake.table import LakeTable, col, location, open_table, part_index, rewrite_without
 
 logger = logging.getLogger(__name__)
 
@@ -472,29 +471,15 @@ def erase(out: str, ids: pa.Array) -> int:
     if dt is None:
         return 0
     ids = ids.cast(pa.string())
-    dataset = dt.to_pyarrow_dataset()
     hit = pc.field("image_id").cast(pa.string()).isin(ids) | pc.field("neighbour_id").cast(
         pa.string()).isin(ids)
-    fs, root = output_fs(out)
-    now = int(datetime.now(UTC).timestamp() * 1000)
-    actions, removed = [], 0
-    for fragment in dataset.get_fragments():
-        if not fragment.count_rows(filter=hit):
-            continue
-        rows = fragment.to_table(schema=dataset.schema).cast(EDGE_SCHEMA)
-        drop = pc.or_(pc.is_in(rows.column("image_id"), value_set=ids),
+
+    def drop(rows: pa.Table) -> pa.Array:
+        return pc.or_(pc.is_in(rows.column("image_id"), value_set=ids),
                       pc.is_in(rows.column("neighbour_id"), value_set=ids))
-        keep = rows.filter(pc.invert(drop))
-        removed += rows.num_rows - keep.num_rows
-        name = f"part-erase-{uuid.uuid4().hex}.zstd.parquet"
-        pq.write_table(keep, f"{root}/{DEDUP_DIR}/{name}", filesystem=fs, compression="zstd")
-        size = fs.get_file_info(f"{root}/{DEDUP_DIR}/{name}").size
-        actions.append(AddAction(name, size, {}, now, True, None))
-        actions.append(RemoveAction(fragment.path, True, now, None, {}))
-    if actions:
-        props = CommitProperties(custom_metadata={"lakelens.erased": str(removed)})
-        dt.create_write_transaction(actions, "append", EDGE_SCHEMA, commit_properties=props)
-        dt.update_incremental()
+
+    removed = rewrite_without(dt, out, DEDUP_DIR, dt.to_pyarrow_dataset(), EDGE_SCHEMA, hit, drop)
+    dt.update_incremental()
     dt.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
     logger.info("erased %d near-duplicate edges of %d forgotten images", removed, len(ids))
     return removed

@@ -463,30 +463,15 @@ class LakeTable:
         rows, in one commit (each new file added, each old one removed); only those files
         are read and written. Written here with pyarrow, not by delta-rs's delete, so the
         files keep plain Arrow strings (delta-io/delta-rs#4579). Returns rows removed."""
-        dataset = self.log_dataset()
         hit = col("image_id").isin(ids) & (col("status") != "tombstone")
-        fs, root = output_fs(self.out)
-        now = int(datetime.now(UTC).timestamp() * 1000)
-        actions, removed = [], 0
-        for fragment in dataset.get_fragments():
-            if not fragment.count_rows(filter=hit):
-                continue
-            rows = fragment.to_table(schema=dataset.schema).cast(TABLE_SCHEMA)
-            drop = pc.and_(pc.is_in(rows.column("image_id"), value_set=ids),
-                           pc.not_equal(rows.column("status"), "tombstone"))
-            keep = rows.filter(pc.invert(pc.fill_null(drop, False)))
-            removed += rows.num_rows - keep.num_rows
-            name = f"part-erase-{uuid.uuid4().hex}.zstd.parquet"
-            pq.write_table(keep, f"{root}/{LOG_DIR}/{name}", filesystem=fs, row_group_size=ROW_GROUP,
-                           compression="zstd")
-            size = fs.get_file_info(f"{root}/{LOG_DIR}/{name}").size
-            actions.append(AddAction(name, size, {}, now, True, _stats(keep)))
-            actions.append(RemoveAction(fragment.path, True, now, None, {}))
-        if actions:
-            info = {"lakelens.run_id": run_id, "lakelens.erased": str(removed)}
-            props = CommitProperties(custom_metadata=info)
-            self.log.create_write_transaction(actions, "append", TABLE_SCHEMA, commit_properties=props)
-            self.log.update_incremental()
+
+        def drop(rows: pa.Table) -> pa.Array:
+            return pc.fill_null(pc.and_(pc.is_in(rows.column("image_id"), value_set=ids),
+                                        pc.not_equal(rows.column("status"), "tombstone")), False)
+
+        removed = rewrite_without(self.log, self.out, LOG_DIR, self.log_dataset(), TABLE_SCHEMA, hit, drop,
+                                  stats=_stats, metadata={"lakelens.run_id": run_id})
+        self.log.update_incremental()
         return removed
 
     def vacuum(self, *, retention_hours: int) -> int:
@@ -497,6 +482,33 @@ class LakeTable:
                                      enforce_retention_duration=False))
             dt.update_incremental()
         return removed
+
+
+def rewrite_without(dt: DeltaTable, out: str, subdir: str, dataset: pds.Dataset, schema: pa.Schema,
+                    hit: pc.Expression, drop, *, stats=None, metadata: dict | None = None) -> int:
+    """Rewrite the files of Delta table `dt` (DIR/`subdir`) that hold rows matching `hit`
+    without the rows `drop(rows)` marks, in one commit (each new file added, each old one
+    removed); only those files are read and written, with pyarrow (not delta-rs's delete,
+    which would leave string_view files: delta-io/delta-rs#4579). Returns rows removed."""
+    fs, root = output_fs(out)
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    actions, removed = [], 0
+    for fragment in dataset.get_fragments():
+        if not fragment.count_rows(filter=hit):
+            continue
+        rows = fragment.to_table(schema=dataset.schema).cast(schema)
+        keep = rows.filter(pc.invert(drop(rows)))
+        removed += rows.num_rows - keep.num_rows
+        name = f"part-erase-{uuid.uuid4().hex}.zstd.parquet"
+        pq.write_table(keep, f"{root}/{subdir}/{name}", filesystem=fs, row_group_size=ROW_GROUP,
+                       compression="zstd")
+        size = fs.get_file_info(f"{root}/{subdir}/{name}").size
+        actions.append(AddAction(name, size, {}, now, True, stats(keep) if stats else None))
+        actions.append(RemoveAction(fragment.path, True, now, None, {}))
+    if actions:
+        props = CommitProperties(custom_metadata={**(metadata or {}), "lakelens.erased": str(removed)})
+        dt.create_write_transaction(actions, "append", schema, commit_properties=props)
+    return removed
 
 
 def _rows_of(dataset: pds.Dataset, image_id: str, columns: list[str], where: pc.Expression) -> pa.Table:

@@ -9,6 +9,7 @@ driver holds the merged index (what the service will hold) and one shard being m
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import faiss
@@ -93,9 +94,12 @@ def sample_shards(plan: Plan, positions: np.ndarray, shards: int, batch_rows: in
 
 def _shard_task(out: str, at: tuple[int, int], parts: list[str], start: int, rows: int,
                 trained: np.ndarray, queries: np.ndarray, query_rows: np.ndarray, metric: str,
-                dim: int, batch_rows: int):
+                dim: int, batch_rows: int, spill: str, name: str):
     """One shard: its vectors added over the trained index (global row ids), its id map,
-    and the exact neighbours of the held-out queries among its rows."""
+    and the exact neighbours of the held-out queries among its rows. Where the driver's
+    segment directory `spill` is on this node's disk, the shard and its id map are written
+    there (never through the object store, whose shared pages would count in both
+    processes' memory); elsewhere they travel as the task's result."""
     table = open_table(out, at=at)
     exact = B.ExactNeighbors(queries, B.RECALL_K, metric, exclude=query_rows, start=start)
     ids: list[pa.RecordBatch] = []
@@ -111,7 +115,13 @@ def _shard_task(out: str, at: tuple[int, int], parts: list[str], start: int, row
     if index.ntotal != rows:
         raise RuntimeError(f"shard of parts {parts[0]}..{parts[-1]} read {index.ntotal} rows, "
                            f"expected {rows}: the table changed under the build")
-    return faiss.serialize_index(index), pa.Table.from_batches(ids, schema=V.IDS_SCHEMA), exact.partial()
+    table_ids = pa.Table.from_batches(ids, schema=V.IDS_SCHEMA)
+    ids.clear()
+    if os.path.isdir(spill):
+        pq.write_table(table_ids, os.path.join(spill, name))
+        faiss.write_index(index, os.path.join(spill, f".{name}.faiss"))
+        return None, None, exact.partial()
+    return faiss.serialize_index(index), table_ids, exact.partial()
 
 
 def build_shards(plan: Plan, metric: str, batch_rows: int, writer: V.Writer, queries: np.ndarray,
@@ -129,22 +139,27 @@ def build_shards(plan: Plan, metric: str, batch_rows: int, writer: V.Writer, que
     q, qr = ray.put(queries), ray.put(query_rows)
     task = _remote(_shard_task)
     ranges = _ranges(plan, shards)
+    names = [f"ids-{n:05d}.parquet" for n in range(len(ranges))]
     refs = [task.remote(plan.table.out, plan.table.versions, parts, start, rows, blob, q, qr, metric,
-                        plan.dim, batch_rows) for parts, start, rows in ranges]
+                        plan.dim, batch_rows, str(local), names[n])
+            for n, (parts, start, rows) in enumerate(ranges)]
     logger.info("adding %d vectors in %d shards on Ray", plan.n, len(refs))
     exact = B.ExactNeighbors(queries, B.RECALL_K, metric, exclude=query_rows)
-    merged, names = faiss.deserialize_index(data), []
+    merged = faiss.deserialize_index(data)
     del data
     for n in range(len(refs)):  # in row order: the merged lists are those of one process
         data, ids, partial = ray.get(refs[n])
         refs[n] = None  # the shard leaves the object store once merged
-        shard = faiss.deserialize_index(data)
-        del data
+        spilled = local / f".{names[n]}.faiss"
+        if data is None:  # written beside the segment by a task on this node
+            shard = faiss.read_index(str(spilled))
+            spilled.unlink()
+        else:
+            shard = faiss.deserialize_index(data)
+            pq.write_table(ids, local / names[n])
+        del data, ids
         merge_shard(merged, shard)
         del shard
-        names.append(f"ids-{n:05d}.parquet")
-        pq.write_table(ids, local / names[-1])
-        del ids
         exact.merge([partial])
         logger.info("merged shard %d of %d (%d vectors so far)", n + 1, len(ranges), merged.ntotal)
     merged = finish(merged, trained)

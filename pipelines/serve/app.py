@@ -311,7 +311,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
     def image(request: Request, image_id: str, size: int = 512, overlay: bool = False) -> Response:
         from PIL import Image
 
-        from models.decode import decode_image
+        from models.decode import DEFAULT_MAX_IMAGE_MB, decode_image, max_image_bytes
         from pipelines.lake.sources import read_bytes
 
         if not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
@@ -322,7 +322,8 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             raise ApiError(404, f"image_id {image_id!r} is not in the index")
         uri = snap.index.uri(row)
         try:
-            pixels = decode_image(read_bytes(uri), max_pixels=cfg.max_pixels, long=size).pixels
+            data = read_bytes(uri, max_bytes=max_image_bytes(DEFAULT_MAX_IMAGE_MB))  # annotate's cap
+            pixels = decode_image(data, max_pixels=cfg.max_pixels, long=size).pixels
         except (OSError, ValueError) as e:
             raise ApiError(404, f"image {image_id!r} cannot be read any more: {type(e).__name__}") from e
         picture = Image.fromarray(pixels)

@@ -122,3 +122,28 @@ def test_a_second_index_writer_is_refused_in_one_line(lake, tmp_path: Path) -> N
         assert "\n" not in str(e.value)
     m = build(IndexBuildConfig(results=str(out), out=str(tmp_path / "idx"), factory="Flat"))
     assert m["count"] == N
+
+
+def test_a_shard_on_another_node_returns_itself_through_the_object_store(lake, tmp_path: Path) -> None:
+    """A shard task that cannot see the driver's segment directory (another node's disk)
+    returns the shard and its id map as its result instead of writing them there."""
+    from index import build as B
+    from index.shards import shard_template
+    from pipelines.indexing.sharded import _shard_task
+    from pipelines.lake.table import open_table
+
+    out, data, ids = lake
+    table = open_table(str(out))
+    trained = B.new_index(FACTORY, DIM, "ip")
+    trained.train(data[:5000])
+    parts = table.parts()[:3]
+    counted = sum(b.num_rows for p in parts for b in table.current_part(p, ["image_id"]))
+    queries = data[:5]
+    blob, id_table, (scores, found) = _shard_task(
+        str(out), table.versions, parts, 0, counted, faiss.serialize_index(shard_template(trained)),
+        queries, np.arange(5), "ip", DIM, 4096, str(tmp_path / "not-on-this-node"), "ids-00000.parquet")
+    shard = faiss.deserialize_index(blob)
+    assert shard.ntotal == counted == id_table.num_rows
+    assert set(id_table.column("image_id").to_pylist()) <= set(ids)
+    assert scores.shape == found.shape == (5, 11)
+    assert not (tmp_path / "not-on-this-node").exists()

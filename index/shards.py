@@ -98,16 +98,22 @@ def add_rows(index: faiss.Index, x: np.ndarray, start: int) -> None:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not len(x):
         return
-    down = faiss.downcast_index(index)
     if index.ntotal != start:
         raise ValueError(f"rows must be added in order: the index holds {index.ntotal}, "
                          f"these start at {start}")
+    _add(index, x, start)
+
+
+def _add(index: faiss.Index, x: np.ndarray, start: int) -> None:
+    """x as rows start...: ids in the IVF lists, re-rank and flat codes appended."""
+    down = faiss.downcast_index(index)
+    ids = np.arange(start, start + len(x), dtype=np.int64)
     if isinstance(down, faiss.IndexRefine):
-        _base(index).add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        _base(index).add_with_ids(x, ids)
         down.refine_index.add(x)
         down.ntotal = down.refine_index.ntotal
     elif isinstance(down, faiss.IndexIVF):
-        down.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        down.add_with_ids(x, ids)
     else:
         down.add(x)
 
@@ -122,17 +128,9 @@ def add_shard(template: faiss.Index, blocks: Iterable[np.ndarray], start: int, *
     row = start
     for block in blocks:
         x = np.ascontiguousarray(block, dtype=np.float32)
-        if not len(x):
-            continue
-        down = faiss.downcast_index(index)
-        ids = np.arange(row, row + len(x), dtype=np.int64)
-        if isinstance(down, faiss.IndexRefine):
-            _base(index).add_with_ids(x, ids)
-            down.refine_index.add(x)
-            down.ntotal = down.refine_index.ntotal
-        else:
-            down.add_with_ids(x, ids)
-        row += len(x)
+        if len(x):
+            _add(index, x, row)
+            row += len(x)
     return index
 
 

@@ -440,16 +440,20 @@ def _listed_segments(manifest_path: Path) -> set[str]:
         return set()
 
 
+def _kept(versions: list[str], current: set[str], keep: int) -> set[str]:
+    """Of the sorted version names, those to keep: `current` and the keep - 1 newest before
+    it (one numbered past it was left by a writer stopped before its switch)."""
+    newest = max(version_number(c) or 0 for c in current)
+    before = [v for v in versions if version_number(v) < newest]
+    return (set(before[-(keep - 1):]) if keep > 1 else set()) | current
+
+
 def _collect(root: Path, current: set[str], *, keep: int) -> None:
     """Delete versions past the `keep` newest (those in `current` always kept), segments no
     kept version lists, and staging left by a killed writer."""
-    newest = max(version_number(c) or 0 for c in current)
     versions = sorted((p for p in root.iterdir() if p.is_dir() and version_number(p.name) is not None),
                       key=lambda p: version_number(p.name))
-    # a version numbered past the one switched in was left by a writer killed before its switch
-    before = [p for p in versions if version_number(p.name) < newest]
-    kept = {p.name for p in before[-(keep - 1):]} if keep > 1 else set()
-    kept |= current
+    kept = _kept([p.name for p in versions], current, keep)
     listed: set[str] = set()
     for p in versions:
         if p.name in kept:
@@ -469,9 +473,7 @@ def _collect_remote(fs: pafs.FileSystem, root: str, current: str, *, keep: int =
     listed_info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     versions = sorted((i.base_name for i in listed_info if i.type == pafs.FileType.Directory
                        and version_number(i.base_name) is not None), key=version_number)
-    # a version numbered past the one switched in was left by a writer stopped before its switch
-    before = [v for v in versions if version_number(v) < version_number(current)]
-    kept = (set(before[-(keep - 1):]) if keep > 1 else set()) | {current}
+    kept = _kept(versions, {current}, keep)
     listed: set[str] = set()
     for v in versions:
         if v not in kept:

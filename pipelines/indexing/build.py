@@ -34,7 +34,7 @@ from models.errors import LakelensError
 from pipelines import version
 from pipelines.indexing.reading import Plan, count_parts, id_rows, scan_parts, vectors
 from pipelines.indexing.sharded import build_shards, count_shards, sample_shards
-from pipelines.lake.table import open_table
+from pipelines.lake.table import LakeTable, open_table
 from pipelines.schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def build_locked(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS,
     model = table.model("embed")
     if model is None or not table.embedding_dim:
         raise LakelensError(f"no embeddings in {table.out!r}: run `lakelens annotate --tasks embed` first")
-    shards = _shards(cfg)
+    shards = _shards(cfg, table)
     parts = table.parts()
     if shards > 1:
         counted = count_shards(table, parts, model["weights_id"], shards)
@@ -169,7 +169,7 @@ def build_locked(cfg: IndexBuildConfig, *, keep: int = V.KEEP_VERSIONS,
     return {**manifest, "version": name}
 
 
-def _shards(cfg: IndexBuildConfig) -> int:
+def _shards(cfg: IndexBuildConfig, table: LakeTable) -> int:
     if cfg.shards is not None:
         return cfg.shards
     try:
@@ -178,7 +178,6 @@ def _shards(cfg: IndexBuildConfig) -> int:
         return 0
     if not ray.is_initialized():
         return 0
-    table = open_table(cfg.results)
     rows = sum(table.part_stats().values())
     if rows < SHARD_MIN_ROWS:
         return 0

@@ -374,3 +374,27 @@ def test_a_lagging_index_catches_up_on_a_quiet_night(nightly) -> None:
     idx = open_index(root / "index")
     assert idx.manifest["table_version"] >= ahead.table_version
     assert [u[0] for u in idx.search_images([str(p) for p in added], 1).uris] == [str(p) for p in added]
+
+
+def test_a_run_that_fails_after_committing_still_leaves_its_record(ray_local, tmp_path: Path) -> None:
+    """The index's writer lock is held by another writer: the run commits its rows, then
+    its index sync is refused. The record says so, with what the run committed."""
+    from models.errors import LakelensError
+    from pipelines.indexing import index_lock
+
+    write_images(tmp_path / "lake", 12)
+    out = tmp_path / "out"
+    cfg = AnnotateConfig(sources=(str(tmp_path / "lake"),), out=str(out), index=str(tmp_path / "index"),
+                         chunk_size=5, **EMBED)
+    with index_lock(str(tmp_path / "index")), pytest.raises(LakelensError, match="lock"):
+        run(cfg)
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert len(records) == 1, records
+    r = records[0]
+    assert r["status"] == "failed" and r["error"].startswith("LockHeld: ") and "locked by" in r["error"]
+    assert r["counts"]["annotated"] + r["counts"]["errors"] == 12 and r["counts"]["new"] == 12
+    assert r["chunks"] == 3 and r["table_version"] == table_version(out)
+    assert read_current(out).num_rows == 12  # what it committed stays committed
+    rerun = run(dataclasses.replace(cfg))  # the lock is free now: the index catches up
+    done = json.loads((out / "runs" / f"{rerun.run_id}.json").read_text())
+    assert done["status"] == "succeeded" and done["error"] is None and rerun.index

@@ -315,31 +315,55 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                 infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
     base_version = table.version
     parts = table.parts()
-    counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
-    record_models(table, infos, cfg.full)
+    counts, skipped = D.DiffCounts(), {}
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
-    crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
-                        since=base_version)
-    if cfg.prune and counts.vanished:
-        gone = D.read_bucket_files(staging, "vanished")
-        if gone is not None:
-            committer.close_vanished(gone)
-    upkeep = run_upkeep(table)
-    actors = actor_stats(f"{staging}/actors") if counts.todo else []
-    summary = _summary(cfg, run_id, table, counts, skipped, committer, crashed, actors, infos,
-                       wall=time.perf_counter() - started)
-    log_actors(run_id, actors, summary.wall_s)
-    if cfg.index:  # every run: an index left behind by an earlier failure catches up
-        from pipelines import dedup, indexing
+    try:
+        counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
+        record_models(table, infos, cfg.full)
+        crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
+                            since=base_version)
+        if cfg.prune and counts.vanished:
+            gone = D.read_bucket_files(staging, "vanished")
+            if gone is not None:
+                committer.close_vanished(gone)
+        upkeep = run_upkeep(table)
+        actors = actor_stats(f"{staging}/actors") if counts.todo else []
+        summary = _summary(cfg, run_id, table, counts, skipped, committer, crashed, actors, infos,
+                           wall=time.perf_counter() - started)
+        log_actors(run_id, actors, summary.wall_s)
+        if cfg.index:  # every run: an index left behind by an earlier failure catches up
+            from pipelines import dedup, indexing
 
-        index = indexing.sync(cfg.index, cfg.out)
-        # then the near-duplicate edges of the images it gained (catching up the same way)
-        found = dedup.nightly(cfg.out, cfg.index, run_id=run_id)
-        index = {**index, "summary": f"{index['summary']}; {dedup.describe_nightly(found)}",
-                 "dedup": found}
-        summary = dataclasses.replace(summary, index=index)
+            index = indexing.sync(cfg.index, cfg.out)
+            # then the near-duplicate edges of the images it gained (catching up the same way)
+            found = dedup.nightly(cfg.out, cfg.index, run_id=run_id)
+            index = {**index, "summary": f"{index['summary']}; {dedup.describe_nightly(found)}",
+                     "dedup": found}
+            summary = dataclasses.replace(summary, index=index)
+    except BaseException as e:  # the record of a failed run: what it committed before it failed
+        _record_failure(cfg, run_id, table, counts, skipped, committer, infos, base_version,
+                        started, e)
+        raise
     write_record(cfg, summary, infos, committer, base_version=base_version, actors=actors, upkeep=upkeep)
     return summary
+
+
+def _record_failure(cfg: AnnotateConfig, run_id: str, table: LakeTable, counts: D.DiffCounts,
+                    skipped: dict[str, int], committer: Committer, infos: list[ModelInfo],
+                    base_version: int, started: float, error: BaseException) -> None:
+    """DIR/runs/RUN_ID.json for a run that failed: its counts and commits so far and the
+    error's first line. Never masks the run's own error."""
+    try:
+        table.refresh()
+        summary = _summary(cfg, run_id, table, counts, skipped, committer, 0, [], infos,
+                           wall=time.perf_counter() - started)
+        text = str(error).strip().splitlines()
+        write_record(cfg, summary, infos, committer, base_version=base_version, actors=[], upkeep={},
+                     failed=f"{type(error).__name__}: {text[0][:500] if text else ''}".rstrip(": "))
+        logger.info("run %s failed after %d commits; its record is %s/runs/%s.json", run_id,
+                    committer.seq, cfg.out, run_id)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to raise
+        logger.warning("run %s: could not write the record of the failed run", run_id, exc_info=True)
 
 
 def _list_and_diff(cfg: AnnotateConfig, run_id: str, table: LakeTable, infos: list[ModelInfo], plan_src,

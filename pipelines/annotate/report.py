@@ -136,9 +136,12 @@ def log_actors(run_id: str, actors: list[dict], wall: float) -> None:
 
 
 def write_record(cfg: AnnotateConfig, summary: RunSummary, infos: list[ModelInfo], committer: Committer,
-                 *, base_version: int, actors: list[dict], upkeep: dict) -> None:
-    """DIR/runs/RUN_ID.json: arguments, models, counts, versions, timings, upkeep."""
-    record = {"run_id": summary.run_id, "lakelens_version": version(), "config": dataclasses.asdict(cfg),
+                 *, base_version: int, actors: list[dict], upkeep: dict, failed: str | None = None) -> None:
+    """DIR/runs/RUN_ID.json: arguments, models, counts, versions, timings, upkeep; `status`
+    is "succeeded", or "failed" with `error` (the counts are then what it did before)."""
+    record = {"run_id": summary.run_id, "lakelens_version": version(),
+              "status": "failed" if failed else "succeeded", "error": failed,
+              "config": dataclasses.asdict(cfg),
               "models": [dataclasses.asdict(i) | {"labels": len(i.labels)} for i in infos],
               "counts": summary.counts(), "skipped": summary.skipped, "top_errors": summary.top_errors,
               "table_version_before": base_version, "table_version": summary.table_version,

@@ -128,6 +128,9 @@ def _add_annotate_run(a: argparse.ArgumentParser) -> None:
     a.add_argument("--max-error-rate", type=float, default=0.5, metavar="F",
                    help="exit non-zero when more than this share of the tried images failed "
                         "(once at least 100 were tried, or all of them failed; default 0.5)")
+    a.add_argument("--lease-s", type=float, default=900.0, metavar="S",
+                   help="DIR on object storage: the run's lease, renewed every S/3 seconds; a run "
+                        "that stops renewing (a paused VM) is taken over after S (default 900)")
     a.add_argument("--max-gpus", type=int, metavar="N",
                    help="on an autoscaling cluster: let the GPU actors (one per GPU) grow to N "
                         "(default: the GPUs the cluster has at start)")
@@ -449,6 +452,7 @@ def _annotate(args: argparse.Namespace) -> int:
         full=args.full, prune=args.prune, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         max_image_mb=args.max_image_mb,
         chunk_size=args.chunk_size, max_error_rate=args.max_error_rate, index=args.index,
+        lease_s=args.lease_s,
         num_cpus=args.num_cpus, max_gpus=args.max_gpus)
     summary = run(cfg)
     print(summary.describe())

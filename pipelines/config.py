@@ -49,6 +49,7 @@ class AnnotateConfig:
     index: str | None = None  # INDEX_DIR to bring up to date after the run
     buckets: int = 16  # hash partitions of a new table (fixed when the table is created)
     num_cpus: int | None = None  # local Ray only; None: all of this machine's
+    lease_s: float = 900.0  # object-store tables: how long a run that stops renewing keeps its lease
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -86,6 +87,8 @@ class AnnotateConfig:
             raise LakelensError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
         if self.limit is not None and self.limit < 1:
             raise LakelensError(f"--limit must be >= 1, got {self.limit}")
+        if not self.lease_s >= 5:
+            raise LakelensError(f"--lease-s must be >= 5 (seconds), got {self.lease_s}")
 
     @property
     def max_image_bytes(self) -> int:

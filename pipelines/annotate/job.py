@@ -288,7 +288,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
     # Weights are checked in the driver before anything starts: a bad checkpoint or missing
     # default weights is one line, not an actor failure.
     infos = resolve_models(cfg)
-    with acquire(cfg.out, run_id) as lock:
+    with acquire(cfg.out, run_id, lease_s=cfg.lease_s) as lock:
         epoch = lock.epoch
         if legacy:  # a schema 2/3 table: migrated in place, under the lock, before anything
             epoch = migrate_locked(cfg.out, epoch=epoch, run_id=run_id)["epoch"]

@@ -227,13 +227,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                     help="the annotate --out DIR for filters and overlays (default: the table "
                          "the index was built from)")
     sv.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1; another one warns unless a "
-                         "token is set)")
+                    help="address to listen on (default 127.0.0.1; beyond loopback a token is "
+                         "required: without one, one is generated and its URL printed)")
     sv.add_argument("--port", type=int, default=8000, help="default 8000")
     sv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     sv.add_argument("--token-file", metavar="PATH",
                     help="file holding the access token requests must send (or set "
                          "LAKELENS_SERVE_TOKEN); never given on the command line")
+    sv.add_argument("--no-auth", action="store_true",
+                    help="serve beyond loopback WITHOUT a token (anyone who reaches the port reads "
+                         "the lake); default: a token is generated")
+    sv.add_argument("--public-url", metavar="URL",
+                    help="where people reach the service (e.g. https://... behind a TLS proxy): "
+                         "the printed URL uses it, and an https one makes the token cookie Secure")
     sv.add_argument("--reload-interval", type=float, default=10.0, metavar="S",
                     help="seconds between checks for a new index version (0: never)")
     sv.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask (default 1000)")
@@ -673,14 +679,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipelines.serve import read_token, serve, warn_if_open
+    from pipelines.serve import access_token, check_auth_flags, read_token, serve
     from pipelines.serve.engine import Engine, ServeConfig
 
     cfg = ServeConfig(index=args.index, table=args.table, host=args.host, port=args.port,
                       workers=args.workers, reload_s=args.reload_interval, max_k=args.max_k,
                       max_body_mb=args.max_body_mb, max_request_pixels=args.max_request_pixels,
-                      weights=args.weights)
+                      weights=args.weights, public_url=args.public_url)
     token = read_token(args.token_file)
+    check_auth_flags(token, no_auth=args.no_auth)
     if args.ray:
         from pipelines.cluster.local import start_local_ray
         from pipelines.serve import ray_app
@@ -695,16 +702,17 @@ def _serve(args: argparse.Namespace) -> int:
             ray.init(address=args.address or os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
             start_local_ray(os.cpu_count() or 1)
-        warn_if_open(cfg.host, token)
         print(f"lakelens: serving {args.index} on Ray Serve at http://{cfg.host}:{cfg.port}/ "
               f"({args.min_replicas}-{args.max_replicas} replicas); Ctrl-C stops", file=sys.stderr)
-        ray_app.run(cfg, token=token, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
+        with access_token(cfg, token, no_auth=args.no_auth) as required:
+            ray_app.run(cfg, token=required, min_replicas=args.min_replicas,
+                        max_replicas=args.max_replicas)
         return 0
     # a bad index or table is one line here, before anything binds
     engine = Engine(cfg) if cfg.workers == 1 else Engine(dataclasses.replace(cfg, reload_s=0))
     print(f"lakelens: serving {args.index} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); "
           "Ctrl-C stops", file=sys.stderr)
-    serve(cfg, token=token, engine=engine if cfg.workers == 1 else None)
+    serve(cfg, token=token, engine=engine if cfg.workers == 1 else None, no_auth=args.no_auth)
     return 0
 
 

@@ -9,12 +9,19 @@ Endpoints (JSON; OpenAPI at /docs):
   GET  /browse?<filters>     the images that pass the filters, no query: ?offset=&limit= pages them
   GET  /images/{image_id}/duplicates   its near-duplicate group (?threshold=, cosine)
   GET  /health, GET /stats
+  GET  /?token=T             sets the token cookie and redirects to the page without T
+  POST /auth                 {"token": T} (JSON or form): sets the token cookie, or 401
 Every search takes k, nprobe and the filters label, min_count, min_score, min_width,
 min_height, since, until, run_id, region, min_area (see pipelines.serve.facets).
 
 Bad input is a 4xx with {"error": "<one line>"}; an unexpected failure is a 500 with no
 traceback in the answer (it goes to the log). Clients never make the service fetch a URL:
 images come as uploads or as ids of the index, and /images serves only what the index lists.
+
+With a token set, requests carry it as `Authorization: Bearer T` or in the `lakelens_token`
+cookie, which only the server sets (HttpOnly, SameSite=Strict, Path=/; Secure when the
+request came over TLS, as uvicorn's proxy headers from a trusted, by default loopback,
+proxy say, or --public-url is https): the page's script never holds the token.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote, unquote, urlencode
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
@@ -50,7 +58,7 @@ logger = logging.getLogger(__name__)
 TOKEN_ENV = "LAKELENS_SERVE_TOKEN"
 CONFIG_ENV = "LAKELENS_SERVE_CONFIG"  # the config, as JSON, for uvicorn's worker processes
 TOKEN_COOKIE = "lakelens_token"
-OPEN_PATHS = {"/", "/health"}  # the page asks for the token itself; probes need no secret
+OPEN_PATHS = {"/", "/health", "/auth"}  # the page asks for the token itself; probes need no secret
 PAGE = Path(__file__).with_name("page.html")
 IMAGE_SIZES = (64, 2048)
 BROWSE_LIMIT = 500  # images per /browse page
@@ -202,9 +210,44 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         # plain json.dumps: FastAPI's generic encoder costs more than the search itself
         return Response(json.dumps(body), media_type="application/json")
 
+    secure_site = (cfg.public_url or "").startswith("https://")
+
+    def login(request: Request, given: str, response: Response) -> Response:
+        """`response` with the token cookie when `given` is the token; else a 401, no cookie."""
+        if not token:
+            raise ApiError(400, "this service runs without a token")
+        if not token_matches(given, token):
+            raise ApiError(401, "wrong token: use the one in --token-file or LAKELENS_SERVE_TOKEN, "
+                                "or the URL `lakelens serve` printed")
+        secure = secure_site or request.url.scheme == "https"
+        response.headers.append("set-cookie", f"{TOKEN_COOKIE}={quote(token, safe='')}; HttpOnly; "
+                                              f"SameSite=Strict; Path=/{'; Secure' if secure else ''}")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> HTMLResponse:
+    def page(request: Request) -> Response:
+        given = request.query_params.get("token")
+        if token and given is not None:  # the printed URL: the token moves into the cookie
+            rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            return login(request, given, Response(status_code=303, headers={
+                "Location": request.url.path + (f"?{rest}" if rest else "")}))
         return HTMLResponse(PAGE.read_text(), headers={"Cache-Control": "no-store"})
+
+    @app.post("/auth", include_in_schema=False)
+    async def auth(request: Request) -> Response:
+        """Body {"token": T} (JSON) or a form field `token`: sets the cookie, or answers 401."""
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                body = json.loads(await request.body())
+            except ValueError:
+                body = None
+        else:
+            body = dict(await request.form())
+        given = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(given, str) or not given:
+            raise ApiError(400, "send the token as JSON {\"token\": ...} or as a form field 'token'")
+        return login(request, given, JSONResponse({"authenticated": True}))
 
     @app.get("/health")
     def health(request: Request) -> dict:
@@ -369,7 +412,7 @@ class Guard:
             given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
             if not given:
                 given = _cookie(headers.get(b"cookie", b"").decode("latin-1"), TOKEN_COOKIE)
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            if not token_matches(given, self.token):
                 return await _error(401, "missing or wrong token: send 'Authorization: Bearer "
                                          "<token>'")(scope, receive, send)
         length = headers.get(b"content-length")
@@ -382,12 +425,15 @@ class Guard:
         await self.app(scope, receive, send)
 
 
+def token_matches(given: str, token: str) -> bool:
+    """Whether `given` is the token, compared in constant time."""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 def _cookie(header: str, name: str) -> str:
     for part in header.split(";"):
         key, _, value = part.strip().partition("=")
         if key == name:
-            from urllib.parse import unquote
-
             return unquote(value)
     return ""
 

@@ -49,6 +49,7 @@ class ServeConfig:
     max_images: int = 16  # per upload request
     max_request_pixels: int = 100_000_000  # an upload request's images together, from their headers
     weights: str | None = None  # the embedder's checkpoint when the index names one
+    public_url: str | None = None  # where people reach it (a TLS proxy): https makes the cookie Secure
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -61,6 +62,8 @@ class ServeConfig:
             raise LakelensError(f"--reload-interval must be >= 0, got {self.reload_s}")
         if self.max_request_pixels < 1:
             raise LakelensError(f"--max-request-pixels must be >= 1, got {self.max_request_pixels}")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise LakelensError(f"--public-url must be an http:// or https:// URL, got {self.public_url!r}")
 
 
 class PixelBudgetError(LakelensError):

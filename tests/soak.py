@@ -383,9 +383,8 @@ class Soak:
         port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
         self.proxy = FaultProxy(("127.0.0.1", port), self.cfg.seed)
         self._stack.callback(self.proxy.close)
-        self.storage = {"AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
-                        "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"], "AWS_REGION": "us-east-1",
-                        "AWS_ALLOW_HTTP": "true"}
+        self.storage = {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        self.storage.update(AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
         self.env = {**os.environ, **env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.proxy.port}",
                     "LAKELENS_CACHE": str(self.work / "cache"), "PYTHONPATH": str(REPO),
                     "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(
@@ -643,7 +642,8 @@ class Soak:
     def run(self) -> dict:
         began = time.monotonic()
         nights = []
-        for self.night, fault in enumerate(self.schedule()):
+        for night, fault in enumerate(self.schedule()):
+            self.night = night
             result = self.run_night(fault)
             nights.append(result)
             logger.info("night %d (%s): %s, %d violations, %.0f s", self.night, fault, result["mutations"],
@@ -736,14 +736,16 @@ class Soak:
         except Exception:  # noqa: BLE001 - no snapshot yet
             con.execute("CREATE VIEW snapshot AS SELECT * FROM log WHERE false")
             floor = -1
-        cols = "image_id, uri, status, error_stage, error_type, error_retryable, content_hash, run_id, embedding"
+        cols = ("image_id, uri, status, error_stage, error_type, error_retryable, content_hash, run_id, "
+                "embedding")
         has_emb = "embedding" in log.schema.names
         if not has_emb:
             cols = cols.replace(", embedding", "")
         lcols = ", ".join(f"l.{c.strip()}" for c in cols.split(","))
         sql = (f"WITH keys AS (SELECT image_id, max(committed_in) AS c FROM log WHERE committed_in > {floor} "
                f"GROUP BY image_id) SELECT {cols} FROM snapshot s WHERE s.status IN ('ok', 'error') AND "
-               f"s.image_id NOT IN (SELECT image_id FROM keys) UNION ALL SELECT {lcols} FROM log l JOIN keys k "
+               f"s.image_id NOT IN (SELECT image_id FROM keys) UNION ALL SELECT {lcols} FROM log l "
+               "JOIN keys k "
                f"ON l.image_id = k.image_id AND l.committed_in = k.c WHERE l.status IN ('ok', 'error')")
         table = con.execute(sql).to_arrow_table()
         rows_by_run = dict(con.execute("SELECT run_id, count(*) FROM log WHERE status IN ('ok', 'error') "
@@ -798,7 +800,8 @@ class Soak:
                     self.violate("error", f"{name}: good image {uri_}: {row['error_stage']}/"
                                           f"{row['error_type']}")
             elif kind == "poison":
-                if (row["status"], row["error_stage"], row["error_type"]) != ("error", "crash", "WorkerCrashed"):
+                seen = (row["status"], row["error_stage"], row["error_type"])
+                if seen != ("error", "crash", "WorkerCrashed"):
                     self.violate("stage", f"{name}: poison {uri_}: {row['status']} {row['error_stage']}/"
                                           f"{row['error_type']}")
             elif row["status"] != "error" or row["error_stage"] not in BAD_STAGES[kind]:
@@ -867,9 +870,11 @@ class Soak:
             self.violate("index", f"{len(live_ids) - len(set(live_ids))} images live twice")
         extra, missing = set(live_ids) - set(want), set(want) - set(live_ids)
         if extra:
-            self.violate("index", f"{len(extra)} live index rows are not current results, e.g. {sorted(extra)[:3]}")
+            self.violate("index", f"{len(extra)} live index rows are not current results, "
+                                  f"e.g. {sorted(extra)[:3]}")
         if missing:
-            self.violate("index", f"{len(missing)} current results are not in the index, e.g. {sorted(missing)[:3]}")
+            self.violate("index", f"{len(missing)} current results are not in the index, "
+                                  f"e.g. {sorted(missing)[:3]}")
         emb = np.asarray(ok.column("embedding").to_pylist(), dtype=np.float32)
         rows = np.flatnonzero(live)
         stored = index.reconstruct_n(0, index.ntotal)[rows] if hasattr(index, "reconstruct_n") else None

@@ -758,11 +758,12 @@ class Soak:
         if root.startswith("s3://"):
             got = self.s3.list_objects_v2(Bucket=BUCKET, Prefix="out5/runs/")
             recs = [json.loads(self.s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read())
-                    for o in got.get("Contents", [])]
+                    for o in got.get("Contents", []) if o["Key"].endswith(".json")]
         else:
             fs = pafs.LocalFileSystem()
             recs = [json.loads(Path(i.path).read_text()) for i in
-                    fs.get_file_info(pafs.FileSelector(f"{root}/runs", allow_not_found=True))]
+                    fs.get_file_info(pafs.FileSelector(f"{root}/runs", allow_not_found=True))
+                    if i.path.endswith(".json")]
         recs = [r for r in recs if r.get("status", "succeeded") == "succeeded"]
         return max(recs, key=lambda r: r["finished_at"]) if recs else None
 

@@ -412,8 +412,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def add_submit(sub: argparse._SubParsersAction) -> None:
     sb = sub.add_parser(
         "submit", help="run a lakelens command as a job on a Ray cluster (the Jobs API)",
-        description="Uploads this lakelens project as the job's working_dir (no .venv, .git, "
-                    "outputs, caches or secret-looking files; at most 100 MiB), runs `lakelens "
+        description="Uploads this lakelens project's code (pipelines/, models/, index/, pyproject.toml, "
+                    "cluster.yaml; or all of --working-dir, less .venv, .git, outputs and caches; at "
+                    "most 100 MiB) as the job's working_dir, refusing credential-shaped files unless "
+                    "named with --allow-file, waits for the job agent (60 s), runs `lakelens "
                     "COMMAND ARGS` on the cluster, streams its logs and exits with its final state "
                     "(0 succeeded, 1 failed, 130 stopped). Reach a remote cluster through `ray "
                     "dashboard cluster.yaml` (then the default address works) or an https proxy.",
@@ -422,6 +424,8 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sb.add_argument("--working-dir", metavar="DIR",
                     help="upload DIR instead of the lakelens project this command runs from")
+    sb.add_argument("--allow-file", action="append", default=[], metavar="PATH",
+                    help="let this credential-shaped file go up (relative to the working dir; repeatable)")
     sb.add_argument("--submission-id", metavar="ID", help="the job's id (default: Ray picks one)")
     sb.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                     help="the lakelens command the job runs, e.g. -- annotate s3://b/lake --out s3://b/out")
@@ -474,7 +478,7 @@ def _submit(args: argparse.Namespace) -> int:
     job = tuple(args.job[1:] if args.job[:1] == ["--"] else args.job)
     cfg = SubmitConfig(args=job, address=resolve_address(args.address), wait=not args.no_wait,
                        working_dir=args.working_dir, allow_insecure_http=args.allow_insecure_http,
-                       submission_id=args.submission_id)
+                       submission_id=args.submission_id, allow_files=tuple(args.allow_file))
     return submit(cfg)
 
 

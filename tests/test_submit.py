@@ -36,11 +36,12 @@ def _kill_session(sid: int) -> None:
         psutil.wait_procs(procs, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory):
-    """A real Ray head on loopback; stopped in teardown whatever the tests did."""
-    port, dash = free_port(), free_port()
-    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+def _start_head(log: Path) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on loopback in a session of its own; returns at once.
+
+    Every port it listens on by name is a free one: the job agent's default (52365) is
+    often held by another Ray on a shared machine, and then no job can be submitted."""
+    port, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1
            # the job's `python` is the cluster's: here, this environment's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -48,23 +49,64 @@ def head(tmp_path_factory: pytest.TempPathFactory):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
              "--disable-usage-stats", "--block"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    return proc, f"http://127.0.0.1:{dash}"
+
+
+@pytest.fixture(scope="module")
+def starting_head(tmp_path_factory: pytest.TempPathFactory):
+    """A real Ray head on loopback, just launched: its dashboard and job agent are still
+    starting when the first test of the module gets it. Stopped in teardown."""
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    proc, address = _start_head(log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            probe = lakelens("jobs", "list", "--address", address)
-            if probe.returncode == 0:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start did not come up:\n{log.read_text()[-3000:]}\n"
-                                   f"{probe.stderr[-2000:]}")
-            time.sleep(1)
-        yield address
+        yield proc, address, log
     finally:
         _kill_session(proc.pid)
+
+
+def test_submit_right_after_ray_start_waits_for_the_job_agent(starting_head, tmp_path: Path) -> None:
+    """The first test of the module (file order): submit meets the head while it starts."""
+    _, address, log = starting_head
+    job = lakelens("submit", "--address", address, "--no-wait", "--", "results", str(tmp_path))
+    output = job.stdout + job.stderr
+    assert "No available agent" not in output and "cannot reach" not in output, output[-3000:]
+    assert job.returncode == 0 and "submitted job" in job.stdout, output[-3000:] + log.read_text()[-2000:]
+    assert f"waiting for the Ray job agent at {address}" in job.stderr, job.stderr[-2000:]
+    assert job.stderr.count("waiting for the Ray job agent") == 1
+
+
+def test_the_agent_wait_gives_up_with_one_line_after_its_budget(capsys: pytest.CaptureFixture) -> None:
+    from models.errors import LakelensError
+    from pipelines.cluster.submit import connect_when_ready
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(LakelensError) as e:
+        connect_when_ready(closed, budget_s=2.0)
+    took = time.monotonic() - start
+    assert 2.0 <= took < 8, took
+    message = str(e.value)
+    assert "\n" not in message and closed in message and "2 s" in message, message
+    assert capsys.readouterr().err.count(f"waiting for the Ray job agent at {closed}") == 1
+
+
+@pytest.fixture(scope="module")
+def head(starting_head) -> str:
+    """The same head once its Jobs API answers."""
+    proc, address, log = starting_head
+    deadline = time.monotonic() + 90
+    while True:
+        probe = lakelens("jobs", "list", "--address", address)
+        if probe.returncode == 0:
+            return address
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray start did not come up:\n{log.read_text()[-3000:]}\n"
+                               f"{probe.stderr[-2000:]}")
+        time.sleep(1)
 
 
 @pytest.mark.slow  # ~22 s; a failing job on the cluster stays in the default run

@@ -14,6 +14,8 @@ import os
 import secrets
 from pathlib import Path
 
+from pipelines.cluster import raycompat
+
 logger = logging.getLogger(__name__)
 
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -39,11 +41,9 @@ def ensure_token() -> None:
     A missing token is generated here (256 bits, as Ray does) rather than by Ray, which
     writes it 0644; an existing one of ours that others can read is narrowed to 0600.
     """
-    from ray._raylet import AuthenticationTokenLoader, Config
-
     if AUTH_MODE_ENV not in os.environ:  # explicit, so Ray prints no warning about it
         os.environ[AUTH_MODE_ENV] = "token"
-        Config.initialize("")  # this process read RAY_AUTH_MODE when it imported Ray
+        raycompat.reload_auth_mode()  # this process read RAY_AUTH_MODE when it imported Ray
     if os.environ[AUTH_MODE_ENV].lower() != "token":
         logger.warning("%s=%s: the local Ray runs without authentication",
                        AUTH_MODE_ENV, os.environ[AUTH_MODE_ENV])
@@ -57,7 +57,7 @@ def ensure_token() -> None:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         logger.info("generated a Ray auth token in %s (mode 0600)", path)
-        AuthenticationTokenLoader.instance().reset_cache()
+        raycompat.forget_cached_token()
     secure_file(path)
 
 
@@ -71,10 +71,8 @@ def secure_file(path: Path) -> None:
 
 def bind_loopback() -> None:
     """Make this process (and the Ray processes it starts) take 127.0.0.1 as the node address."""
-    from ray._private import ray_constants
-
     os.environ[SINGLE_MACHINE_ENV] = "0"  # read by Ray's processes at import
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
+    raycompat.use_loopback_node_address()  # this process imported Ray already
 
 
 def start_local_ray(num_cpus: int | None = None, *, dashboard: bool = True, **kwargs) -> None:
@@ -100,14 +98,12 @@ def _record_address(gcs_address: str) -> None:
     when it still names this instance."""
     import atexit
 
-    from ray._private import utils
-
-    utils.write_ray_address(gcs_address)
+    raycompat.write_current_cluster(gcs_address)
 
     def forget() -> None:
         try:
-            if utils.read_ray_address() == gcs_address:
-                os.remove(utils.get_ray_address_file(None))
+            if raycompat.read_current_cluster() == gcs_address:
+                os.remove(raycompat.current_cluster_file())
         except OSError:
             pass
 
@@ -123,21 +119,16 @@ RAY_NOISE = (
 def filter_worker_logs(noise: tuple[str, ...] = RAY_NOISE) -> None:
     """Drop known Ray-internal lines from the worker output Ray forwards to this terminal
     (everything else still comes through; `-v` keeps them all)."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-    with dispatcher._lock:
-        handlers = list(dispatcher.handlers)
-    for name, handle in handlers:
-        if name != "ray_print_logs" or getattr(handle, "lakelens_filtered", False):
-            continue
+    def wrap(handle):
+        if getattr(handle, "lakelens_filtered", False):
+            return handle
 
-        def filtered(data: dict, handle=handle) -> None:
+        def filtered(data: dict) -> None:
             lines = [line for line in data.get("lines", []) if not any(n in line for n in noise)]
             if lines:
                 handle({**data, "lines": lines})
 
         filtered.lakelens_filtered = True
-        dispatcher.remove_handler(name)
-        dispatcher.add_handler(name, filtered)
+        return filtered
+
+    raycompat.wrap_worker_log_handler("ray_print_logs", wrap)

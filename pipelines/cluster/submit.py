@@ -1,14 +1,24 @@
 """`lakelens submit` and `lakelens jobs`: lakelens commands as Ray jobs (the Jobs API).
 
-The project directory goes up as the job's `working_dir` (without virtual environments,
-outputs, caches, `.git` or anything that looks like a secret), so the cluster runs the
-code the laptop has; the job runs `python -m pipelines.cli ARGS` there, the same command
-a laptop runs. The Jobs API is reached over HTTP(S): through `ray dashboard cluster.yaml`
-(a port-forward to 127.0.0.1:8265) or an authenticated HTTPS proxy; plain `http://` to
-another host is refused unless the user says `--allow-insecure-http`, since the Ray
-token travels in a header. The token is read by Ray's own loader (RAY_AUTH_TOKEN,
-RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and never put on a command line, in a log or in
-the job's metadata.
+The job runs `python -m pipelines.cli ARGS` in an uploaded working_dir, the same command a
+laptop runs, so the cluster runs the code the laptop has. What goes up is decided in
+`pipelines.cluster.package`: by default an include-list of the project's own code
+(pipelines/, models/, index/, pyproject.toml, cluster.yaml), or all of --working-dir;
+every file is scanned for credentials (by name and by the first 64 KiB of content) and
+the upload is refused, in one line, unless each hit is named with --allow-file; the files
+are zipped by lakelens and the zip is the working_dir, so what was scanned is what goes up.
+
+Right after `ray start --head` the dashboard refuses connections for a few seconds and
+then answers "No available agent to submit job" until the head's job agent registers:
+submit waits for both, with bounded backoff (`SubmitConfig.agent_wait_s`, 60 s), saying
+so once on stderr, and gives up with one line.
+
+The Jobs API is reached over HTTP(S): through `ray dashboard cluster.yaml` (a
+port-forward to 127.0.0.1:8265) or an authenticated HTTPS proxy; plain `http://` to
+another host is refused unless the user says `--allow-insecure-http`, since the Ray token
+travels in a header. The token is read from where Ray reads it (RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and only put in that header: never on a command
+line, in a log or in the job's metadata.
 """
 
 from __future__ import annotations
@@ -17,16 +27,27 @@ import asyncio
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from models.errors import LakelensError
 from pipelines.cluster.local import AUTH_MODE_ENV, TOKEN_ENV, secure_file, token_path
 from pipelines.cluster.net import is_loopback
+from pipelines.cluster.package import (  # noqa: F401 - check_package, package_files: the old home
+    EXCLUDES,
+    INCLUDE,
+    MAX_PACKAGE_BYTES,
+    build_package,
+    check_package,
+    package_files,
+)
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -34,16 +55,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # `ray dashboard cluster.yaml` forwards here
-MAX_PACKAGE_BYTES = 100 * 1024 * 1024  # the Jobs API refuses larger uploads
+AGENT_WAIT_S = 60.0  # how long submit waits for the dashboard and the head's job agent
 SUBMITTABLE = ("annotate", "results", "index", "query", "eval", "export", "render", "synth", "train")
-# gitignore syntax, on top of the project's .gitignore (which Ray honours too)
-EXCLUDES = (
-    ".git", ".venv", "venv", ".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx",
-    "*credentials*", "*secret*", ".aws", ".ssh", ".netrc", "id_rsa*", "auth_token",
-    "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info",
-    "demo-out", "out", "outputs", "benchmarks/results", "*.ckpt", "*.pt", "*.pth", "*.safetensors",
-    "_delta_log", "node_modules",
-)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PATH_FLAGS = ("--out", "--index", "--gt", "--data")  # where a job writes or reads data
 
@@ -56,6 +69,8 @@ class SubmitConfig:
     working_dir: str | None = None       # default: the lakelens project this code runs from
     allow_insecure_http: bool = False
     submission_id: str | None = None
+    allow_files: tuple[str, ...] = ()    # credential-shaped files that may go up (relative paths)
+    agent_wait_s: float = AGENT_WAIT_S   # wait this long for the Jobs API and its agent
 
     def __post_init__(self) -> None:
         if not self.args:
@@ -97,19 +112,18 @@ def check_address(address: str, *, allow_insecure_http: bool = False) -> str:
     return address.rstrip("/")
 
 
-def use_token_if_present() -> None:
-    """Send Ray's token with every request when one exists (the Jobs SDK adds the header
-    only when RAY_AUTH_MODE=token in the client's environment)."""
+def auth_headers() -> dict[str, str]:
+    """The Authorization header for Ray's token when one exists and the user did not set
+    RAY_AUTH_MODE (then Ray's SDK adds it, or not, as told). The token file, when it is
+    ours and readable by others, is narrowed to 0600 first."""
     if AUTH_MODE_ENV in os.environ:
-        return  # the user chose; Ray read it at import
+        return {}
+    token = os.environ.get(TOKEN_ENV, "").strip()
     path = token_path()
-    if os.environ.get(TOKEN_ENV) or (path is not None and path.is_file()):
-        from ray._raylet import Config
-
-        os.environ[AUTH_MODE_ENV] = "token"
-        Config.initialize("")
-    if path is not None and path.is_file():
+    if not token and path is not None and path.is_file():
         secure_file(path)
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def project_dir() -> Path | None:
@@ -122,54 +136,90 @@ def project_dir() -> Path | None:
     return None
 
 
-def package_files(working_dir: Path, excludes: tuple[str, ...] = EXCLUDES) -> list[tuple[int, str]]:
-    """(size, relative path) of every file Ray would upload, walked with Ray's own rules
-    (its default excludes, ours, .gitignore and .rayignore)."""
-    from ray._private import ray_constants
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+def _connect(address: str) -> JobSubmissionClient:
+    from ray.job_submission import JobSubmissionClient
 
-    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-    patterns = list(ray_constants.get_runtime_env_default_excludes()) + list(excludes)
-    files: list[tuple[int, str]] = []
-
-    def visit(path: Path) -> None:
-        if path.is_file():
-            files.append((path.stat().st_size, str(path.relative_to(working_dir))))
-
-    quiet = logging.getLogger(f"{__name__}.package")  # Ray logs each ignore file it honours
-    quiet.setLevel(logging.WARNING)
-    _dir_travel(working_dir, [_get_excludes(working_dir, patterns)], visit,
-                include_gitignore=include_gitignore, logger=quiet)
-    return files
-
-
-def check_package(working_dir: Path) -> int:
-    """Total bytes of the upload; a one-line error naming what made it large when over the limit."""
-    files = package_files(working_dir)
-    total = sum(size for size, _ in files)
-    if total > MAX_PACKAGE_BYTES:
-        by_top: dict[str, int] = {}
-        for size, rel in files:
-            top = rel.split(os.sep, 1)[0]
-            by_top[top] = by_top.get(top, 0) + size
-        largest = sorted(by_top.items(), key=lambda kv: -kv[1])[:3]
-        named = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in largest)
-        raise LakelensError(
-            f"the job package from {working_dir} is {total / 2**20:.0f} MiB, over the Jobs API's "
-            f"{MAX_PACKAGE_BYTES // 2**20} MiB: largest {named}. Add them to .rayignore or move them out")
-    return total
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return JobSubmissionClient(address, headers=auth_headers())
 
 
 def client(address: str) -> JobSubmissionClient:
     """A Jobs API client, with a one-line error when the address does not answer."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.exceptions import AuthenticationError
 
-    use_token_if_present()
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+        return _connect(address)
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:
+        raise LakelensError(f"cannot reach the Ray Jobs API at {address}: {_first_line(e)}") from e
+
+
+T = TypeVar("T")
+
+
+def _no_agent(e: BaseException) -> bool:
+    return "No available agent" in str(e)
+
+
+def _transient(e: BaseException) -> bool:
+    """The errors of a head that is still starting: its dashboard refusing connections,
+    or answering that the job agent has not registered yet."""
+    if _no_agent(e):
+        return True
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, ConnectionRefusedError) or "Connection refused" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+@dataclass
+class AgentWait:
+    """One time budget for connecting to the Jobs API and handing it the job; transient
+    errors (see `_transient`) are retried with backoff (0.5 s doubling to 5 s), anything
+    else is raised at once. The wait is announced once on stderr."""
+
+    address: str
+    budget_s: float = AGENT_WAIT_S
+    start: float = field(default_factory=time.monotonic)
+    announced: bool = False
+
+    def run(self, attempt: Callable[[], T]) -> T:
+        import requests
+
+        delay = 0.5
+        while True:
+            try:
+                return attempt()
+            except (ConnectionError, RuntimeError, requests.exceptions.ConnectionError) as e:
+                if not _transient(e):
+                    raise
+                left = self.budget_s - (time.monotonic() - self.start)
+                if left <= 0:
+                    hint = ("is the cluster up (`ray status` on the head)?" if not _no_agent(e) else
+                            "the head's job agent did not register: see dashboard_agent.log in the "
+                            "head's session logs (its port, 52365 by default, may be taken)")
+                    what = "no Ray job agent answered" if _no_agent(e) else "cannot reach the Ray Jobs API"
+                    raise LakelensError(f"{what} at {self.address} after {self.budget_s:.3g} s of "
+                                        f"waiting ({_first_line(e)}); {hint}") from e
+            if not self.announced:
+                print(f"waiting for the Ray job agent at {self.address}…", file=sys.stderr, flush=True)
+                self.announced = True
+            time.sleep(min(delay, max(left, 0.05)))
+            delay = min(delay * 2, 5.0)
+
+
+def connect_when_ready(address: str, *, budget_s: float = AGENT_WAIT_S,
+                       wait: AgentWait | None = None) -> JobSubmissionClient:
+    """A Jobs API client, waiting up to `budget_s` (or `wait`'s budget) for the dashboard;
+    a one-line error when it does not come, or answers with anything but "not yet"."""
+    from ray.exceptions import AuthenticationError
+
+    wait = wait or AgentWait(address, budget_s)
+    try:
+        return wait.run(lambda: _connect(address))
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as e:
         raise LakelensError(f"cannot reach the Ray Jobs API at {address}: {_first_line(e)}") from e
 
 
@@ -183,22 +233,31 @@ def submit(cfg: SubmitConfig) -> int:
     """Submit; with `wait`, stream the logs and return the exit status the job's state says."""
     address = check_address(cfg.address, allow_insecure_http=cfg.allow_insecure_http)
     working_dir = Path(cfg.working_dir).resolve() if cfg.working_dir else project_dir()
-    runtime_env: dict = {}
-    if working_dir is not None:
-        if not working_dir.is_dir():
-            raise LakelensError(f"--working-dir {working_dir}: not a directory")
-        size = check_package(working_dir)
-        logger.info("uploading %s (%.1f MiB) as the job's working_dir", working_dir, size / 2**20)
-        runtime_env = {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
-    jobs = client(address)
-    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)  # we checked the package
+    if working_dir is None and cfg.allow_files:
+        raise LakelensError("--allow-file: nothing is uploaded (lakelens runs from an installed "
+                            "package); pass --working-dir DIR")
+    if working_dir is not None and not working_dir.is_dir():
+        raise LakelensError(f"--working-dir {working_dir}: not a directory")
+    staging = Path(tempfile.mkdtemp(prefix="lakelens-job-"))  # 0700
     try:
-        job_id = jobs.submit_job(
-            entrypoint=entrypoint(cfg.args, in_working_dir=working_dir is not None),
-            runtime_env=runtime_env or None, submission_id=cfg.submission_id,
-            metadata={"submitted_by": "lakelens", "command": cfg.args[0]})
-    except (RuntimeError, ValueError) as e:
-        raise LakelensError(f"the Jobs API at {address} refused the job: {_first_line(e)}") from e
+        runtime_env: dict = {}
+        if working_dir is not None:
+            pkg = build_package(working_dir, staging, include=None if cfg.working_dir else INCLUDE,
+                                allow_files=cfg.allow_files)
+            logger.info("uploading %d files from %s (%.1f MiB) as the job's working_dir",
+                        len(pkg.files), working_dir, pkg.nbytes / 2**20)
+            runtime_env = {"working_dir": str(pkg.path)}
+        wait = AgentWait(address, cfg.agent_wait_s)
+        jobs = connect_when_ready(address, wait=wait)
+        try:
+            job_id = wait.run(lambda: jobs.submit_job(
+                entrypoint=entrypoint(cfg.args, in_working_dir=working_dir is not None),
+                runtime_env=runtime_env or None, submission_id=cfg.submission_id,
+                metadata={"submitted_by": "lakelens", "command": cfg.args[0]}))
+        except (RuntimeError, ValueError) as e:
+            raise LakelensError(f"the Jobs API at {address} refused the job: {_first_line(e)}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"submitted job {job_id} to {address}", flush=True)
     if not cfg.wait:
         print(f"follow it with: lakelens jobs logs {job_id} --follow --address {address}")

@@ -5,7 +5,7 @@ drawn from tests.soak.FAULTS, runs the nightly commands as a scheduler would (a 
 command is run once more), and checks every invariant from the outside while
 `lakelens serve` answers queries. Prints one JSON object as its last line: nights, faults
 by kind, runs, invariant violations (with examples), service requests and failures, wall
-time. `--quick`: 300 images, 3 nights (CI sizes).
+time. `--quick`: 100 images, 3 nights (CI sizes).
 
 As root, the soak re-runs itself without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (setpriv),
 so that a directory made unreadable (chmod 000) is unreadable to the runs too.
@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nights", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--quick", action="store_true", help="300 images, 3 nights")
+    p.add_argument("--quick", action="store_true", help="100 images, 3 nights")
     p.add_argument("--work", help="working directory (default: a new temporary one, removed after)")
     p.add_argument("--out", help="also write the JSON result to this file")
     args = p.parse_args(argv)
     if os.geteuid() == 0 and _has_dac_override() and shutil.which("setpriv"):
-        cmd = ["setpriv", "--bounding-set", DROP, "--inh-caps", DROP, sys.executable, *sys.argv]
-        return subprocess.call(cmd)
+        # exec, not a child: signals (a test's timeout, Ctrl-C) reach the soak itself
+        os.execvp("setpriv", ["setpriv", "--bounding-set", DROP, "--inh-caps", DROP, sys.executable,
+                              *sys.argv])
     if args.quick:
-        args.images, args.nights = min(args.images, 300), min(args.nights, 3)
+        args.images, args.nights = min(args.images, 100), min(args.nights, 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
         token_dir = tempfile.mkdtemp(prefix="soak-token-")  # this run's own Ray token

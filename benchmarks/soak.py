@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         # exec, not a child: signals (a test's timeout, Ctrl-C) reach the soak itself
         os.execvp("setpriv", ["setpriv", "--bounding-set", DROP, "--inh-caps", DROP, sys.executable,
                               *sys.argv])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleanup runs: cluster, S3, service
     if args.quick:
         args.images, args.nights = min(args.images, 100), min(args.nights, 3)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -18,14 +18,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 def soak(tmp_path: Path, *args: str, timeout: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--work",
-                           str(tmp_path / "soak"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    assert lines, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--work",
+                             str(tmp_path / "soak"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the soak stops its cluster, S3 server and service on SIGTERM
+        stdout, stderr = proc.communicate(timeout=120)
+    lines = stdout.strip().splitlines()
+    assert lines, stderr[-3000:]
     result = json.loads(lines[-1])
     assert result["violations"] == 0, json.dumps(result["violation_examples"], indent=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, stderr[-3000:]
     return result
 
 

@@ -84,3 +84,24 @@ def test_diff_keeps_unlisted_dirs_and_failed_stats_redoes_other_embedders(ray_lo
     counts = night_diff(out, tmp_path / "s2", night)
     assert (counts.stale, counts.unchanged) == (0, 19)
     assert counts.listed == 19
+
+
+def test_an_image_that_crashes_again_on_its_retry_waits_for_new_bytes(tmp_path: Path) -> None:
+    """A first WorkerCrashed is retried by the next run; one that crashed on that retry is
+    permanent (the soak found poison images retried, and failing the night, every night)."""
+    import pyarrow as pa
+
+    from pipelines.annotate.commit import Committer
+    from pipelines.lake.table import create_or_open
+
+    table = create_or_open(str(tmp_path / "out"))
+    todo = pa.table({"image_id": ["a" * 32, "b" * 32], "uri": ["/l/a.png", "/l/b.png"],
+                     "size": pa.array([1, 2], pa.int64()), "fingerprint": ["fa", "fb"],
+                     "kind": ["new", "retry"]})
+    committer = Committer(table, "run-1", 1, [], chunk_size=10)
+    committer.add_crashed(todo, "the worker died")
+    committer.flush()
+    rows = DeltaTable(str(tmp_path / "out" / "log")).to_pyarrow_table().sort_by("image_id")
+    assert rows.column("error_type").to_pylist() == ["WorkerCrashed"] * 2
+    assert rows.column("error_retryable").to_pylist() == [True, False]
+    assert rows.column("reason").to_pylist() == ["crashed", "crashed"]

@@ -94,11 +94,17 @@ class Committer:
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
     def add_crashed(self, todo: pa.Table, message: str) -> None:
-        """Images whose worker died every time they were tried: error rows."""
+        """Images whose worker died every time they were tried: error rows. A first crash
+        may be the machine's (a node lost under it) and is tried again by the next run; an
+        image that crashes again on that retry waits for its bytes to change (each try
+        kills several workers, and a run of nothing but retried crashes would fail)."""
         n = todo.num_rows
         cols = {c: todo.column(c) for c in todo.column_names}
+        again = (pc.fill_null(pc.equal(todo.column("kind"), "retry"), False) if "kind" in cols
+                 else pa.array([False] * n))
         cols.update({"kind": pa.array(["crashed"] * n), "error_stage": pa.array(["crash"] * n),
-                     "error_type": pa.array(["WorkerCrashed"] * n), "error_message": pa.array([message] * n)})
+                     "error_type": pa.array(["WorkerCrashed"] * n), "error_message": pa.array([message] * n),
+                     "crash_retryable": pc.invert(again)})
         self.add(pa.table(cols))
 
     def close_vanished(self, gone: pa.Table, chunk: int = 100_000) -> int:
@@ -154,6 +160,8 @@ class Committer:
                 cols[f.name] = status
             elif f.name == "error_retryable":
                 cols[f.name] = pa.array(retry, pa.bool_())
+                if "crash_retryable" in names:  # a crash retried and crashed again: permanent
+                    cols[f.name] = pc.coalesce(batch.column("crash_retryable"), cols[f.name])
             elif f.name == "models":
                 cols[f.name] = pa.array([self._models_value] * n, f.type)
             elif f.name == "run_id":

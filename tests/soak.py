@@ -4,7 +4,7 @@ A lake of small images (most on local disk, a tenth on S3) changes every night t
 real lakes do: new images, changed bytes, deletions, renames, truncated and corrupt files,
 a HEIC and an AVIF, sometimes an image that kills the worker reading it, sometimes a
 directory nobody may read. Every night `lakelens annotate --prune --index` (tiny embedder)
-runs over it on a three-node `ray.cluster_utils.Cluster`, and every third night (and on the
+runs over it on a two-node `ray.cluster_utils.Cluster`, and every fifth night (and on the
 nights that fault it) an all-five-tasks run annotates a subset into a table on S3. Each
 night also suffers one fault drawn from FAULTS, injected for real (SIGKILL, SIGSTOP, a
 node removed, S3 behind a proxy that answers 503 or resets connections). Meanwhile a
@@ -630,7 +630,7 @@ class Soak:
                 self.run_to_end("main", self.main_args())
             else:
                 self.main_night(fault)
-            self.five_ran = self.night % 3 == 0 or fault in ("s3_faults", "lease_takeover")
+            self.five_ran = self.night % 5 == 0 or fault in ("s3_faults", "lease_takeover")
             if self.five_ran:
                 self.five_night(fault or "")
         finally:

@@ -35,9 +35,9 @@ def soak(tmp_path: Path, *args: str, timeout: int) -> dict:
 
 
 def test_three_nights_of_faults_keep_every_promise(tmp_path: Path) -> None:
-    result = soak(tmp_path, "--quick", "--seed", "3", timeout=1200)
+    result = soak(tmp_path, "--quick", "--seed", "7", timeout=1200)  # driver kill, S3 503s, lease takeover
     assert result["nights"] == 3
-    assert sum(result["faults"].values()) >= 3, result["faults"]  # one per night, injected
+    assert set(result["faults"]) == {"driver_kill", "s3_faults", "lease_takeover"}, result["faults"]
     assert result["service_failures"] == 0, result["service_failure_examples"]
     assert result["service_requests"] > 0
 

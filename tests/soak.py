@@ -438,7 +438,7 @@ class Soak:
     def main_args(self, index: bool = True) -> list[str]:
         return ["annotate", str(self.work / "lake"), f"s3://{BUCKET}/lake", "--out", str(self.out),
                 "--tasks", "embed", "--arch", "embed=tiny", "--weights", "random", "--prune",
-                "--chunk-size", "40", "--batch-size", "8", "--address", self.cluster.address,
+                "--chunk-size", "12", "--batch-size", "8", "--address", self.cluster.address,
                 *(["--index", str(self.index)] if index else [])]
 
     def five_args(self) -> list[str]:
@@ -488,7 +488,7 @@ class Soak:
     def main_night(self, fault: str) -> None:
         if fault == "driver_kill":
             start = self.log_version()
-            k = int(self.rng.integers(1, 3))
+            k = int(self.rng.integers(0, 3))  # after its lock's fence commit, or after chunk 1 or 2
             p = self.start("main", self.main_args())
             if self.wait_until(p, lambda: self.log_version() >= start + 1 + k):
                 p.popen.kill()

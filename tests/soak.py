@@ -651,15 +651,22 @@ class Soak:
     def run(self) -> dict:
         began = time.monotonic()
         nights = []
-        for night, fault in enumerate(self.schedule()):
-            self.night = night
-            result = self.run_night(fault)
-            nights.append(result)
-            logger.info("night %d (%s): %s, %d violations, %.0f s", self.night, fault, result["mutations"],
-                        result["violations"], result["wall_s"])
+        stopped = None
+        try:
+            for night, fault in enumerate(self.schedule()):
+                self.night = night
+                result = self.run_night(fault)
+                nights.append(result)
+                logger.info("night %d (%s): %s, %d violations, %.0f s", self.night, fault,
+                            result["mutations"], result["violations"], result["wall_s"])
+        except (KeyboardInterrupt, SystemExit) as e:  # stopped: the nights so far still count
+            stopped = f"stopped during night {self.night} ({type(e).__name__})"
+            logger.warning("soak %s", stopped)
         self.client_stop.set()
         time.sleep(0.5)
-        return {"benchmark": "soak", "seed": self.cfg.seed, "nights": self.cfg.nights,
+        return {"benchmark": "soak", "seed": self.cfg.seed, "nights": len(nights) - 1,
+                "nights_asked": self.cfg.nights, "stopped": stopped,
+                "faults_by_night": [n["fault"] for n in nights[1:]],
                 "images_at_end": len(self.lake.files), "lockable_dirs": self.lockable,
                 "faults": dict(self.stats.faults), "faults_missed": dict(self.stats.missed),
                 "runs": dict(self.stats.runs), "runs_failed": len(self.stats.failed_runs),

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(line + "\n")
     print(line)
-    return 0 if result["violations"] == 0 else 1
+    return 0 if result["violations"] == 0 and not result["stopped"] else 1
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def run(cfg: AnnotateConfig) -> RunSummary:
             fs.delete_dir(old.path)  # left by a crashed run; under the lock nobody uses them
         staging = location(cfg.out, "_lakelens", "staging", run_id)
         try:
-            summary = _run_locked(cfg, run_id, table, epoch, infos, plan_src, staging, started)
+            summary = _run_locked(cfg, run_id, table, epoch, infos, plan_src, staging, started, lock)
         finally:
             try:
                 fs.delete_dir(f"{staging_root}/{run_id}")
@@ -312,13 +312,23 @@ def run(cfg: AnnotateConfig) -> RunSummary:
 
 
 def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
-                infos: list[ModelInfo], plan_src, staging: str, started: float) -> RunSummary:
+                infos: list[ModelInfo], plan_src, staging: str, started: float, lock) -> RunSummary:
     base_version = table.version
+
+    def still_owner() -> None:
+        """Between phases: a run whose lease was taken over (or fenced off by a newer run)
+        stops here, in one line, even when it has no chunk left to commit (its upkeep,
+        index sync and record would otherwise run beside its successor's)."""
+        lock.check()
+        table.log.update_incremental()
+        table.check_fence(epoch)
+
     parts = table.parts()
     counts, skipped = D.DiffCounts(), {}
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
     try:
         counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
+        still_owner()
         record_models(table, infos, cfg.full)
         crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
                             since=base_version)
@@ -326,6 +336,7 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
             gone = D.read_bucket_files(staging, "vanished")
             if gone is not None:
                 committer.close_vanished(gone)
+        still_owner()
         upkeep = run_upkeep(table)
         actors = actor_stats(f"{staging}/actors") if counts.todo else []
         summary = _summary(cfg, run_id, table, counts, skipped, committer, crashed, actors, infos,
@@ -334,12 +345,14 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
         if cfg.index:  # every run: an index left behind by an earlier failure catches up
             from pipelines import dedup, indexing
 
+            still_owner()
             index = indexing.sync(cfg.index, cfg.out)
             # then the near-duplicate edges of the images it gained (catching up the same way)
             found = dedup.nightly(cfg.out, cfg.index, run_id=run_id)
             index = {**index, "summary": f"{index['summary']}; {dedup.describe_nightly(found)}",
                      "dedup": found}
             summary = dataclasses.replace(summary, index=index)
+        still_owner()
     except BaseException as e:  # the record of a failed run: what it committed before it failed
         _record_failure(cfg, run_id, table, counts, skipped, committer, infos, base_version,
                         started, e)

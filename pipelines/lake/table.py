@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -393,7 +394,15 @@ class LakeTable:
         props = CommitProperties(app_transactions=[Transaction(FENCE_APP, epoch)],
                                  custom_metadata={"lakelens.run_id": run_id, "lakelens.fence": str(epoch)},
                                  max_commit_retries=0)
-        write_deltalake(self.log, TABLE_SCHEMA.empty_table(), mode="append", commit_properties=props)
+        for attempt in range(STORE_TRIES):
+            try:
+                write_deltalake(self.log, TABLE_SCHEMA.empty_table(), mode="append", commit_properties=props)
+                break
+            except OSError as e:  # the store failed (503, a reset): did the commit land anyway?
+                self.log.update_incremental()
+                if (self.log.transaction_version(FENCE_APP) or -1) >= epoch:
+                    break
+                _store_retry_or_fail(self.out, "the lock's fence commit", attempt, e)
         self.log.update_incremental()
         return epoch
 
@@ -408,10 +417,22 @@ class LakeTable:
                info: dict | None = None) -> int | None:
         """Append one chunk of rows (TABLE_SCHEMA: results, errors, tombstones) in one
         commit. Returns the new version, or None when this chunk was already committed."""
+        for attempt in range(STORE_TRIES):
+            try:
+                return self._commit_once(rows, run_id=run_id, seq=seq, epoch=epoch, info=info,
+                                         retried=attempt > 0)
+            except OSError as e:  # the store failed (503, a reset) and the chunk did not land
+                _store_retry_or_fail(self.out, f"chunk {seq}", attempt, e)
+        raise AssertionError("unreachable")
+
+    def _commit_once(self, rows: pa.Table, *, run_id: str, seq: int, epoch: int, info: dict | None,
+                     retried: bool) -> int | None:
         self.log.update_incremental()
         app = f"lakelens.run.{run_id}"
         done = self.log.transaction_version(app)
         if done is not None and done >= seq:  # delta-rs would accept a lower one: checked here
+            if retried:  # a try before this one landed; its answer was lost
+                return self.version
             logger.info("chunk %d of run %s is already committed", seq, run_id)
             return None
         self.check_fence(epoch)
@@ -611,6 +632,20 @@ def create_tables(out: str) -> None:
     DeltaTable.create(location(out, SNAPSHOT_DIR), SNAPSHOT_SCHEMA, mode="ignore", partition_by=["part"],
                       name="lakelens_current",
                       description="lakelens annotations: one row per live image, by part")
+
+
+STORE_TRIES = 4  # a commit the store failed (503 SlowDown, a reset) is tried this often
+
+
+def _store_retry_or_fail(out: str, what: str, attempt: int, error: OSError) -> None:
+    """Wait before the next try of a commit the store failed, or give up in one line."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if attempt + 1 >= STORE_TRIES:
+        raise LakelensError(f"the store failed {STORE_TRIES} times committing {what} to {out}: {first}; "
+                            "what was committed stays committed, run again") from error
+    delay = 0.5 * 2**attempt
+    logger.warning("committing %s to %s failed (%s); trying again in %.1f s", what, out, first, delay)
+    time.sleep(delay)
 
 
 def create_or_open(out: str, *, buckets: int = DEFAULT_BUCKETS) -> LakeTable:

@@ -196,6 +196,7 @@ def test_an_error_rate_run_exits_non_zero_with_one_line(ray_local, tmp_path: Pat
     assert read_current(tmp_path / "o", "error").num_rows == 30
 
 
+@pytest.mark.slow  # the soak's default nights kill drivers and workers too (tests/test_soak.py)
 def test_sigkill_of_the_driver_then_rerun_resumes(ray_local, tmp_path: Path) -> None:
     paths = write_images(tmp_path / "lake", 80, size=(96, 72))
     out = tmp_path / "out"
@@ -246,6 +247,7 @@ def _ray_workers(marker: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow  # the soak's default nights kill drivers and workers too (tests/test_soak.py)
 def test_sigkill_of_workers_mid_run_loses_and_duplicates_nothing(ray_local, tmp_path: Path) -> None:
     paths = write_images(tmp_path / "lake", 160, size=(96, 72))
     out = tmp_path / "out"

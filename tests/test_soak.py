@@ -37,7 +37,8 @@ def soak(tmp_path: Path, *args: str, timeout: int) -> dict:
 def test_three_nights_of_faults_keep_every_promise(tmp_path: Path) -> None:
     result = soak(tmp_path, "--quick", "--seed", "7", timeout=1200)  # driver kill, S3 503s, lease takeover
     assert result["nights"] == 3
-    assert set(result["faults"]) == {"driver_kill", "s3_faults", "lease_takeover"}, result["faults"]
+    hit = {kind for kind, n in result["faults"].items() if n}  # injected for real, not only drawn
+    assert hit == {"driver_kill", "s3_faults", "lease_takeover"}, result
     assert result["service_failures"] == 0, result["service_failure_examples"]
     assert result["service_requests"] > 0
 
@@ -47,5 +48,5 @@ def test_thirty_nights_of_faults_keep_every_promise(tmp_path: Path) -> None:
     result = soak(tmp_path, "--nights", "30", "--seed", "0", timeout=7200)
     from tests.soak import FAULTS
 
-    assert set(result["faults"]) == set(FAULTS), result["faults"]  # every kind, for real
+    assert {kind for kind, n in result["faults"].items() if n} == set(FAULTS), result["faults"]
     assert result["service_failures"] == 0, result["service_failure_examples"]

@@ -894,16 +894,15 @@ class Soak:
                                   f"e.g. {sorted(missing)[:3]}")
         emb = np.asarray(ok.column("embedding").to_pylist(), dtype=np.float32)
         rows = np.flatnonzero(live)
-        stored = index.reconstruct_n(0, index.ntotal)[rows] if hasattr(index, "reconstruct_n") else None
-        if stored is not None:
-            cur = np.stack([emb[want[ids[r]]] for r in rows if ids[r] in want]) if want else None
-            kept = [r for r in rows if ids[r] in want]
-            if cur is not None and len(kept):
-                sv = index.reconstruct_n(0, index.ntotal)[kept]
-                cos = (sv * cur).sum(1) / (np.linalg.norm(sv, axis=1) * np.linalg.norm(cur, axis=1) + 1e-12)
-                bad = int((cos < 0.999).sum())
-                if bad:
-                    self.violate("index", f"{bad} live rows hold another vector than their current result")
+        kept = [r for r in rows if ids[r] in want]  # live rows that are current results
+        if kept:  # each holds its image's current vector (a Flat index stores them as they are)
+            stored = index.reconstruct_n(0, index.ntotal)[kept]
+            cur = emb[[want[ids[r]] for r in kept]]
+            cos = (stored * cur).sum(1) / (np.linalg.norm(stored, axis=1) * np.linalg.norm(cur, axis=1)
+                                           + 1e-12)
+            bad = int((cos < 0.999).sum())
+            if bad:
+                self.violate("index", f"{bad} live rows hold another vector than their current result")
         if not len(emb):
             return
         scores, found = index.search(emb, 10)

@@ -25,20 +25,26 @@ DEFAULT_ARCHS: dict[str, str] = {
 }
 
 
+# The architectures each task's builder knows, by name: checking `--arch` (the CLI, a job's
+# config) needs no torch import (seconds). tests/test_models.py holds these equal to the
+# builders' own registries (DETECTION_ARCHS, SEMANTIC_ARCHS, EMBED_ARCHS).
+ARCH_NAMES: dict[str, tuple[str, ...]] = {
+    "detect": ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+               "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny",
+               "fcos_resnet50_fpn", "retinanet_resnet50_fpn_v2", "ssd300_vgg16",
+               "ssdlite320_mobilenet_v3_large"),
+    "segment": ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_tiny"),
+    "pose": ("keypointrcnn_resnet50_fpn", "keypointrcnn_tiny"),
+    "semantic": ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101", "deeplabv3_resnet50",
+                 "deeplabv3_tiny", "fcn_resnet50", "lraspp_mobilenet_v3_large", "unet_tiny"),
+    "embed": ("resnet18", "resnet50", "tiny"),
+}
+
+
 def arch_choices(task: str) -> list[str]:
     """The architectures `--arch TASK=NAME` accepts for `task`."""
     check_task(task)
-    if task == "embed":
-        from models.embedding import EMBED_ARCHS
-
-        return sorted(EMBED_ARCHS)
-    if task == "semantic":
-        from models.semantic import SEMANTIC_ARCHS
-
-        return sorted(SEMANTIC_ARCHS)
-    from models.detection import DETECTION_ARCHS
-
-    return sorted(name for name, spec in DETECTION_ARCHS.items() if spec.task == task)
+    return sorted(ARCH_NAMES[task])
 
 
 def check_task(task: str) -> None:

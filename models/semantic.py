@@ -257,10 +257,37 @@ def normalise(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[
     return batch, sizes
 
 
+def head_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The model's class logits [B, C, gh, gw] on its head's own grid: torchvision's FCN,
+    DeepLabV3 and LR-ASPP upsample theirs to the input size (bilinear, every class) inside
+    forward(); skipping that, the argmax and its score cost 1/stride^2 as much and the class
+    map is resized once, to the image (resize_nearest). Other models: their own output."""
+    if isinstance(model, (tvs.FCN, tvs.DeepLabV3)):
+        return model.classifier(model.backbone(batch)["out"])
+    if isinstance(model, tvs.LRASPP):
+        return model.classifier(model.backbone(batch))
+    return model(batch)["out"]
+
+
+def on_grid(size: tuple[int, int], batch_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """An image of `size` (h, w) at the top left of a padded batch of `batch_size`: the
+    cells of the head's `grid` that cover it (every pixel of it, at least one cell)."""
+    (h, w), (ph, pw), (gh, gw) = size, batch_size, grid
+    return max(1, min(gh, -(-h * gh // ph))), max(1, min(gw, -(-w * gw // pw)))
+
+
+def classes_and_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell: the argmax class and its softmax probability, exp(max - logsumexp): no
+    softmax tensor over every class."""
+    logits = logits.float()
+    top, classes = logits.max(dim=1)
+    return classes, (top - torch.logsumexp(logits, dim=1)).exp_()
+
+
 class SemanticPredictor:
     """A semantic model on decoded images. __call__(images) -> one dict per image:
-    classes uint8/int16 [h, w] (argmax) and scores float16 [h, w] (its softmax
-    probability), on the model's input grid, which covers the whole image."""
+    classes uint8/int16 [gh, gw] (argmax) and scores float16 [gh, gw] (its softmax
+    probability), on the model head's grid over the whole image (see head_logits)."""
 
     def __init__(self, arch: str, *, weights: str, image_size: int | None = None,
                  device: str | None = None, max_batch: int = 8):
@@ -280,13 +307,14 @@ class SemanticPredictor:
     def _forward(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         batch, sizes = normalise([fit(im, self.min_size, self.max_size, self.device) for im in images])
         with torch.inference_mode(), autocast(self.device):
-            logits = self.model(batch)["out"]
-        probs = logits.float().softmax(dim=1)
-        scores, classes = probs.max(dim=1)
-        dtype = np.uint8 if probs.shape[1] <= 256 else np.int16
-        return [{"classes": classes[i, :h, :w].cpu().numpy().astype(dtype),
-                 "scores": scores[i, :h, :w].cpu().numpy().astype(np.float16)}
-                for i, (h, w) in enumerate(sizes)]
+            logits = head_logits(self.model, batch)
+        with torch.inference_mode():
+            classes, scores = classes_and_scores(logits)
+        dtype = np.uint8 if logits.shape[1] <= 256 else np.int16
+        classes, scores = classes.cpu().numpy().astype(dtype), scores.cpu().numpy().astype(np.float16)
+        cells = [on_grid(size, tuple(batch.shape[-2:]), tuple(logits.shape[-2:])) for size in sizes]
+        return [{"classes": classes[i, :gh, :gw], "scores": scores[i, :gh, :gw]}
+                for i, (gh, gw) in enumerate(cells)]
 
 
 def resize_nearest(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -345,11 +373,12 @@ def evaluate_model(model: nn.Module, items: Sequence[tuple[np.ndarray, np.ndarra
     model.eval()
     with torch.inference_mode():
         for image, gt in items:
-            batch, ((th, tw),) = normalise([fit(image, min_size, max_size, device)])
+            batch, (size,) = normalise([fit(image, min_size, max_size, device)])
             with autocast(device):
-                logits = model(batch)["out"][0, :, :th, :tw]
-            # as annotate stores it: argmax on the model's grid, nearest to the image's size
-            pred = resize_nearest(logits.argmax(dim=0).cpu().numpy(), *gt.shape)
+                logits = head_logits(model, batch)
+            gh, gw = on_grid(size, tuple(batch.shape[-2:]), tuple(logits.shape[-2:]))
+            # as annotate stores it: argmax on the head's grid, nearest to the image's size
+            pred = resize_nearest(logits[0, :, :gh, :gw].argmax(dim=0).cpu().numpy(), *gt.shape)
             conf += confusion(gt, pred, num_classes)
     model.train(was_training)
     return conf

@@ -24,11 +24,13 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import torch
-
 from models.errors import LakelensError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI and job config import this module
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def validate_spec(spec: str, *, what: str = "weights") -> None:
 @contextlib.contextmanager
 def seeded(seed: int = RANDOM_SEED) -> Iterator[None]:
     """Seed torch's CPU RNG for a block without disturbing the caller's RNG state."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -100,6 +104,8 @@ def read_checkpoint(spec: str) -> Checkpoint:
     except OSError as e:
         raise LakelensError(f"cannot read checkpoint {spec!r}: {e}") from e
     weights_id = "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    import torch
+
     if spec.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
@@ -149,6 +155,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    import torch
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     torch.save({"state_dict": tensors, "lakelens": meta}, tmp)
     os.replace(tmp, path)
@@ -156,6 +164,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
 
 def cache_path(name: str) -> Path:
     """Where torch keeps (and torchvision looks for) a published weights file."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
@@ -189,6 +199,8 @@ def ensure_default_available(url: str, *, what: str) -> None:
     if cached.is_file():
         return
     logger.info("downloading %s weights from %s", what, url)
+    import torch
+
     try:
         torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
     except Exception as e:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from models.errors import LakelensError
@@ -450,7 +452,7 @@ def _jobs_address(p: argparse.ArgumentParser) -> None:
 
 def _annotate(args: argparse.Namespace) -> int:
     from models.decode import DEFAULT_MAX_PIXELS
-    from pipelines.annotate import run
+    from pipelines.annotate.connect import connect
     from pipelines.config import AnnotateConfig
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -464,6 +466,14 @@ def _annotate(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, max_error_rate=args.max_error_rate, index=args.index,
         lease_s=args.lease_s,
         num_cpus=args.num_cpus, max_gpus=args.max_gpus)
+    # The job's modules (torch, torchvision: seconds) import while Ray starts.
+    loading = threading.Thread(target=importlib.import_module, args=("pipelines.annotate.job",),
+                               name="lakelens-import", daemon=True)
+    loading.start()
+    connect(cfg)
+    loading.join()
+    from pipelines.annotate import run
+
     summary = run(cfg)
     print(summary.describe())
     if summary.error_rate_exceeded:

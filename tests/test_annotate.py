@@ -179,6 +179,17 @@ def test_every_gpu_gets_one_whole_gpu_actor_running_every_task(gpus: int, tasks:
     assert plan.num_cpus <= 2 - 0.25  # room for a read task on its node
 
 
+@pytest.mark.parametrize(("tasks", "cpus"), [(5, 2), (2, 2), (4, 16), (3, 64)])
+def test_cpu_tasks_share_fused_actors_one_per_core(tasks: int, cpus: float) -> None:
+    """On CPUs every asked model runs in each actor: as many actor processes to start as
+    cores, not one per task, and no pool of a cheap model idling behind a slow one."""
+    plan = plan_pools(tasks, cpus, 0)
+    assert plan.fused and plan.size == cpus and plan.torch_threads == 1
+    assert plan.num_gpus == 0 and plan.size * plan.num_cpus <= cpus - 1
+    single = plan_pools(1, cpus, 0)
+    assert not single.fused and single.size == plan.size
+
+
 def test_no_actor_asks_for_more_cpus_than_a_node_has() -> None:
     plan = plan_pools(1, 3, 0, node_cpus=1)  # three 1-CPU nodes
     assert plan.num_cpus <= 0.75 and plan.size * plan.num_cpus <= 2  # room for a read task on each

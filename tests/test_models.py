@@ -15,7 +15,7 @@ from models.embedding import build_embedder
 from models.errors import LakelensError
 from models.masks import crop_to_rle, rle_to_mask
 from models.predict import DetectionPredictor, EmbeddingPredictor, predict_each
-from models.registry import DEFAULT_ARCHS, TASKS, arch_choices
+from models.registry import ARCH_NAMES, DEFAULT_ARCHS, TASKS, arch_choices
 
 
 def test_every_task_has_its_default_and_a_tiny_arch() -> None:
@@ -24,6 +24,30 @@ def test_every_task_has_its_default_and_a_tiny_arch() -> None:
         assert any("tiny" in a for a in arch_choices(task))
     with pytest.raises(LakelensError, match="choose from"):
         build_detector("yolo", weights="random")
+
+
+def test_the_arch_names_checked_without_torch_are_the_builders_own() -> None:
+    from models.detection import DETECTION_ARCHS
+    from models.embedding import EMBED_ARCHS
+    from models.semantic import SEMANTIC_ARCHS
+
+    builders = {task: sorted(n for n, spec in DETECTION_ARCHS.items() if spec.task == task)
+                for task in ("detect", "segment", "pose")}
+    builders |= {"semantic": sorted(SEMANTIC_ARCHS), "embed": sorted(EMBED_ARCHS)}
+    assert {t: sorted(names) for t, names in ARCH_NAMES.items()} == builders
+
+
+def test_a_job_config_is_checked_without_importing_torch() -> None:
+    """The CLI starts Ray while torch imports: its config must not import torch first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.config import AnnotateConfig; "
+            "AnnotateConfig(sources=('x',), out='o', tasks=('detect', 'embed'), "
+            "archs={'detect': 'fasterrcnn_tiny'}, weights={'embed': 'random'}); "
+            "import pipelines.annotate.connect; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("arch", ["fasterrcnn_tiny", "maskrcnn_tiny", "keypointrcnn_tiny"])

@@ -48,7 +48,13 @@ def test_every_arch_builds_and_labels_every_pixel(arch: str) -> None:
     images = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8),
               rng.integers(0, 256, (90, 30, 3), dtype=np.uint8)]
     out = p(images)
-    assert [o["classes"].shape for o in out] == [(64, 107), (128, 43)]  # shorter side 64, longer <= 128
+    # the head's grid over each image as the model saw it (shorter side 64, longer <= 128):
+    # the same cell size on both sides, at most the input's size and stride 32
+    for o, (h, w) in zip(out, [(64, 107), (128, 43)], strict=True):
+        gh, gw = o["classes"].shape
+        assert o["scores"].shape == (gh, gw)
+        assert h / 32 <= gh <= h and w / 32 <= gw <= w
+        assert abs(h / gh - w / gw) <= max(h / gh, w / gw) / min(gh, gw) + 1e-9, (arch, h, w, gh, gw)
     for o in out:
         assert o["classes"].max() < len(VOC_LABELS)
         assert ((o["scores"] >= 1 / len(VOC_LABELS) - 1e-3) & (o["scores"] <= 1)).all()
@@ -56,6 +62,16 @@ def test_every_arch_builds_and_labels_every_pixel(arch: str) -> None:
     covered = sum(r["area"] for r in rows)
     background = (resize_nearest(out[0]["classes"], 48, 80) == 0).sum()
     assert covered + background == 48 * 80  # every pixel: one class, or the background
+
+
+def test_scores_are_the_argmax_softmax_probability_without_a_softmax_tensor() -> None:
+    from models.semantic import classes_and_scores
+
+    logits = torch.randn(2, 21, 9, 13, generator=torch.Generator().manual_seed(0)) * 4
+    classes, scores = classes_and_scores(logits)
+    top, want = logits.softmax(dim=1).max(dim=1)
+    assert torch.equal(classes, want)
+    assert torch.allclose(scores, top, atol=1e-6)
 
 
 def test_heads_are_replaced_for_the_dataset_classes() -> None:

@@ -5,7 +5,9 @@ TABLE_SCHEMA rows (results and errors alike) and appends them to the log in one 
 a row supersedes the image's earlier ones by being later (nothing is rewritten). A chunk
 is committed when it holds chunk_size images, CHUNK_BYTES of rows, or CHUNK_SECONDS
 after the previous commit, so a large night writes large files and a crash loses at
-most one chunk of work (never a row: the rerun's diff finds what did not land).
+most one chunk of work (never a row: the rerun's diff finds what did not land). A run's
+first chunk is committed at FIRST_CHUNK_ROWS images: its first results are in the table
+(and safe from a crash) within seconds of the first batch, for one small file a run.
 Counts for the run summary are kept as it goes.
 """
 
@@ -28,9 +30,17 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 128 * 2**20  # rows held before a commit: one large file per commit
 CHUNK_SECONDS = 300.0  # at most this long between commits while rows come in
+FIRST_CHUNK_ROWS = 16  # a run's first commit: two batches of the default size
 RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "semantic", "embed"}
 PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError",
                          "FileTooLargeError"}  # over --max-image-mb: until the file changes
+
+
+def process_age() -> float:
+    """Seconds since this process was started (the command's start, imports included)."""
+    import psutil  # Ray's own dependency
+
+    return time.time() - psutil.Process().create_time()
 
 
 def retryable(stage: str | None, error_type: str | None, message: str | None) -> bool | None:
@@ -63,6 +73,7 @@ class Committer:
     _pending_rows: int = 0
     _pending_bytes: int = 0
     _started: float = field(default_factory=time.perf_counter)
+    timeline: dict[str, float] = field(default_factory=dict)  # phase -> seconds since the process began
     _last_commit: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -78,10 +89,11 @@ class Committer:
         self._pending.append(batch)
         self._pending_rows += batch.num_rows
         self._pending_bytes += batch.nbytes
-        while self._pending_rows >= self.chunk_size:
+        while self._pending_rows >= (size := self.chunk_size if self.seq else
+                                     min(self.chunk_size, FIRST_CHUNK_ROWS)):
             table = pa.concat_tables(self._pending, promote_options="default")
-            self._commit(table.slice(0, self.chunk_size))
-            rest = table.slice(self.chunk_size)
+            self._commit(table.slice(0, size))
+            rest = table.slice(size)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
             self._pending_bytes = rest.nbytes
         if self._pending_rows and (self._pending_bytes >= CHUNK_BYTES
@@ -131,6 +143,8 @@ class Committer:
         version = self.table.commit(rows, run_id=self.run_id, seq=self.seq, epoch=self.epoch,
                                     info={"rows": rows.num_rows, "ok": ok})
         self._last_commit = time.perf_counter()
+        self.mark("first_commit", once=True)
+        self.mark("last_commit")
         failed = rows.filter(pc.equal(rows.column("status"), "error"))
         self.error_kinds.update(zip(failed.column("error_stage").to_pylist(),
                                     failed.column("error_type").to_pylist(), strict=True))
@@ -184,6 +198,12 @@ class Committer:
             return {"first_row_s": None, "steady_images_per_s": None}
         return {"first_row_s": min(self.arrivals),
                 "steady_images_per_s": steady_rate(self.arrivals)}
+
+    def mark(self, phase: str, *, once: bool = False) -> None:
+        """Note when `phase` was reached, in seconds since this process began (the run
+        record's `timeline_s`: where a run's first seconds went)."""
+        if not (once and phase in self.timeline):
+            self.timeline[phase] = round(process_age(), 2)
 
     def top_errors(self, n: int = 3) -> str:
         return ", ".join(f"{stage}/{etype} x{count}"

@@ -19,10 +19,10 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
@@ -35,11 +35,11 @@ from models.embedding import EMBED_ARCHS
 from models.embedding import decode_sizes as embed_decode_sizes
 from models.errors import LakelensError
 from models.registry import ModelInfo, ensure_default_weights
-from pipelines.annotate.commit import Committer
+from pipelines.annotate.commit import Committer, process_age
+from pipelines.annotate.connect import connect
 from pipelines.annotate.read import read_decode
 from pipelines.annotate.report import RunSummary, actor_stats, log_actors, pool_steady_rate, write_record
 from pipelines.annotate.stages import FusedStage
-from pipelines.cluster.local import filter_worker_logs, start_local_ray
 from pipelines.cluster.placement import (
     READ_CPUS,
     PoolPlan,
@@ -136,45 +136,6 @@ def _embedding_dim(infos: list[ModelInfo]) -> int:
     return embed.embedding_dim if embed else EMBED_ARCHS["resnet50"].dim
 
 
-def connect(cfg: AnnotateConfig) -> None:
-    """Join `--address` (or RAY_ADDRESS, or the job's cluster); else start a local Ray."""
-    if not logger.isEnabledFor(logging.DEBUG):  # lakelens logs its own progress per chunk
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        # A small run gives the model pool fewer blocks than actors: normal, not a problem.
-        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            # a new instance even when `ray start` runs on this machine (joining that one
-            # takes --address), bound to loopback, token auth on
-            start_local_ray(cfg.num_cpus)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise LakelensError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from e
-    if not logger.isEnabledFor(logging.DEBUG):
-        filter_worker_logs()
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a HOST:PORT nothing listens on (ray.init retries for minutes)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not port.isdigit():
-        return  # "auto", "local": Ray resolves those itself
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except OSError as e:
-        raise LakelensError(f"cannot connect to Ray at {address}: {e.strerror or e}") from e
-
-
-
-
 def _absolute(spec: str) -> str:
     """A local checkpoint path made absolute, so an index can find the embedder later."""
     if spec in ("default", "random") or is_remote(spec):
@@ -230,7 +191,7 @@ def build_dataset(cfg: AnnotateConfig, todo: ray.data.Dataset, infos: list[Model
                             num_cpus=READ_CPUS, max_retries=TASK_RETRIES,
                             label_selector=role_selector(view, "decode"))
         tcfgs = task_configs(cfg, infos, plan)
-        # Fused (GPUs): one pool, every task in each actor. CPUs: a pool per task.
+        # Fused: one pool, every task in each actor (a single task: one pool either way).
         groups = [tcfgs] if plan.fused else [[t] for t in tcfgs]
         for n, group in enumerate(groups):
             ds = ds.map_batches(
@@ -285,24 +246,29 @@ def run(cfg: AnnotateConfig) -> RunSummary:
         legacy = False
     except NeedsMigration:
         table, legacy = None, True
-    # Weights are checked in the driver before anything starts: a bad checkpoint or missing
-    # default weights is one line, not an actor failure.
-    infos = resolve_models(cfg)
     with acquire(cfg.out, run_id, lease_s=cfg.lease_s) as lock:
+        # Every task's weights are checked (a bad checkpoint or missing default weights is
+        # one line at start, not an actor failure) while Ray's processes start.
+        with ThreadPoolExecutor(1, thread_name_prefix="lakelens-models") as pool:
+            resolving = pool.submit(resolve_models, cfg)
+            connect(cfg)
+            timeline = {"ray_ready": round(process_age(), 2)}
+            infos = resolving.result()
+            timeline["models_checked"] = round(process_age(), 2)
         epoch = lock.epoch
         if legacy:  # a schema 2/3 table: migrated in place, under the lock, before anything
             epoch = migrate_locked(cfg.out, epoch=epoch, run_id=run_id)["epoch"]
             table = open_table(cfg.out)
         else:  # the lock's epoch lands in the table at once: an owner it replaced is fenced
             epoch = table.fence(epoch, run_id=run_id)
-        connect(cfg)
         fs, root = output_fs(cfg.out)
         staging_root = f"{root}/_lakelens/staging"
         for old in fs.get_file_info(pafs.FileSelector(staging_root, allow_not_found=True)):
             fs.delete_dir(old.path)  # left by a crashed run; under the lock nobody uses them
         staging = location(cfg.out, "_lakelens", "staging", run_id)
         try:
-            summary = _run_locked(cfg, run_id, table, epoch, infos, plan_src, staging, started, lock)
+            summary = _run_locked(cfg, run_id, table, epoch, infos, plan_src, staging, started, lock,
+                                  timeline)
         finally:
             try:
                 fs.delete_dir(f"{staging_root}/{run_id}")
@@ -312,7 +278,8 @@ def run(cfg: AnnotateConfig) -> RunSummary:
 
 
 def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
-                infos: list[ModelInfo], plan_src, staging: str, started: float, lock) -> RunSummary:
+                infos: list[ModelInfo], plan_src, staging: str, started: float, lock,
+                timeline: dict[str, float]) -> RunSummary:
     base_version = table.version
 
     def still_owner() -> None:
@@ -325,9 +292,10 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
 
     parts = table.parts()
     counts, skipped = D.DiffCounts(), {}
-    committer = Committer(table, run_id, epoch, infos, cfg.chunk_size)
+    committer = Committer(table, run_id, epoch, infos, cfg.chunk_size, timeline=timeline)
     try:
         counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
+        committer.mark("diffed")
         still_owner()
         record_models(table, infos, cfg.full)
         crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
@@ -338,7 +306,14 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
                 committer.close_vanished(gone)
         still_owner()
         upkeep = run_upkeep(table)
+        committer.mark("upkeep_done")
         actors = actor_stats(f"{staging}/actors") if counts.todo else []
+        born = time.time() - process_age()
+        for key, name in (("ready_at", "actors_ready"), ("first_batch_at", "first_batch")):
+            stamps = [a[key] for a in actors if a.get(key)]
+            if stamps:
+                at = max(stamps) if key == "ready_at" else min(stamps)
+                committer.timeline[name] = round(at - born, 2)
         summary = _summary(cfg, run_id, table, counts, skipped, committer, crashed, actors, infos,
                            wall=time.perf_counter() - started)
         log_actors(run_id, actors, summary.wall_s)
@@ -352,6 +327,7 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
             index = {**index, "summary": f"{index['summary']}; {dedup.describe_nightly(found)}",
                      "dedup": found}
             summary = dataclasses.replace(summary, index=index)
+            committer.mark("index_synced")
         still_owner()
     except BaseException as e:  # the record of a failed run: what it committed before it failed
         _record_failure(cfg, run_id, table, counts, skipped, committer, infos, base_version,

@@ -150,6 +150,7 @@ def write_record(cfg: AnnotateConfig, summary: RunSummary, infos: list[ModelInfo
               "decode_nodes": dict(committer.decode_nodes),
               "images_per_s": round(summary.images_per_s, 3), **committer.throughput(),
               "steady_images_per_s": summary.steady_images_per_s,
+              "timeline_s": committer.timeline,
               "index": summary.index,
               "finished_at": datetime.now(UTC).isoformat()}
     fs, root = output_fs(cfg.out)

@@ -1,6 +1,7 @@
-"""Where the model actors and the read/decode tasks go: the pool plan (one fused actor per
-whole GPU, or a pool per task on CPUs, always leaving room for read tasks), node roles
-by label, and the view of the cluster both are made from."""
+"""Where the model actors and the read/decode tasks go: the pool plan (fused actors, each
+running every asked model on the same decoded batch: one per whole GPU, or one per CPU
+core on CPUs; always leaving room for read tasks), node roles by label, and the view of
+the cluster both are made from."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ READ_CPUS = 0.25  # a read/decode task's CPU request: short bursts, always sched
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """Resources of the model actors. On GPUs (`fused`): one pool of actors, one per GPU
-    (a whole GPU each), each running every asked model on the same decoded batch; the pool
-    grows from `size` to `max_size` as an autoscaling cluster adds GPUs. On CPUs: one pool
-    per task of `size` actors."""
+    """Resources of the model actors. `fused`: one pool of actors, each running every asked
+    model on the same decoded batch. On GPUs one per GPU (a whole GPU each); the pool grows
+    from `size` to `max_size` as an autoscaling cluster adds GPUs. On CPUs `size`
+    single-threaded actors (fused when more than one task is asked: see _plan_cpu_pools)."""
 
     size: int
     num_cpus: float
@@ -56,19 +57,26 @@ def plan_pools(n_pools: int, cpus: float, gpus: float, node_cpus: float | None =
     if cap is not None and cap > 0 and plan.num_cpus > cap:
         total = plan.size * plan.num_cpus
         size = math.ceil(total / cap)
-        plan = PoolPlan(size, total / size, 0.0, max(1, min(plan.torch_threads, int(node_cpus))))
+        plan = PoolPlan(size, total / size, 0.0, max(1, min(plan.torch_threads, int(node_cpus))),
+                        fused=plan.fused)
     return plan
 
 
 def _plan_cpu_pools(n_pools: int, cpus: float) -> PoolPlan:
+    """One pool of single-threaded actors, one per core of the models' share, each running
+    every asked model on its batch (fused). Per-task pools would start an actor process
+    per task (each importing torch and building its model before work flows: five
+    one-after-another starts on a small machine) and split the cores evenly between
+    tasks whose costs differ 50x (a pose R-CNN against a small embedder), so the slowest
+    task's pool bounds the run while the others idle; fused actors balance themselves and
+    pass no pixels between pools."""
     reserve = max(1.0, cpus // 4)
-    per_pool = max(cpus - reserve, 0.25) / n_pools
     # One single-threaded actor per core of the pool's share, reserve included (Ray's CPU
     # counts are for scheduling only: decode and write tasks come in short bursts). For
     # the CPU models here, two 1-thread actors outrun one 2-thread actor (intra-op
     # threading scales poorly on small convolutions; measured in benchmarks/annotate.py).
-    size = max(1, int(cpus // n_pools))
-    return PoolPlan(size, per_pool / size, 0.0, 1)
+    size = max(1, int(cpus))
+    return PoolPlan(size, max(cpus - reserve, 0.25) / size, 0.0, 1, fused=n_pools > 1)
 
 
 ROLE_LABEL = "lakelens/role"  # nodes labelled model (GPU work) or decode (read/decode tasks)

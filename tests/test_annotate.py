@@ -116,6 +116,10 @@ def test_run_record_and_no_temporary_files(zoo_run) -> None:
     assert [m["arch"] for m in record["models"]] == list(TINY_ARCHS.values())
     assert record["images_per_s"] > 0
     assert list((out / "_lakelens" / "staging").iterdir()) == []
+    # seconds since the process began: the model actors started before the diff ended,
+    # and the first chunk (16 images) was committed before the last
+    t = record["timeline_s"]
+    assert t["ray_ready"] <= t["pass_started"] < t["diffed"] <= t["first_commit"] < t["last_commit"]
     leftovers = [p for p in out.rglob("*") if p.suffix == ".tmp"]
     assert leftovers == []
 

@@ -225,3 +225,42 @@ def test_s3_prefix_that_cannot_be_listed_is_a_marker_row(s3) -> None:
     assert listed.column("is_image").to_pylist() == [False, False]
     for error in listed.column("list_error").to_pylist():
         assert "NoSuchBucket" in error and "\n" not in error
+
+
+def _todo_file(path: Path, ids: list[str], group: int) -> None:
+    n = len(ids)
+    table = pa.table({"image_id": ids, "part": ["p"] * n, "uri": [f"file:///{i}.jpg" for i in ids],
+                      "size": [1] * n, "fingerprint": ["f"] * n, "kind": ["new"] * n}, schema=D.TODO_SCHEMA)
+    pq.write_table(table, path, row_group_size=group)
+
+
+@pytest.mark.parametrize("go", [True, False])
+def test_an_awaited_todo_waits_for_its_release_then_streams_a_block_per_row_group(
+        ray_local, tmp_path: Path, go: bool) -> None:
+    """The annotate pipeline starts before the diff: its input waits for the driver's word
+    (nothing comes out before), then yields what the diff staged, a block per row group
+    (so rows reach the actors and the first commit as they do from todo_dataset), or no
+    rows when the run stops."""
+    import threading
+    import time
+
+    staging = tmp_path / "staging"
+    ds = D.awaited_todo_dataset(str(staging), "todo", slots=2, num_cpus=0.25)
+    blocks: list[pa.Table] = []
+    consumer = threading.Thread(target=lambda: blocks.extend(
+        ds.iter_batches(batch_size=None, batch_format="pyarrow")), daemon=True)
+    consumer.start()
+    (staging / "todo").mkdir(parents=True)
+    _todo_file(staging / "todo" / "a.parquet", [f"a{i}" for i in range(7)], group=3)  # 3 groups
+    _todo_file(staging / "todo" / "b.parquet", [f"b{i}" for i in range(2)], group=3)  # 1 group
+    time.sleep(3)  # the diff is "still running": the input tasks wait
+    assert consumer.is_alive() and blocks == []
+    D.release_todo(str(staging), "todo", go=go)
+    consumer.join(timeout=120)
+    assert not consumer.is_alive()
+    if not go:
+        assert sum(b.num_rows for b in blocks) == 0
+        return
+    ids = sorted(i for b in blocks for i in b.column("image_id").to_pylist())
+    assert ids == sorted([f"a{i}" for i in range(7)] + ["b0", "b1"])
+    assert sorted(b.num_rows for b in blocks) == [1, 2, 3, 3]  # one block per row group

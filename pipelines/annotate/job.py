@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -236,6 +237,60 @@ def _consume(ds: ray.data.Dataset, committer: Committer) -> None:
     committer.flush()
 
 
+class EarlyPass:
+    """The annotate pipeline started before the diff: its model actors start (a worker
+    process, torch, the model build: seconds each) while the listing and the diff run. Its
+    input tasks wait for release(); a thread streams its rows into the committer."""
+
+    def __init__(self, cfg: AnnotateConfig, infos: list[ModelInfo], plan: PoolPlan, staging: str,
+                 committer: Committer, shipped: dict[str, ray.ObjectRef] | None, *, slots: int):
+        self.staging = staging
+        with _tolerating_lost_blocks():  # a Dataset keeps the DataContext of its creation
+            todo = D.awaited_todo_dataset(staging, "todo", slots=slots, num_cpus=READ_CPUS)
+            if cfg.limit:
+                todo = todo.limit(cfg.limit)
+            ds = build_dataset(cfg, todo, infos, plan, rows_per_block=min(DECODE_BATCH, cfg.batch_size),
+                               stats_dir=f"{staging}/actors", weights_files=shipped)
+        self.error: BaseException | None = None
+        self.released = False
+
+        def consume() -> None:
+            try:
+                _consume(ds, committer)
+            except BaseException as e:  # noqa: BLE001 - raised again by join(), in the driver's thread
+                self.error = e
+
+        # A daemon: an interrupted driver must not wait for it (what it committed stays).
+        self.thread = threading.Thread(target=consume, name="lakelens-pass", daemon=True)
+        self.thread.start()
+
+    def release(self, go: bool = True) -> None:
+        if not self.released:
+            D.release_todo(self.staging, "todo", go=go)
+            self.released = True
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """No rows to annotate after all (or the run failed before the diff ended)."""
+        self.release(go=False)
+        self.thread.join()
+
+
+def _room_to_start_early(plan: PoolPlan, pools: int) -> bool:
+    """Whether the pass may start before the diff: the cluster has its actors' resources
+    free now, beside a whole CPU for the diff's tasks. Otherwise (an autoscaling cluster
+    that would add nodes for a night that may have nothing new, a 1-CPU machine) it starts
+    after the diff, as it must then."""
+    pools = 1 if plan.fused else pools
+    free = ray.available_resources()
+    return (free.get("CPU", 0.0) - plan.size * pools * plan.num_cpus >= 1.0
+            and free.get("GPU", 0.0) >= plan.size * pools * plan.num_gpus)
+
+
 def run(cfg: AnnotateConfig) -> RunSummary:
     """Bring cfg.out's table up to date with cfg.sources; returns the run's counts."""
     started = time.perf_counter()
@@ -293,13 +348,22 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
     parts = table.parts()
     counts, skipped = D.DiffCounts(), {}
     committer = Committer(table, run_id, epoch, infos, cfg.chunk_size, timeline=timeline)
+    early = None
     try:
+        plan, shipped = current_plan(len(infos), cfg.max_gpus), None
+        if _room_to_start_early(plan, len(infos)):
+            shipped = ship_default_weights(cfg, infos)
+            # Each input task holds a worker process while it waits: one per 8 CPUs (a task
+            # reads a todo row group in milliseconds; the decode tasks after it are many).
+            slots = max(1, min(len(parts), int(cluster_view().cpus // 8)))
+            early = EarlyPass(cfg, infos, plan, staging, committer, shipped, slots=slots)
+            committer.mark("pass_started")
         counts, skipped = _list_and_diff(cfg, run_id, table, infos, plan_src, staging, parts)
         committer.mark("diffed")
         still_owner()
         record_models(table, infos, cfg.full)
         crashed = _annotate(cfg, run_id, table, infos, staging, counts, committer, parts=parts,
-                            since=base_version)
+                            since=base_version, plan=plan, shipped=shipped, early=early)
         if cfg.prune and counts.vanished:
             gone = D.read_bucket_files(staging, "vanished")
             if gone is not None:
@@ -330,6 +394,8 @@ def _run_locked(cfg: AnnotateConfig, run_id: str, table: LakeTable, epoch: int,
             committer.mark("index_synced")
         still_owner()
     except BaseException as e:  # the record of a failed run: what it committed before it failed
+        if early is not None and not isinstance(e, KeyboardInterrupt):
+            early.stop()  # its input tasks end with no rows (it is a daemon: Ctrl-C does not wait)
         _record_failure(cfg, run_id, table, counts, skipped, committer, infos, base_version,
                         started, e)
         raise
@@ -377,23 +443,33 @@ def _list_and_diff(cfg: AnnotateConfig, run_id: str, table: LakeTable, infos: li
 
 
 def _annotate(cfg: AnnotateConfig, run_id: str, table: LakeTable, infos: list[ModelInfo], staging: str,
-              counts: D.DiffCounts, committer: Committer, *, parts: list[str], since: int) -> int:
-    """The pipeline over what the diff staged, into the commit loop; then what was lost to
-    dead workers, once more. Returns how many images crashed their worker every time."""
+              counts: D.DiffCounts, committer: Committer, *, parts: list[str], since: int,
+              plan: PoolPlan, shipped: dict[str, ray.ObjectRef] | None,
+              early: EarlyPass | None = None) -> int:
+    """The pipeline over what the diff staged (started early, or now), into the commit
+    loop; then what was lost to dead workers, once more. Returns how many images crashed
+    their worker every time."""
     if not counts.todo:
+        if early is not None:
+            early.stop()
         return 0
-    plan = current_plan(len(infos), cfg.max_gpus)
-    logger.info("run %s: annotating %d images, tasks %s, %s (%.2f CPU, %.2f GPU each)",
+    logger.info("run %s: annotating %d images, tasks %s, %s (%.2f CPU, %.2f GPU each)%s",
                 run_id, min(counts.todo, cfg.limit or counts.todo), ",".join(cfg.tasks),
-                plan.pools, plan.num_cpus, plan.num_gpus)
-    rows = min(DECODE_BATCH, cfg.batch_size)
-    shipped = ship_default_weights(cfg, infos)
-    with _tolerating_lost_blocks():
-        todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
-        if cfg.limit:
-            todo = todo.limit(cfg.limit)
-        _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
-                               stats_dir=f"{staging}/actors", weights_files=shipped), committer)
+                plan.pools, plan.num_cpus, plan.num_gpus,
+                "; model actors started during the diff" if early else "")
+    if early is not None:
+        early.release()
+        early.join()
+    else:
+        shipped = ship_default_weights(cfg, infos)
+        committer.mark("pass_started")
+        rows = min(DECODE_BATCH, cfg.batch_size)
+        with _tolerating_lost_blocks():
+            todo = D.todo_dataset(staging, "todo", num_cpus=READ_CPUS)
+            if cfg.limit:
+                todo = todo.limit(cfg.limit)
+            _consume(build_dataset(cfg, todo, infos, plan, rows_per_block=rows,
+                                   stats_dir=f"{staging}/actors", weights_files=shipped), committer)
     if committer.annotated + committer.errors >= counts.todo:
         return 0
     return _recover_lost(cfg, run_id, table, staging, infos, plan, committer, shipped, parts=parts,

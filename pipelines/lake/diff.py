@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -337,6 +338,47 @@ def todo_dataset(staging: str, sub: str, *, num_cpus: float) -> ray.data.Dataset
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS))) \
         .map_batches(_read_group, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                      fn_kwargs={"staging": staging})
+
+
+READY = "_READY"  # STAGING/sub/_READY: "go" once the diff's todo files are final, else "stop"
+
+
+def awaited_todo_dataset(staging: str, sub: str, *, slots: int, num_cpus: float) -> ray.data.Dataset:
+    """The rows STAGING/sub/*.parquet will hold once the driver releases them
+    (release_todo), as todo_dataset reads them (a block per row group of TODO_GROUP rows):
+    a pipeline over them starts (its model actors start) while the listing and the diff
+    still run. `slots` small tasks, asking no CPU (they wait, and the diff's tasks must
+    find CPUs), wait for the word, then name the row groups of every slots-th file."""
+    return ray.data.from_items([{"slot": i} for i in range(slots)], override_num_blocks=slots) \
+        .map_batches(_slot_groups, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                     fn_kwargs={"staging": staging, "sub": sub, "slots": slots}) \
+        .repartition(target_num_rows_per_block=1) \
+        .map_batches(_read_group, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
+                     fn_kwargs={"staging": staging})
+
+
+def release_todo(staging: str, sub: str, *, go: bool) -> None:
+    """Let awaited_todo_dataset's tasks read STAGING/sub (go), or end with no rows."""
+    fs, root = output_fs(staging)
+    fs.create_dir(f"{root}/{sub}", recursive=True)
+    with fs.open_output_stream(f"{root}/{sub}/{READY}") as f:
+        f.write(b"go" if go else b"stop")
+
+
+def _slot_groups(batch: pa.Table, *, staging: str, sub: str, slots: int) -> pa.Table:
+    slot = int(batch.column("slot")[0].as_py())
+    fs, root = output_fs(staging)
+    marker, pause = f"{root}/{sub}/{READY}", 0.5 if S.is_remote(staging) else 0.05
+    while fs.get_file_info(marker).type != pafs.FileType.File:
+        time.sleep(pause)
+    with fs.open_input_stream(marker) as f:
+        go = f.read() == b"go"
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/{sub}", allow_not_found=True))
+                   if go and i.path.endswith(".parquet"))
+    items = [(path, g) for path in files[slot::slots]
+             for g in range(pq.ParquetFile(path, filesystem=fs).metadata.num_row_groups)]
+    return pa.table({"path": pa.array([p for p, _ in items], pa.string()),
+                     "group": pa.array([g for _, g in items], pa.int64())})
 
 
 def _read_group(batch: pa.Table, *, staging: str) -> pa.Table:

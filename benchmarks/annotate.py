@@ -72,7 +72,11 @@ SCORE_THRESHOLD = 0.0  # every image carries the model's full quota of boxes
 TARGET = 1.1  # lakelens e2e / the better baseline's e2e
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-DAFT_MISSING = "daft not installed: pip install -e '.[bench]' (or --daft-path DIR)"
+# daft 0.7.26 needs pyarrow < 26: it goes in a directory of its own, not lakelens's venv
+DAFT_INSTALL = ("pip install --no-deps --target .daft-site daft==0.7.26 pyiceberg==0.12.0 pyarrow==25.0.1 "
+                "cachetools pyroaring rich strictyaml tenacity tqdm zstandard markdown-it-py mdurl, "
+                "then --daft-path .daft-site")
+DAFT_MISSING = f"daft not importable: {DAFT_INSTALL}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -402,6 +402,8 @@ def measure(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, params: 
     after); a re-ranking index's shortlist is then widened by one (k_factor scaled), so
     that it holds k * k_factor other rows, as a top-k search of an unseen query does --
     not (k + 1) * k_factor, which would measure a better recall than searches get.
+    The work is read from FAISS's process-wide counters (indexIVF_stats, hnsw_stats),
+    reset here: a search in another thread meanwhile would add to it.
     """
     k, nq = truth.shape[1], max(len(queries), 1)
     applied = dict(params)
@@ -450,7 +452,7 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
        lower measured cost becomes the best and the descent goes on from it. A setting
        no higher than one that missed the target is skipped unsearched (recall grows with
        each parameter). At most `max_evals` searches, so at most
-       2 * log2(nlist) + 2 + max_evals in all (54 at 8192 lists).
+       2 * log2(nlist) + 2 + max_evals in all (48 at 8192 lists).
     exclude: see ExactNeighbors and measure().
     """
     ivf = ivf_of(index)

@@ -39,6 +39,13 @@ MIN_TRAIN_SAMPLE = 50_000
 MAX_TRAIN_SAMPLE = 2**18  # k-means on more than ~256k vectors costs more than it brings
 TRAIN_PER_LIST = 39  # what k-means asks for per centroid (trains on fewer above MAX_TRAIN_SAMPLE)
 K_FACTORS = (2, 4, 8, 16, 32)  # re-rank shortlists tried by tune(): k * k_factor candidates
+TUNE_LOCAL_EVALS = 20  # searches of tune()'s descent, after its half-octave anchor
+# What tune() weighs the work of a search with: nanoseconds on one core (x86 with AVX-512,
+# FAISS 1.15, the `auto` index of 1M x 256 clustered vectors; timed on shared cores, so
+# about +-30%), per byte read or per dimension.
+SCAN_NS_PER_BYTE = 0.06  # codes of the probed lists, read in order: ~4 ns a 4-bit PQ128 code
+HNSW_NS_PER_DIM = 0.4  # one float distance of the coarse quantizer's graph search, hops included
+REFINE_NS_PER_BYTE = 0.5  # one re-ranked candidate, read at random: ~250 ns for fp16 x 256
 
 
 @dataclass(frozen=True)
@@ -357,57 +364,206 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / (len(truth) * k) if len(truth) else 1.0
 
 
-def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
-         target: float = TARGET_RECALL + TUNE_MARGIN,
-         exclude: np.ndarray | None = None) -> tuple[dict, float]:
-    """The cheapest search parameters reaching `target` recall@k on the held-out queries
-    (or the best found), and the recall they give.
+@dataclass(frozen=True)
+class Trial:
+    """One setting of the search parameters, measured on the held-out queries: its
+    recall@k and its cost, the search time per query estimated from the work FAISS did
+    (codes scanned, coarse-graph distances, candidates re-ranked; see search_cost_ns), and
+    that work per query."""
+    params: dict
+    recall: float
+    cost_ns: float
+    scanned: float = 0.0
+    graph_distances: float = 0.0
 
-    nprobe grows from 1 by half octaves (the HNSW coarse quantizer, if any, with efSearch =
-    max(32, 2 * nprobe)); at each nprobe a re-ranking index is tried with the largest
-    shortlist (k_factor) first, and once that reaches the target, the smallest k_factor
-    that still does is kept. exclude: see ExactNeighbors.
+
+def search_cost_ns(index: faiss.Index, *, scanned: float, graph_distances: float,
+                   reranked: float) -> float:
+    """Estimated nanoseconds per query of a search that scanned `scanned` codes of the
+    inverted lists, computed `graph_distances` float distances in the HNSW coarse
+    quantizer and re-ranked `reranked` candidates (each per query), from the bytes each
+    step reads (SCAN_NS_PER_BYTE, HNSW_NS_PER_DIM, REFINE_NS_PER_BYTE)."""
+    ivf = ivf_of(index)
+    refine = _refine(index)
+    scan_bytes = int(ivf.code_size) if ivf is not None else 0
+    refine_bytes = 0
+    if refine is not None:
+        refine_bytes = int(getattr(faiss.downcast_index(refine.refine_index), "code_size", 4 * index.d))
+    return (SCAN_NS_PER_BYTE * scan_bytes * scanned + HNSW_NS_PER_DIM * index.d * graph_distances
+            + REFINE_NS_PER_BYTE * refine_bytes * reranked)
+
+
+def measure(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, params: dict, *,
+            exclude: np.ndarray | None = None) -> Trial:
+    """Search `queries` with `params` applied (left applied): recall@k against `truth`
+    (k = its width) and the estimated cost per query of a top-k search.
+
+    With `exclude` the search asks for k + 1 neighbours (a query's own row is dropped
+    after); a re-ranking index's shortlist is then widened by one (k_factor scaled), so
+    that it holds k * k_factor other rows, as a top-k search of an unseen query does --
+    not (k + 1) * k_factor, which would measure a better recall than searches get.
+    The work is read from FAISS's process-wide counters (indexIVF_stats, hnsw_stats),
+    reset here: a search in another thread meanwhile would add to it.
     """
-    k = truth.shape[1]
+    k, nq = truth.shape[1], max(len(queries), 1)
+    applied = dict(params)
+    if exclude is not None and "k_factor" in params and _refine(index) is not None:
+        applied["k_factor"] = (k * float(params["k_factor"]) + 1.5) / (k + 1)  # int((k+1)*kf') = k*kf + 1
+    set_search_params(index, applied)
+    faiss.cvar.indexIVF_stats.reset()
+    faiss.cvar.hnsw_stats.reset()
+    found = search_excluding(index, queries, k, exclude)
+    ivf = ivf_of(index)
+    scanned = faiss.cvar.indexIVF_stats.ndis / nq
+    if ivf is not None and not scanned:  # an IVF kind that keeps no count: the lists' mean size
+        scanned = ivf.nprobe * ivf.ntotal / max(ivf.nlist, 1)
+    graph = faiss.cvar.hnsw_stats.ndis / nq if ivf is not None else 0.0
+    reranked = k * float(params["k_factor"]) if "k_factor" in params and _refine(index) else 0.0
+    set_search_params(index, params)
+    cost = search_cost_ns(index, scanned=scanned, graph_distances=graph, reranked=reranked)
+    return Trial(dict(params), recall_at_k(found, truth), cost, scanned, graph)
+
+
+def _ladder(lo: int, hi: int, per_octave: int, extra: Iterable[int] = ()) -> list[int]:
+    """Integers from lo to hi, `per_octave` geometric steps an octave (rounded), plus `extra`."""
+    steps = range(per_octave * int(math.log2(max(hi, 1))) + per_octave + 1)
+    return sorted({v for v in (round(2 ** (i / per_octave)) for i in steps) if lo <= v <= hi}
+                  | {lo, hi} | {v for v in extra if lo <= v <= hi})
+
+
+def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
+         target: float = TARGET_RECALL + TUNE_MARGIN, exclude: np.ndarray | None = None,
+         max_evals: int = TUNE_LOCAL_EVALS) -> tuple[dict, float]:
+    """The cheapest search parameters found reaching `target` recall@k on the held-out
+    queries (or the best recall found), and the recall they give; left applied to `index`.
+
+    Cost is the estimated search time per query from the work FAISS reports for the
+    held-out queries (measure(), search_cost_ns): deterministic, unlike wall time on
+    shared cores, so that the same index always gets the same parameters.
+
+    1. Anchor: nprobe grows from 1 by half octaves (1, 2, 3, 4, 6, 8, 11, 16, ...) with
+       the widest re-rank shortlist (largest K_FACTORS) and, for an HNSW coarse quantizer,
+       efSearch = max(32, 2 * nprobe), until the target is reached: at most
+       2 * log2(nlist) + 2 searches.
+    2. Descent: from the anchor, on ladders of nprobe (eighth octaves), efSearch (quarter
+       octaves, from 16) and k_factor (K_FACTORS), neighbouring settings -- one parameter a
+       step lower, or one lower and another a step higher -- predicted cheaper than the
+       best so far are searched, cheapest first; the first that reaches the target at a
+       lower measured cost becomes the best and the descent goes on from it. A setting
+       no higher than one that missed the target is skipped unsearched (recall grows with
+       each parameter). At most `max_evals` searches, so at most
+       2 * log2(nlist) + 2 + max_evals in all (48 at 8192 lists).
+    exclude: see ExactNeighbors and measure().
+    """
     ivf = ivf_of(index)
     refine = _refine(index) is not None
+    evals = 0
+    done: dict[tuple, Trial] = {}
 
-    def recall(params: dict) -> float:
-        set_search_params(index, params)
-        return recall_at_k(search_excluding(index, queries, k, exclude), truth)
+    def run(params: dict) -> Trial:
+        nonlocal evals
+        key = tuple(sorted(params.items()))
+        if key not in done:
+            evals += 1
+            done[key] = measure(index, queries, truth, params, exclude=exclude)
+            logger.debug("tune: %s recall %.4f, ~%.1f us", params, done[key].recall, done[key].cost_ns / 1e3)
+        return done[key]
 
     if ivf is None:
-        params = {"k_factor": float(K_FACTORS[1])} if refine else {}
-        best = (recall(params), params)
-        if refine and best[0] < target:
-            params = {"k_factor": float(K_FACTORS[-1])}
-            best = max(best, (recall(params), params), key=lambda b: b[0])
-        set_search_params(index, best[1])
-        return best[1], best[0]
+        trial = run({"k_factor": float(K_FACTORS[1])} if refine else {})
+        if refine and trial.recall < target:
+            trial = max(trial, run({"k_factor": float(K_FACTORS[-1])}), key=lambda t: t.recall)
+        set_search_params(index, trial.params)
+        return trial.params, trial.recall
     hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-    best: tuple[float, dict] = (-1.0, {})
-    # Half-octave steps (1, 2, 3, 4, 6, 8, 11, 16, ...): search time grows with nprobe, and
-    # doubling past the target can halve the QPS.
-    steps = range(2 * int(math.log2(ivf.nlist)) + 2)
-    nprobes = sorted({min(ivf.nlist, round(2 ** (i / 2))) for i in steps} | {ivf.nlist})
-    for nprobe in nprobes:
-        trial: dict = {"nprobe": nprobe}
+    kfs: list[float | None] = [float(f) for f in K_FACTORS] if refine else [None]
+
+    def params_of(nprobe: int, ef: int, kf: float | None) -> dict:
+        out: dict = {"nprobe": int(nprobe)}
         if hnsw:
-            trial["quantizer_efSearch"] = max(32, 2 * nprobe)
-        reached = None
-        for kf in reversed(K_FACTORS) if refine else [None]:  # the largest shortlist first
-            params = {**trial, "k_factor": float(kf)} if kf is not None else trial
-            r = recall(params)
-            if r > best[0]:
-                best = (r, params)
-            if r < target:
-                break
-            reached = (r, params)
-        if reached is not None:
-            best = reached
+            out["quantizer_efSearch"] = int(max(ef, nprobe))  # FAISS searches at least nprobe
+        if kf is not None:
+            out["k_factor"] = kf
+        return out
+
+    best_recall: Trial | None = None
+    anchor: Trial | None = None
+    for nprobe in _ladder(1, ivf.nlist, 2):
+        trial = run(params_of(nprobe, max(32, 2 * nprobe), kfs[-1]))
+        if best_recall is None or trial.recall > best_recall.recall:
+            best_recall = trial
+        if trial.recall >= target:
+            anchor = trial
             break
-    set_search_params(index, best[1])
-    return best[1], best[0]
+    if anchor is None:
+        set_search_params(index, best_recall.params)
+        logger.info("tune: no setting reaches recall %.3f in %d searches; best %s (recall %.4f)",
+                    target, evals, best_recall.params, best_recall.recall)
+        return best_recall.params, best_recall.recall
+
+    a_probe = anchor.params["nprobe"]
+    a_ef = anchor.params.get("quantizer_efSearch", 0)
+    probes = _ladder(1, ivf.nlist, 8, [a_probe])
+    efs = _ladder(16, max(16, ivf.nlist, a_ef), 4, [a_ef]) if hnsw else [0]
+    axes = (probes, efs, kfs)
+    state = (probes.index(a_probe), efs.index(a_ef) if hnsw else 0, len(kfs) - 1)
+    # What the descent learns: codes scanned per probed list, coarse-graph distances per
+    # efSearch, settings that missed the target.
+    per_probe = anchor.scanned / a_probe or ivf.ntotal / max(ivf.nlist, 1)
+    graph: dict[int, float] = {}
+    seen: dict[tuple, Trial] = {}
+    failed: list[tuple] = []
+
+    def trial_at(s: tuple) -> Trial:
+        if s not in seen:
+            t = run(params_of(probes[s[0]], efs[s[1]], kfs[s[2]]))
+            seen[s] = t
+            if hnsw:
+                graph[t.params["quantizer_efSearch"]] = t.graph_distances
+            if t.recall < target:
+                failed.append(s)
+        return seen[s]
+
+    seen[state] = anchor
+    if hnsw:
+        graph[a_ef] = anchor.graph_distances
+
+    def predicted(s: tuple) -> float:
+        nprobe, kf = probes[s[0]], kfs[s[2]]
+        dists = 0.0
+        if hnsw:
+            ef = max(efs[s[1]], nprobe)
+            known = min(graph, key=lambda e: (abs(math.log(e / ef)), e))
+            dists = graph[known] * math.sqrt(ef / known)  # grows about as sqrt(efSearch)
+        return search_cost_ns(index, scanned=per_probe * nprobe, graph_distances=dists,
+                              reranked=RECALL_K * kf if kf is not None else 0.0)
+
+    moves = [m for m in ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-1, 1, 0), (-1, 0, 1), (1, -1, 0),
+                         (1, 0, -1), (0, -1, 1), (0, 1, -1))
+             if all(len(axis) > 1 or not d for axis, d in zip(axes, m, strict=True))]
+    best = anchor
+    start = evals
+    while evals - start < max_evals:
+        steps = {tuple(i + d for i, d in zip(state, m, strict=True)) for m in moves}
+        near = [s for s in steps if all(0 <= i < len(axis) for i, axis in zip(s, axes, strict=True))
+                and s not in seen
+                and not any(all(i <= j for i, j in zip(s, f, strict=True)) for f in failed)]
+        ranked = sorted((predicted(s), s) for s in near)
+        moved = False
+        for cost, s in ranked:
+            if cost >= best.cost_ns or evals - start >= max_evals:
+                break
+            t = trial_at(s)
+            if t.recall >= target and t.cost_ns < best.cost_ns:
+                best, state, moved = t, s, True
+                break
+        if not moved:
+            break
+    set_search_params(index, best.params)
+    logger.info("tune: %s (recall %.4f, ~%.0f us a query) in %d searches; the anchor %s: recall %.4f, "
+                "~%.0f us", best.params, best.recall, best.cost_ns / 1e3, evals, anchor.params,
+                anchor.recall, anchor.cost_ns / 1e3)
+    return best.params, best.recall
 
 
 def reconstruct(index: faiss.Index, rows: np.ndarray) -> np.ndarray:

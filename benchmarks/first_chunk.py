@@ -101,8 +101,9 @@ def one_run(lake: Path, out: Path, args: argparse.Namespace) -> dict:
     record = json.loads(runs[-1].read_text()) if runs else {}
     return {"first_chunk_s": round(stamps[0], 2) if stamps else None,
             "last_chunk_s": round(stamps[-1], 2) if stamps else None, "chunks": len(stamps),
-            "exit_s": round(wall, 2), "annotated": record.get("annotated"),
-            "errors": record.get("errors"), "run_wall_s": record.get("wall_s"),
+            "exit_s": round(wall, 2), "annotated": record.get("counts", {}).get("annotated"),
+            "errors": record.get("counts", {}).get("errors"), "run_wall_s": record.get("wall_s"),
+            "timeline_s": record.get("timeline_s"),
             "stdout_tail": proc.stdout.strip().splitlines()[-1:] }
 
 

@@ -180,6 +180,13 @@ def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[i
             return im.size
 
 
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image under the decoder policy (the one allowed plugin its first bytes name, its
+    pixel count checked), pixels not loaded: for readers outside annotate (training sets,
+    class maps) that need Pillow's image itself. Raises DecodeError (a ValueError)."""
+    return _open(data, max_pixels)
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """The image, header parsed and checked, pixels not loaded: Pillow tries only the one
     allowed plugin the first bytes name."""

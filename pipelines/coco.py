@@ -268,14 +268,14 @@ def gt_class_map(gt: COCO, image_id: int, root: str, classes: dict[int, int]) ->
     From the image's own label PNG when its record names one (``class_map``, pixel values
     = category ids, relative to `root` like file_name), else painted from its instance
     masks (larger first, so a smaller object on top stays visible)."""
-    from PIL import Image
+    from models.decode import open_image
 
     record = gt.imgs[image_id]
     if record.get("class_map"):
         name = record["class_map"]
         path = (posixpath.normpath(f"{root}/{name}").replace(":/", "://", 1) if is_remote(root)
                 else os.path.normpath(os.path.join(root, name)))
-        with Image.open(io.BytesIO(read_bytes(path))) as im:
+        with open_image(read_bytes(path)) as im:  # the decoder policy, not every plugin
             ids = np.asarray(im)
         lut = np.full(256, IGNORE, np.uint8)
         lut[0] = 0

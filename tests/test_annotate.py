@@ -112,7 +112,8 @@ def test_run_record_and_no_temporary_files(zoo_run) -> None:
     record = json.loads((out / "runs" / f"{summary.run_id}.json").read_text())
     assert record["counts"] == summary.counts()
     assert record["counts"]["annotated"] == results.num_rows
-    assert record["chunks"] == -(-summary.listed // 10)  # chunk_size=10: one commit per chunk
+    # chunk_size=10: one commit per chunk, the first at FIRST_CHUNK_ROWS (8) images
+    assert record["chunks"] == 1 + -(-(summary.listed - 8) // 10)
     assert [m["arch"] for m in record["models"]] == list(TINY_ARCHS.values())
     assert record["images_per_s"] > 0
     assert list((out / "_lakelens" / "staging").iterdir()) == []

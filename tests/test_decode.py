@@ -350,3 +350,18 @@ def test_byte_cap_is_checked_from_the_size_and_never_read_past(tmp_path: Path) -
         read_capped(stream, 4096, size=100)
     assert stream.tell() == 4097
     assert read_capped(io.BytesIO(b"abc"), 3) == b"abc"
+
+
+def test_training_images_are_read_under_the_decoder_policy(tmp_path: Path) -> None:
+    """Training sets read their images through the same one-plugin policy as annotate: a
+    file Pillow's scan of every plugin would open (a TGA) stops training in one line."""
+    from models.errors import LakelensError
+    from pipelines.train.datasets import read_rgb
+
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "ok.png")
+    assert read_rgb(tmp_path / "ok.png").shape == (6, 8, 3)
+    Image.new("RGB", (8, 6)).save(tmp_path / "sneaky.jpg", format="TGA")
+    with Image.open(tmp_path / "sneaky.jpg") as im:  # Pillow's plugin scan would take it
+        assert im.format == "TGA"
+    with pytest.raises(LakelensError, match="cannot read training image .*sneaky.jpg"):
+        read_rgb(tmp_path / "sneaky.jpg")

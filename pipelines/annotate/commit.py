@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 128 * 2**20  # rows held before a commit: one large file per commit
 CHUNK_SECONDS = 300.0  # at most this long between commits while rows come in
-FIRST_CHUNK_ROWS = 16  # a run's first commit: two batches of the default size
+FIRST_CHUNK_ROWS = 8  # a run's first commit: one batch of the default size
 RETRYABLE_STAGES = {"read", "crash", "detect", "segment", "pose", "semantic", "embed"}
 PERMANENT_READ_ERRORS = {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError",
                          "FileTooLargeError"}  # over --max-image-mb: until the file changes

@@ -19,9 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 
+from models.decode import open_image
 from models.embedding import preprocess
 from models.errors import LakelensError
 from pipelines.coco import load_gt
@@ -82,7 +83,7 @@ def read_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     the upright one, the annotations were drawn on the stored pixels: those are returned.
     An unreadable training image stops training with its name."""
     try:
-        with Image.open(path) as im:
+        with open_image(Path(path).read_bytes()) as im:  # the decoder policy, not every plugin
             upright = ImageOps.exif_transpose(im)
             if size is not None and upright.size != im.size and tuple(size) == im.size:
                 upright = im

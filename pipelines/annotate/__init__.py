@@ -6,7 +6,8 @@ Names are loaded on first use: a Ray worker that unpickles the read stage
 
 from importlib import import_module
 
-__all__ = ["RunSummary", "connect", "decode_sizes", "resolve_models", "run"]
+# (connect is its own module, pipelines.annotate.connect: Ray, no torch)
+__all__ = ["RunSummary", "decode_sizes", "resolve_models", "run"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ import ray
 
 from models.errors import LakelensError
 from pipelines.cluster.local import filter_worker_logs, start_local_ray
-from pipelines.config import AnnotateConfig
+from pipelines.config import AnnotateConfig  # or any config with .address and .num_cpus
 
 logger = logging.getLogger(__name__)
 

@@ -97,7 +97,7 @@ def run(cfg: TrainConfig) -> TrainSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.annotate import connect
+    from pipelines.annotate.connect import connect
     from pipelines.cluster.weights import joined_cluster, ship_published
 
     started = time.perf_counter()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import index.build as B
+from index.filtered import numpy_search
 from tests.helpers import clustered_vectors
 
 DIM = 32
@@ -76,7 +77,9 @@ def test_tune_keeps_the_shortlist_of_a_top_k_search_when_queries_are_rows(built)
     stored = faiss.downcast_index(refine.refine_index).reconstruct_n(0, N)  # the fp16 rows
     rows = np.arange(0, N, N // 500)[:500]
     queries = np.ascontiguousarray(stored[rows])
-    truth = B.drop_rows(faiss.knn(queries, stored, k + 1, metric=faiss.METRIC_INNER_PRODUCT)[1], rows, k)
+    flat = faiss.IndexFlatIP(stored.shape[1])  # not faiss.knn: faiss.contrib.torch_utils (imported
+    flat.add(stored)                           # by other tests, as by pytorch-metric-learning) swaps it
+    truth = B.drop_rows(numpy_search(flat)(queries, k + 1)[1], rows, k)
     params = {"nprobe": 8, "quantizer_efSearch": 32, "k_factor": 4.0}
     seen = B.measure(index, queries, truth, params, exclude=rows)
     assert refine.k_factor == 4.0  # the stored value is left applied, not the widened one

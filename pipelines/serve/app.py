@@ -162,7 +162,7 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
     async def lifespan(app: FastAPI):
         if getattr(app.state, "engine", None) is None:
             app.state.engine = Engine(cfg)
-        # FAISS on the cores the event loop leaves: on 2 cores, one for each
+        # FAISS on the cores the event loop leaves (unless queries are heavy: HEAVY_QUERY_S)
         app.state.engine.batcher.threads = search_threads(cfg.workers)
         app.state.engine.start_watching()
         yield

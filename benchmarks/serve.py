@@ -3,7 +3,7 @@ called in-process, and no failed request while a new index version is switched i
 
 1. Writes N clustered vectors (default 1,000,000 x 256) as a lake table and builds the
    `auto` index (IVF with an HNSW coarse quantizer, fast-scan PQ, fp16 re-rank).
-2. Starts `lakelens serve` in its own process on a free loopback port.
+2. Starts `lakelens serve` (--workers, default 1) in its own process on a free loopback port.
 3. Vector queries (k=10, held-out vectors of the same clusters) at concurrency 1, 8 and
    32 for --duration seconds each: p50/p99 latency and throughput. Baselines in the same
    run, called in this process from as many threads: the service's search one query per
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", type=int, default=100)
     p.add_argument("--spread", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="`lakelens serve --workers`")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -171,12 +172,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_service(index_dir: Path, port: int, log: Path, workers: int = 1) -> subprocess.Popen:
     import httpx
 
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(index_dir),
-                                 "--port", str(port), "--reload-interval", "1"], stderr=err)
+                                 "--port", str(port), "--reload-interval", "1",
+                                 "--workers", str(workers)], stderr=err)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.serve.facets import Filter
 
     result: dict = {"bench": "serve", "quick": args.quick, "n": args.n, "dim": args.dim, "k": K,
-                    "cpus": os.cpu_count(), "duration_s": args.duration}
+                    "cpus": os.cpu_count(), "duration_s": args.duration, "workers": args.workers}
     with tempfile.TemporaryDirectory(prefix="lakelens-serve-bench-") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             return "POST", "/search/vector", payloads[i % len(payloads)], "application/json"
 
         port = free_port()
-        service = start_service(root / "index", port, root / "serve.log")
+        service = start_service(root / "index", port, root / "serve.log", args.workers)
         url = f"http://127.0.0.1:{port}"
         try:
             engine = Engine(ServeConfig(index=str(root / "index"), reload_s=0))

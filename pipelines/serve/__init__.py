@@ -9,22 +9,30 @@ the service stops; the URL carrying it printed once to stderr, never logged). On
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import secrets
-import signal
-import socket
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict
-from pathlib import Path
 
-from models.errors import LakelensError
-from pipelines.cluster.net import is_loopback
-from pipelines.serve.engine import ServeConfig
+# Before anything loads FAISS (its OpenMP runtime reads this once, when it loads): the
+# search thread's OpenMP workers sleep between calls instead of spinning for ~1 ms after
+# each one, which on a small machine took the cores the event loop needs (server CPU per
+# query at concurrency 8 fell ~6x). index/store.py imports faiss before index/build.py
+# sets the same default, so the service cannot rely on that one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import secrets  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from models.errors import LakelensError  # noqa: E402
+from pipelines.cluster.net import is_loopback  # noqa: E402
+from pipelines.serve.engine import ServeConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

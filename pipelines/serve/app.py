@@ -18,6 +18,12 @@ Bad input is a 4xx with {"error": "<one line>"}; an unexpected failure is a 500 
 traceback in the answer (it goes to the log). Clients never make the service fetch a URL:
 images come as uploads or as ids of the index, and /images serves only what the index lists.
 
+The vector search (`POST /search/vector`, what programs call) takes a fast lane: the
+app's ASGI entry point answers it directly behind the same Guard (token, body limits),
+with the same validation, errors and JSON, without Starlette's router, FastAPI's
+middleware layers and dependency solving (they cost more Python per request than the
+search itself). Its FastAPI route stays, for the OpenAPI schema, and runs the same code.
+
 With a token set, requests carry it as `Authorization: Bearer T` or in the `lakelens_token`
 cookie, which only the server sets (HttpOnly, SameSite=Strict, Path=/; Secure when the
 request came over TLS, as uvicorn's proxy headers from a trusted, by default loopback,
@@ -26,7 +32,6 @@ proxy say, or --public-url is https): the page's script never holds the token.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import io
 import json
@@ -50,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.errors import LakelensError
 from pipelines.dedup import DEFAULT_THRESHOLD
 from pipelines.serve.duplicates import DuplicateGroups, NoDedupTable
-from pipelines.serve.engine import Engine, PixelBudgetError, ServeConfig, Snapshot
+from pipelines.serve.engine import Engine, PixelBudgetError, ServeConfig, Snapshot, search_threads
 from pipelines.serve.facets import Filter
 
 logger = logging.getLogger(__name__)
@@ -131,48 +136,46 @@ def filter_params(label: Annotated[str | None, Query(description="a label the mo
 
 FilterParams = Annotated[Filter, Depends(filter_params)]
 
+JSON_TYPE = (b"content-type", b"application/json")
+
+
+class LakelensAPI(FastAPI):
+    """FastAPI whose ASGI entry point first looks up `lanes` ((method, path) -> an ASGI
+    app): a request that has one is answered by it, every other one by FastAPI."""
+
+    lanes: dict[tuple[str, str], Any]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            lane = self.lanes.get((scope["method"], scope["path"]))
+            if lane is not None:
+                return await lane(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
 
 def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | None = None) -> FastAPI:
-    """The ASGI app. The engine (index, facets, embedder) opens at start-up, or is given."""
+    """The ASGI app. The engine (index, facets, embedder) opens at start-up, or is given.
+    `POST /search/vector` goes through a fast lane (see the module doc)."""
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if getattr(app.state, "engine", None) is None:
             app.state.engine = Engine(cfg)
+        # FAISS on the cores the event loop leaves (unless queries are heavy: HEAVY_QUERY_S)
+        app.state.engine.batcher.threads = search_threads(cfg.workers)
         app.state.engine.start_watching()
         yield
         app.state.engine.stop()
 
-    app = FastAPI(title="lakelens", summary="similarity search over an annotated image lake",
-                  lifespan=lifespan)
+    app = LakelensAPI(title="lakelens", summary="similarity search over an annotated image lake",
+                      lifespan=lifespan)
     app.state.engine = engine
     limit = int(cfg.max_body_mb * 2**20)
 
     app.add_middleware(Guard, token=token, limit=limit)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError):
-        return _error(e.status, str(e))
-
-    @app.exception_handler(LakelensError)
-    async def lakelens_error(_: Request, e: LakelensError):
-        return _error(400, str(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
-        return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, e: Exception):
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return _error(500, f"internal error ({type(e).__name__}); see the server log")
+    for kind in (ApiError, LakelensError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, _handle)
 
     def engine_of(request: Request) -> Engine:
         return request.app.state.engine
@@ -183,24 +186,27 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         if nprobe is not None and nprobe < 1:
             raise ApiError(400, f"nprobe must be >= 1, got {nprobe}")
 
-    async def answer(request: Request, snap: Snapshot, vectors: np.ndarray, k: int,
+    async def answer(engine: Engine, snap: Snapshot, vectors: np.ndarray, k: int,
                      nprobe: int | None, flt: Filter, started: float,
-                     queries: list[str] | None = None) -> Response:
+                     queries: list[str] | None = None) -> bytes:
+        """The JSON answer (see the README) for these query vectors."""
         # the filter runs here, in a worker thread: never in the event loop or the search thread
         rows = None if flt.is_empty() else await run_in_threadpool(snap.select, flt)
-        future = engine_of(request).batcher.submit(snap, vectors, k, flt, nprobe, rows=rows)
-        found, allowed = await asyncio.wrap_future(future)
+        found, allowed = await engine.batcher.submit_async(snap, vectors, k, flt, nprobe, rows=rows)
         facets = snap.facets
         results = []
         for rows, scores, ids, uris in zip(found.rows, found.scores, found.image_ids, found.uris,
                                            strict=True):
-            hits = []
-            for rank, (r, s, i, u) in enumerate(zip(rows, scores, ids, uris, strict=True)):
-                hit: dict[str, Any] = {"rank": rank + 1, "score": round(float(s), 6), "image_id": i,
-                                       "uri": u}
-                if facets is not None and facets.present[r]:
-                    hit["width"], hit["height"] = int(facets.width[r]), int(facets.height[r])
-                hits.append(hit)
+            # whole arrays to Python at once: a numpy scalar per hit costs more than the hit
+            scores = [round(s, 6) for s in scores.tolist()]
+            hits = [{"rank": n, "score": s, "image_id": i, "uri": u}
+                    for n, s, i, u in zip(range(1, len(scores) + 1), scores, ids, uris, strict=True)]
+            if facets is not None and len(rows):
+                sized = facets.present[rows]
+                for hit, ok, w, h in zip(hits, sized.tolist(), facets.width[rows].tolist(),
+                                         facets.height[rows].tolist(), strict=True):
+                    if ok:
+                        hit["width"], hit["height"] = w, h
             results.append(hits)
         body = {"index_version": snap.version, "table_version": snap.table_version, "k": k,
                 "metric": snap.index.manifest.get("metric"), "allowed": allowed,
@@ -208,7 +214,47 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         if queries is not None:
             body["queries"] = queries
         # plain json.dumps: FastAPI's generic encoder costs more than the search itself
-        return Response(json.dumps(body), media_type="application/json")
+        return json.dumps(body).encode()
+
+    async def vector_search(engine: Engine, body: bytes, started: float) -> bytes:
+        """`POST /search/vector` from its body to its answer (both lanes run this)."""
+        # one pass of pydantic-core over the bytes: cheaper than FastAPI's parse-then-validate
+        try:
+            q = VectorQuery.model_validate_json(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        check_k(q.k, q.nprobe)
+        flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
+                          q.until, q.run_id, q.region, q.min_area)
+        if (q.vector is None) == (q.vectors is None):
+            raise ApiError(400, "give exactly one of 'vector' (one query) or 'vectors' (a list)")
+        rows = [q.vector] if q.vector is not None else q.vectors
+        if not rows or len({len(v) for v in rows}) != 1:
+            raise ApiError(400, "'vectors' must be a non-empty list of equally long lists")
+        vectors = np.asarray(rows, dtype=np.float32)
+        if len(vectors) > cfg.max_k:
+            raise ApiError(400, f"at most {cfg.max_k} vectors per request, got {len(vectors)}")
+        snap = engine.current()
+        if vectors.shape[1] != snap.index.dim:
+            raise ApiError(400, f"vectors have dim {vectors.shape[1]}; the index holds dim "
+                                f"{snap.index.dim}")
+        return await answer(engine, snap, vectors, q.k, q.nprobe, flt, started)
+
+    async def vector_lane(scope, receive, send) -> None:
+        """`POST /search/vector` in plain ASGI (behind Guard): the route below, less
+        FastAPI's layers; the same errors as its exception handlers give."""
+        started = time.perf_counter()
+        try:
+            data = await vector_search(app.state.engine, await _read_body(receive, limit), started)
+        except _Disconnected:
+            return
+        except Exception as e:
+            return await _error_of(e, scope["method"], scope["path"])(scope, receive, send)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [JSON_TYPE, (b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+    app.lanes = {("POST", "/search/vector"): Guard(vector_lane, token=token, limit=limit)}
 
     secure_site = (cfg.public_url or "").startswith("https://")
 
@@ -301,36 +347,18 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
         snap = engine_of(request).current()
         if snap.index.row(image_id) is None:
             raise ApiError(404, f"image_id {image_id!r} is not in the index")
-        return await answer(request, snap, snap.index.vectors_of([image_id]), k, nprobe, flt, started,
-                            [image_id])
+        return _json(await answer(engine_of(request), snap, snap.index.vectors_of([image_id]), k, nprobe,
+                                  flt, started, [image_id]))
 
     vector_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": VectorQuery.model_json_schema()}}}}
 
     @app.post("/search/vector", openapi_extra=vector_body)
     async def search_vector(request: Request) -> Response:
+        """Answered by the fast lane (app.lanes) when the app is called as a whole; the
+        same code here."""
         started = time.perf_counter()
-        # one pass of pydantic-core over the bytes: cheaper than FastAPI's parse-then-validate
-        try:
-            q = VectorQuery.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-        check_k(q.k, q.nprobe)
-        flt = make_filter(q.label, q.min_count, q.min_score, q.min_width, q.min_height, q.since,
-                          q.until, q.run_id, q.region, q.min_area)
-        if (q.vector is None) == (q.vectors is None):
-            raise ApiError(400, "give exactly one of 'vector' (one query) or 'vectors' (a list)")
-        rows = [q.vector] if q.vector is not None else q.vectors
-        if not rows or len({len(v) for v in rows}) != 1:
-            raise ApiError(400, "'vectors' must be a non-empty list of equally long lists")
-        vectors = np.asarray(rows, dtype=np.float32)
-        if len(vectors) > cfg.max_k:
-            raise ApiError(400, f"at most {cfg.max_k} vectors per request, got {len(vectors)}")
-        snap = engine_of(request).current()
-        if vectors.shape[1] != snap.index.dim:
-            raise ApiError(400, f"vectors have dim {vectors.shape[1]}; the index holds dim "
-                                f"{snap.index.dim}")
-        return await answer(request, snap, vectors, q.k, q.nprobe, flt, started)
+        return _json(await vector_search(engine_of(request), await request.body(), started))
 
     @app.post("/search/image")
     async def search_image(request: Request, image: Annotated[list[UploadFile], File()],
@@ -347,8 +375,8 @@ def create_app(cfg: ServeConfig, *, token: str | None = None, engine: Engine | N
             vectors = await run_in_threadpool(engine.embed, snap, data)
         except PixelBudgetError as e:
             raise ApiError(413, str(e)) from e
-        return await answer(request, snap, vectors, k, nprobe, flt, started,
-                            [f.filename or "" for f in image])
+        return _json(await answer(engine, snap, vectors, k, nprobe, flt, started,
+                                  [f.filename or "" for f in image]))
 
     @app.get("/images/{image_id}")
     def image(request: Request, image_id: str, size: int = 512, overlay: bool = False) -> Response:
@@ -451,6 +479,53 @@ def _overlay(snap: Snapshot, image_id: str, pixels: np.ndarray):
         return None
     row = {"detections": None, "instances": None, "poses": None, **found}
     return render_row(row, pixels)
+
+
+class _Disconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (413 beyond: Guard checked the announced
+    Content-Length, this the bytes that came)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes (--max-body-mb)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _json(data: bytes) -> Response:
+    return Response(data, media_type="application/json")
+
+
+def _error_of(e: Exception, method: str, path: str) -> JSONResponse:
+    """The answer to an exception a request raised: a 4xx with one line for bad input, a
+    500 naming only the exception class for anything else (its traceback goes to the log)."""
+    if isinstance(e, ApiError):
+        return _error(e.status, str(e))
+    if isinstance(e, LakelensError):
+        return _error(400, str(e))
+    if isinstance(e, RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
+        return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+    if isinstance(e, StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+    logger.error("%s %s failed", method, path, exc_info=e)
+    return _error(500, f"internal error ({type(e).__name__}); see the server log")
+
+
+async def _handle(request: Request, e: Exception) -> JSONResponse:
+    """FastAPI's exception handler for every kind (see _error_of)."""
+    return _error_of(e, request.method, request.url.path)
 
 
 def _error(status: int, message: str) -> JSONResponse:

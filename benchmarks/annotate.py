@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a directory put first on the Daft baseline's PYTHONPATH (e.g. a `pip install "
                         "--target` of daft and its pyarrow) where daft is not in this environment")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per pipeline run")
+    p.add_argument("--no-bare", action="store_true",
+                   help="skip the bare reference loop (its N intra-op threads crawl on a shared machine)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -322,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                     sources=(str(images_dir),), out=str(root / f"lakelens-{task}-{size}"), tasks=(task,),
                     weights={task: "random"}, archs={task: ARCHS[task]}, image_size=args.image_size,
                     score_threshold=SCORE_THRESHOLD, batch_size=args.batch_size, num_cpus=args.num_cpus)
-                r: dict = {"images": size, "bare": bare(files, task, cfg, args.num_cpus)}
+                r: dict = {"images": size, "bare": {"skipped": "--no-bare"} if args.no_bare
+                           else bare(files, task, cfg, args.num_cpus)}
                 print(describe(task, size, "bare", r["bare"]), flush=True)
                 r["docs"] = docs(images_dir, root / f"docs-{task}-{size}", task, cfg, args.timeout_s)
                 print(describe(task, size, "docs", r["docs"]), flush=True)

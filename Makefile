@@ -39,7 +39,7 @@ test-all: $(STAMP) browser
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-BENCHES := decode annotate annotate_memory index index_scale filtered serve serve_scale train nightly placement scale
+BENCHES := decode annotate first_chunk annotate_memory index index_scale filtered serve serve_scale train nightly placement scale
 
 # Each benchmark's default run; its last stdout line (one JSON object) goes to
 # benchmarks/results/NAME.json.

@@ -74,6 +74,7 @@ DECODE_BATCH = 16
 # Model actors keep Ray Data's restart policy (restarted as often as they die); their
 # deaths are bounded by the task retries of the blocks that kill them.
 TASK_RETRIES = 2
+STOP_WAIT_S = 30.0  # an early pass told to stop: how long the driver waits for it
 ACTOR_START_S = 600  # model actors that cannot all start by then: a plan the cluster cannot place
 
 
@@ -275,16 +276,22 @@ class EarlyPass:
             raise self.error
 
     def stop(self) -> None:
-        """No rows to annotate after all (or the run failed before the diff ended)."""
+        """No rows to annotate after all (or the run failed before the diff ended): its
+        input ends with no rows. Waits a little for it; a pass still starting its actors
+        then is left to the process's exit (it can commit nothing)."""
         self.release(go=False)
-        self.thread.join()
+        self.thread.join(timeout=STOP_WAIT_S)
 
 
 def _room_to_start_early(plan: PoolPlan, pools: int) -> bool:
-    """Whether the pass may start before the diff: the cluster has its actors' resources
-    free now, beside a whole CPU for the diff's tasks. Otherwise (an autoscaling cluster
-    that would add nodes for a night that may have nothing new, a 1-CPU machine) it starts
-    after the diff, as it must then."""
+    """Whether the pass may start before the diff: one node (a local Ray) with the actors'
+    resources free now and a whole CPU left beside them for the listing's and the diff's
+    tasks (which the pass waits for). On a cluster of several nodes the actors could take
+    every node's last whole CPU (two 0.75-CPU actors on each 2-CPU node), and an
+    autoscaling one would add nodes for a night that may have nothing new: there, and on a
+    1-CPU machine, the pass starts after the diff."""
+    if len([n for n in ray.nodes() if n["Alive"]]) != 1:
+        return False
     pools = 1 if plan.fused else pools
     free = ray.available_resources()
     return (free.get("CPU", 0.0) - plan.size * pools * plan.num_cpus >= 1.0

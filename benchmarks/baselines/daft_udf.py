@@ -16,13 +16,15 @@ Usage: python benchmarks/baselines/daft_udf.py IMAGES_DIR OUT --task T --arch A 
 
 from __future__ import annotations
 
-import argparse
-
 import daft
 import pyarrow as pa
 from daft import DataType, col
 
-from benchmarks.baselines.predict import TASKS, DocsPredictor, output_schema  # the checkout is on PYTHONPATH
+from benchmarks.baselines.predict import (  # the checkout is on PYTHONPATH
+    DocsPredictor,
+    output_schema,
+    parse_args,
+)
 
 
 def model_class(task: str, cpus: int, batch_size: int) -> type:
@@ -45,16 +47,7 @@ def model_class(task: str, cpus: int, batch_size: int) -> type:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("images")
-    p.add_argument("out")
-    p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--cpus", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--score-threshold", type=float, default=0.0)
-    args = p.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], argv)
     model = model_class(args.task, args.cpus, args.batch_size)(
         task=args.task, arch=args.arch, image_size=args.image_size, score_threshold=args.score_threshold)
     df = daft.from_glob_path(f"{args.images.rstrip('/')}/*.jpg")

@@ -9,6 +9,7 @@ own); masks are RLE-encoded with pycocotools, embeddings are lists of floats.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
@@ -99,3 +100,17 @@ class DocsPredictor:
         n = len(images)
         out.update(t=[time.time()] * n, pid=[os.getpid()] * n, tid=[threading.get_ident()] * n)
         return out
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The baseline scripts' shared command line: IMAGES_DIR OUT --task --arch --cpus ..."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("images")
+    p.add_argument("out")
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--cpus", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=320)
+    p.add_argument("--score-threshold", type=float, default=0.0)
+    return p.parse_args(argv)

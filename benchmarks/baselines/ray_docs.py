@@ -14,13 +14,11 @@ Usage: python benchmarks/baselines/ray_docs.py IMAGES_DIR OUT --task T --arch A 
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import ray
 
 # the checkout is on PYTHONPATH, the model actors' too
-from benchmarks.baselines.predict import TASKS, DocsPredictor
+from benchmarks.baselines.predict import DocsPredictor, parse_args
 
 
 class Predict:
@@ -34,16 +32,7 @@ class Predict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("images")
-    p.add_argument("out")
-    p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--cpus", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=320)
-    p.add_argument("--score-threshold", type=float, default=0.0)
-    args = p.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], argv)
     # address="local": a new instance even where another Ray on this machine is recorded
     # as the current cluster (what a plain ray.init() gives on the user's own machine)
     ray.init(address="local", num_cpus=args.cpus)
